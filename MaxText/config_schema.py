@@ -1,0 +1,249 @@
+"""Typed schema for every key in MaxText/configs/base.yml.
+
+base.yml holds defaults and one-line docs; this module holds each key's type and allowed range so a value
+from a yml, an M_<KEY> environment variable or a key=value argument is coerced and checked in one place.
+A test keeps the two in step: every key here is in base.yml and the other way round.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+  """A user-facing configuration error; the CLI prints it as `CONFIG ERROR: ...` and exits 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One config key: its python type, whether null is allowed, and its allowed values or range."""
+
+  kind: type
+  choices: Optional[tuple] = None
+  min: Optional[float] = None
+  max: Optional[float] = None
+  nullable: bool = False
+  item: Optional[type] = None  # element type of list keys (None = any yaml value)
+
+  def coerce(self, key: str, value: Any) -> Any:
+    """Returns `value` converted to this field's type, or raises ConfigError naming `key`."""
+    if value is None:
+      if self.nullable:
+        return None
+      raise ConfigError(f"{key}: null is not allowed, expected {self.describe()}")
+    value = self._convert(key, value)
+    if self.choices is not None and value not in self.choices:
+      raise ConfigError(f"{key}: {value!r} is not one of {list(self.choices)}")
+    if self.min is not None and value < self.min:
+      raise ConfigError(f"{key}: {value!r} is below the minimum {self.min}")
+    if self.max is not None and value > self.max:
+      raise ConfigError(f"{key}: {value!r} is above the maximum {self.max}")
+    return value
+
+  def _convert(self, key, value):
+    bad = ConfigError(f"{key}: {value!r} is not a valid {self.describe()}")
+    if self.kind is bool:
+      if isinstance(value, bool):
+        return value
+      if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+      raise bad
+    if self.kind is int:
+      if isinstance(value, bool):
+        raise bad
+      if isinstance(value, int):
+        return value
+      if isinstance(value, float) and value.is_integer():
+        return int(value)
+      if isinstance(value, str):
+        try:
+          return int(value)
+        except ValueError:
+          raise bad from None
+      raise bad
+    if self.kind is float:
+      if isinstance(value, bool):
+        raise bad
+      if isinstance(value, (int, float)):
+        return float(value)
+      if isinstance(value, str):
+        try:
+          return float(value)
+        except ValueError:
+          raise bad from None
+      raise bad
+    if self.kind is str:
+      if isinstance(value, (list, dict)):
+        raise bad
+      return "" if value is None else str(value)
+    if self.kind is list:
+      if isinstance(value, tuple):
+        value = list(value)
+      if not isinstance(value, list):
+        raise bad
+      if self.item is not None:
+        return [Field(self.item).coerce(f"{key}[{i}]", v) for i, v in enumerate(value)]
+      return value
+    raise bad
+
+  def describe(self) -> str:
+    name = {bool: "bool", int: "int", float: "float", str: "string", list: "list"}[self.kind]
+    if self.item is not None:
+      name = f"list of {Field(self.item).describe()}"
+    if self.choices is not None:
+      name += f" in {list(self.choices)}"
+    if self.min is not None or self.max is not None:
+      name += f" in [{'-inf' if self.min is None else self.min}, {'inf' if self.max is None else self.max}]"
+    return name + (" or null" if self.nullable else "")
+
+
+def _int(lo=None, hi=None, **kw):
+  return Field(int, min=lo, max=hi, **kw)
+
+
+def _float(lo=None, hi=None, **kw):
+  return Field(float, min=lo, max=hi, **kw)
+
+
+def _str(*choices, **kw):
+  return Field(str, choices=tuple(choices) if choices else None, **kw)
+
+
+_BOOL = Field(bool)
+_POS = _int(1)
+_NONNEG = _int(0)
+_PAR = _int(-1)  # a parallelism degree: -1 fills the remaining devices
+_DTYPES = ("float32", "bfloat16", "float16")
+
+SCHEMA: dict[str, Field] = {
+    # run
+    "run_name": _str(),
+    "model_name": _str(),
+    "base_output_directory": _str(),
+    "hardware": _str("auto", "cpu", "gpu", "tpu"),
+    "log_config": _BOOL,
+    "save_config_to_output": _BOOL,
+    "log_level": _str("DEBUG", "INFO", "WARNING", "ERROR"),
+    # model dims
+    "global_parameter_scale": _POS,
+    "base_emb_dim": _POS,
+    "base_num_query_heads": _POS,
+    "base_num_kv_heads": _POS,
+    "base_mlp_dim": _POS,
+    "base_num_decoder_layers": _POS,
+    "head_dim": _POS,
+    "vocab_size": _POS,
+    "decoder_block": _str(),
+    "mlp_activations": Field(list, item=str),
+    "normalization_layer_epsilon": _float(0.0),
+    "logits_via_embedding": _BOOL,
+    "final_logits_soft_cap": _float(0.0),
+    "logits_dot_in_fp32": _BOOL,
+    "cast_logits_to_fp32": _BOOL,
+    "use_qk_norm": _BOOL,
+    "dropout_rate": _float(0.0, 1.0),
+    # attention and positions
+    "attention": _str("dot_product", "autoselected"),
+    "sliding_window_size": _NONNEG,
+    "attn_logits_soft_cap": _float(0.0),
+    "float32_qk_product": _BOOL,
+    "float32_logits": _BOOL,
+    "rope_type": _str("default", "llama3.1", "linear"),
+    "rope_max_timescale": _float(1.0),
+    "rope_min_timescale": _float(1.0),
+    "rope_scaling_factor": _float(1.0),
+    "rope_low_freq_factor": _float(0.0),
+    "rope_high_freq_factor": _float(0.0),
+    "rope_original_max_position_embeddings": _POS,
+    # numerics and memory
+    "dtype": _str(*_DTYPES),
+    "weight_dtype": _str(*_DTYPES),
+    "scan_layers": _BOOL,
+    "param_scan_axis": _int(0, 1),
+    "remat_policy": _str("none", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full"),
+    # training
+    "steps": _int(-1),
+    "per_device_batch_size": _float(0.0),
+    "max_target_length": _int(2),
+    "gradient_accumulation_steps": _POS,
+    "learning_rate": _float(0.0),
+    "lr_schedule_type": _str("cosine", "constant", "wsd"),
+    "warmup_steps_fraction": _float(0.0, 1.0),
+    "learning_rate_schedule_steps": _int(-1),
+    "cosine_learning_rate_final_fraction": _float(0.0, 1.0),
+    "wsd_decay_steps_fraction": _float(0.0, 1.0),
+    "wsd_decay_style": _str("linear", "cosine"),
+    "adam_b1": _float(0.0, 1.0),
+    "adam_b2": _float(0.0, 1.0),
+    "adam_eps": _float(0.0),
+    "adam_eps_root": _float(0.0),
+    "adam_weight_decay": _float(0.0),
+    "mu_dtype": _str("", *_DTYPES),
+    "gradient_clipping_threshold": _float(0.0),
+    "z_loss_multiplier": _float(0.0),
+    "init_weights_seed": _NONNEG,
+    "enable_dropout": _BOOL,
+    "abort_on_nan_loss": _BOOL,
+    "eval_interval": _int(-1),
+    "eval_steps": _POS,
+    "log_period": _POS,
+    # metrics and profiling
+    "enable_tensorboard": _BOOL,
+    "metrics_file": _str(),
+    "write_metrics_to_run_dir": _BOOL,
+    "device_peak_tflops": _float(0.0),
+    "profiler": _str("", "xplane"),
+    "profiler_steps": _POS,
+    "skip_first_n_steps_for_profiler": _NONNEG,
+    # checkpoints
+    "enable_checkpointing": _BOOL,
+    "async_checkpointing": _BOOL,
+    "checkpoint_period": _POS,
+    "max_num_checkpoints_to_keep": _NONNEG,
+    "load_parameters_path": _str(),
+    "load_full_state_path": _str(),
+    # data
+    "dataset_type": _str("synthetic", "grain", "tfds", "hf"),
+    "dataset_path": _str(),
+    "tokenizer_type": _str("sentencepiece", "huggingface", "tiktoken"),
+    "tokenizer_path": _str(),
+    "add_bos": _BOOL,
+    "add_eos": _BOOL,
+    "packing": _BOOL,
+    "data_shuffle_seed": _NONNEG,
+    "num_epoch": _POS,
+    # decode
+    "max_prefill_predict_length": _POS,
+    "prompt": _str(),
+    "decode_sampling_strategy": _str("greedy", "weighted", "topk", "nucleus", "composite"),
+    "decode_sampling_temperature": _float(0.0),
+    "decode_sampling_top_k": _NONNEG,
+    "decode_sampling_nucleus_p": _float(0.0, 1.0),
+    # mesh and sharding
+    "mesh_axes": Field(list, item=str),
+    "logical_axis_rules": Field(list),
+    "data_sharding": Field(list),
+    "allow_split_physical_axes": _BOOL,
+    "num_slices": _int(-1),
+    # multi-process
+    "coordinator_address": _str(),
+    "num_processes": _NONNEG,
+    "process_id": _int(-1),
+    "jax_distributed_initialization_timeout": _POS,
+    "skip_jax_distributed_system": _BOOL,
+}
+
+MESH_AXES = (
+    "data",
+    "stage",
+    "fsdp",
+    "fsdp_transpose",
+    "sequence",
+    "context",
+    "tensor",
+    "tensor_sequence",
+    "expert",
+    "autoregressive",
+)
+for _axis in MESH_AXES:
+  SCHEMA[f"ici_{_axis}_parallelism"] = _PAR
+  SCHEMA[f"dcn_{_axis}_parallelism"] = _PAR

@@ -1,0 +1,92 @@
+"""Hardware selection and multi-process start-up, done once before JAX touches a backend."""
+
+import logging
+import os
+from typing import Any
+
+import jax
+
+from MaxText.config_schema import ConfigError
+
+logger = logging.getLogger("MaxText")
+
+_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}
+
+# Environment variables by which JAX's own cluster detection (SLURM, Open MPI, TPU pods, ...) knows that
+# several processes were launched. Used only to decide whether to call jax.distributed.initialize().
+_CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def _cluster_env_says_multiprocess() -> bool:
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  for var in _CLUSTER_SIZE_VARS:
+    try:
+      if int(os.environ.get(var, "1")) > 1:
+        return True
+    except ValueError:
+      pass
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def _backends_initialized() -> bool:
+  # pylint: disable-next=protected-access
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+
+  return xla_bridge.backends_are_initialized()
+
+
+def setup(raw: dict[str, Any]) -> None:
+  """Applies `hardware` and starts jax.distributed when the config or the cluster asks for several processes.
+
+  Must run before the first JAX computation; calling it again in the same process is a no-op for the parts
+  that already happened (tests build many configs in one process).
+  """
+  hardware = raw["hardware"]
+  if hardware != "auto" and not _backends_initialized():
+    jax.config.update("jax_platforms", _PLATFORM[hardware])
+
+  if raw["skip_jax_distributed_system"] or raw["num_processes"] == 1:
+    return
+  if jax.distributed.is_initialized():
+    return
+  explicit = bool(raw["coordinator_address"]) or raw["num_processes"] > 1
+  if not explicit and not _cluster_env_says_multiprocess():
+    return
+  if _backends_initialized():
+    raise ConfigError(
+        "coordinator_address/num_processes: jax.distributed must start before any JAX computation, "
+        "but a backend is already initialized in this process"
+    )
+  kwargs = {"initialization_timeout": raw["jax_distributed_initialization_timeout"]}
+  if explicit:
+    if not raw["coordinator_address"]:
+      raise ConfigError("coordinator_address: required when num_processes > 1")
+    if raw["process_id"] < 0 and raw["num_processes"] > 1:
+      raise ConfigError("process_id: required (>= 0) when num_processes > 1")
+    kwargs.update(
+        coordinator_address=raw["coordinator_address"],
+        num_processes=raw["num_processes"] or None,
+        process_id=raw["process_id"] if raw["process_id"] >= 0 else None,
+    )
+  logger.info("Starting jax.distributed: %s", kwargs)
+  jax.distributed.initialize(**kwargs)
+
+
+def detect_hardware(requested: str) -> str:
+  """Returns cpu|gpu|tpu for the default backend, checking it against a forced `hardware`."""
+  backend = jax.default_backend()
+  found = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu"}.get(backend, backend)
+  if requested not in ("auto", found):
+    raise ConfigError(f"hardware: asked for {requested!r} but JAX's backend is {found!r}")
+  return found
+
+
+def num_slices(requested: int) -> int:
+  """Slices (TPU) or processes (elsewhere) that form the dcn_* mesh dimension."""
+  if requested > 0:
+    return requested
+  devices = jax.devices()
+  if hasattr(devices[0], "slice_index"):
+    return max(d.slice_index for d in devices) + 1
+  return jax.process_count()

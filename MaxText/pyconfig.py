@@ -1,0 +1,380 @@
+"""Builds the one frozen Config every MaxText entry point runs from.
+
+Merge order, later wins: the yml named by argv[1] (after its `base_config:` parents) <
+configs/models/<model_name>.yml < M_<KEY> environment variables < key=value arguments (and keyword overrides
+from Python). Values are coerced by MaxText/config_schema.py, then derived values are added and cross-key
+consistency is checked. `python3 -m MaxText.pyconfig CONFIG key=value ...` prints the result and exits.
+"""
+
+import datetime
+import difflib
+import logging
+import math
+import os
+import pathlib
+import sys
+import types
+from typing import Any, Optional, Sequence
+
+import jax.numpy as jnp
+import yaml
+
+from MaxText import distributed
+from MaxText.config_schema import ConfigError, MESH_AXES, SCHEMA
+
+logger = logging.getLogger("MaxText")
+
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+CONFIGS_DIR = PACKAGE_DIR / "configs"
+MODELS_DIR = CONFIGS_DIR / "models"
+ENV_PREFIX = "M_"
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_tanh", "relu", "linear", "tanh", "sigmoid")
+
+
+class Config:
+  """Read-only attribute view of the resolved configuration."""
+
+  __slots__ = ("_values",)
+
+  def __init__(self, values: dict[str, Any]):
+    object.__setattr__(self, "_values", types.MappingProxyType(dict(values)))
+
+  def __getattr__(self, name: str) -> Any:
+    try:
+      return self._values[name]
+    except KeyError:
+      raise AttributeError(f"Config has no key {name!r}{_did_you_mean(name, self._values)}") from None
+
+  def __setattr__(self, name, value):
+    raise AttributeError(f"Config is read-only (tried to set {name!r})")
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._values
+
+  def get(self, name: str, default: Any = None) -> Any:
+    return self._values.get(name, default)
+
+  def keys(self):
+    return self._values.keys()
+
+  def to_dict(self) -> dict[str, Any]:
+    """Plain python values (dtypes as their names), suitable for yaml/json."""
+    return {k: (v.name if isinstance(v, jnp.dtype) else v) for k, v in self._values.items()}
+
+  def to_yaml(self) -> str:
+    return yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=None, width=120)
+
+  def __repr__(self):
+    return f"Config(run_name={self._values.get('run_name')!r}, model_name={self._values.get('model_name')!r})"
+
+
+def _did_you_mean(key: str, candidates) -> str:
+  close = difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.6)
+  return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+  return ConfigError(f"{key}: unknown key in {where}{_did_you_mean(key, SCHEMA)}")
+
+
+def _resolve_config_path(path: str, relative_to: Optional[pathlib.Path] = None) -> pathlib.Path:
+  candidates = [pathlib.Path(path)]
+  if relative_to is not None:
+    candidates.insert(0, relative_to / path)
+  candidates.append(CONFIGS_DIR / path)
+  for candidate in candidates:
+    if candidate.is_file():
+      return candidate.resolve()
+  raise ConfigError(f"config file {path!r} not found (looked in: {', '.join(str(c) for c in candidates)})")
+
+
+def _read_yaml(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = yaml.safe_load(f)
+  except yaml.YAMLError as e:
+    raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+  if data is None:
+    return {}
+  if not isinstance(data, dict):
+    raise ConfigError(f"config file {path}: expected a mapping of key: value at the top level")
+  return data
+
+
+def _load_yaml_chain(path: pathlib.Path, seen: tuple = ()) -> dict[str, Any]:
+  """Reads a yml and its `base_config:` ancestors; the child's keys win."""
+  if path in seen:
+    raise ConfigError(f"base_config: cycle through {path}")
+  data = _read_yaml(path)
+  parent = data.pop("base_config", None)
+  merged = {}
+  if parent:
+    merged = _load_yaml_chain(_resolve_config_path(str(parent), path.parent), seen + (path,))
+  for key in data:
+    if key not in SCHEMA:
+      raise _unknown_key(key, str(path))
+  merged.update(data)
+  return merged
+
+
+def available_models() -> list[str]:
+  return sorted(str(p.relative_to(MODELS_DIR).with_suffix("")) for p in MODELS_DIR.rglob("*.yml"))
+
+
+def _parse_cli_value(key: str, text: str) -> Any:
+  field = SCHEMA[key]
+  if field.kind is str:
+    return None if field.nullable and text in ("null", "None") else text
+  try:
+    return yaml.safe_load(text)
+  except yaml.YAMLError:
+    raise ConfigError(f"{key}: cannot parse {text!r} as {field.describe()}") from None
+
+
+def _collect_overrides(args: Sequence[str], environ) -> tuple[dict, dict]:
+  env = {}
+  for name, text in environ.items():
+    if not name.startswith(ENV_PREFIX):
+      continue
+    key = name[len(ENV_PREFIX) :].lower()
+    if key not in SCHEMA:
+      raise _unknown_key(key, f"environment variable {name}")
+    env[key] = _parse_cli_value(key, text)
+  cli = {}
+  for arg in args:
+    if "=" not in arg:
+      raise ConfigError(f"argument {arg!r}: expected key=value")
+    key, text = arg.split("=", 1)
+    key = key.strip().lstrip("-")
+    if key not in SCHEMA:
+      raise _unknown_key(key, "command-line arguments")
+    cli[key] = _parse_cli_value(key, text)
+  return env, cli
+
+
+def _model_yml(model_name: str) -> dict[str, Any]:
+  if model_name == "default":
+    return {}
+  path = MODELS_DIR / f"{model_name}.yml"
+  if not path.is_file():
+    raise ConfigError(f"model_name: unknown model {model_name!r}; available: default, {', '.join(available_models())}")
+  data = _read_yaml(path)
+  for key in data:
+    if key not in SCHEMA:
+      raise _unknown_key(key, str(path))
+  return data
+
+
+def _scales(global_parameter_scale: int) -> tuple[int, int, int, int]:
+  """Splits a power-of-two scale into emb, heads, mlp and layer multipliers, cycling through them."""
+  log = int(math.log2(global_parameter_scale))
+  if 2**log != global_parameter_scale:
+    raise ConfigError(f"global_parameter_scale: {global_parameter_scale} is not a power of two")
+  base = 2 ** (log // 3)
+  emb = base * (2 if log % 3 > 0 else 1)
+  heads = base * (2 if log % 3 > 1 else 1)
+  return emb, heads, heads, base
+
+
+def _fill_parallelism(values: dict, prefix: str, total: int, what: str) -> list[int]:
+  keys = [f"{prefix}_{a}_parallelism" for a in values["mesh_axes"]]
+  degrees = [values[k] for k in keys]
+  fill = [k for k, d in zip(keys, degrees) if d == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"{', '.join(fill)}: at most one {prefix}_* parallelism may be -1")
+  known = math.prod(d for d in degrees if d != -1)
+  if fill:
+    if known == 0 or total % known:
+      raise ConfigError(
+          f"{fill[0]}: cannot fill, {total} {what} is not divisible by the other {prefix}_* degrees ({known})"
+      )
+    degrees[keys.index(fill[0])] = total // known
+  if math.prod(degrees) != total:
+    given = ", ".join(f"{k}={d}" for k, d in zip(keys, degrees) if d != 1)
+    raise ConfigError(
+        f"{prefix}_*_parallelism: product of ({given or 'all 1'}) is {math.prod(degrees)}, but there are {total} {what}"
+    )
+  return degrees
+
+
+def _validate_mesh_keys(values: dict):
+  axes = values["mesh_axes"]
+  unknown = [a for a in axes if a not in MESH_AXES]
+  if unknown or len(set(axes)) != len(axes):
+    raise ConfigError(f"mesh_axes: {axes} must be distinct names from {list(MESH_AXES)}")
+  for a in MESH_AXES:
+    if a not in axes and (values[f"ici_{a}_parallelism"] != 1 or values[f"dcn_{a}_parallelism"] not in (1, -1)):
+      raise ConfigError(f"ici_{a}_parallelism: axis {a!r} is not in mesh_axes")
+  for i, rule in enumerate(values["logical_axis_rules"]):
+    if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f"logical_axis_rules[{i}]: expected [logical_name, [mesh_axis, ...]], got {rule!r}")
+    targets = rule[1] if isinstance(rule[1], list) else [rule[1]]
+    bad = [t for t in targets if t not in axes]
+    if bad:
+      raise ConfigError(f"logical_axis_rules[{i}] ({rule[0]}): mesh axes {bad} are not in mesh_axes")
+  for group in values["data_sharding"]:
+    bad = [t for t in (group if isinstance(group, list) else [group]) if t not in axes]
+    if bad:
+      raise ConfigError(f"data_sharding: mesh axes {bad} are not in mesh_axes")
+
+
+def _derive(values: dict, model_keys: set) -> dict:
+  """Adds derived values; raises ConfigError for inconsistent settings."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  v = dict(values)
+  emb_s, heads_s, mlp_s, layer_s = _scales(v["global_parameter_scale"])
+  v["emb_dim"] = v["base_emb_dim"] * emb_s
+  v["num_query_heads"] = v["base_num_query_heads"] * heads_s
+  v["num_kv_heads"] = v["base_num_kv_heads"] * heads_s
+  v["mlp_dim"] = v["base_mlp_dim"] * mlp_s
+  v["num_decoder_layers"] = v["base_num_decoder_layers"] * layer_s
+  if v["num_query_heads"] % v["num_kv_heads"]:
+    raise ConfigError(
+        f"base_num_query_heads: {v['num_query_heads']} query heads are not divisible by {v['num_kv_heads']} kv heads"
+        " (base_num_kv_heads)"
+    )
+  if v["head_dim"] % 2:
+    raise ConfigError(f"head_dim: {v['head_dim']} must be even for rotary embeddings")
+  if not v["mlp_activations"] or any(a not in ACTIVATIONS for a in v["mlp_activations"]):
+    raise ConfigError(f"mlp_activations: {v['mlp_activations']} must be a non-empty list from {list(ACTIVATIONS)}")
+  if not (PACKAGE_DIR / "models" / f"{v['decoder_block']}.py").is_file():
+    blocks = sorted(p.stem for p in (PACKAGE_DIR / "models").glob("*.py") if not p.stem.startswith("_"))
+    raise ConfigError(f"decoder_block: no family file models/{v['decoder_block']}.py; available: {blocks}")
+  if v["max_prefill_predict_length"] > v["max_target_length"]:
+    raise ConfigError(
+        f"max_prefill_predict_length: {v['max_prefill_predict_length']} exceeds"
+        f" max_target_length {v['max_target_length']}"
+    )
+  if v["load_parameters_path"] and v["load_full_state_path"]:
+    raise ConfigError("load_parameters_path: set either load_parameters_path or load_full_state_path, not both")
+
+  # Schedule.
+  if v["steps"] == -1 and v["learning_rate_schedule_steps"] == -1:
+    raise ConfigError("steps: -1 needs learning_rate_schedule_steps > 0")
+  if v["steps"] == 0:
+    raise ConfigError("steps: must be positive (or -1 to use learning_rate_schedule_steps)")
+  if v["learning_rate_schedule_steps"] == -1:
+    v["learning_rate_schedule_steps"] = v["steps"]
+  if v["steps"] == -1:
+    v["steps"] = v["learning_rate_schedule_steps"]
+  if v["learning_rate_schedule_steps"] == 0:
+    raise ConfigError("learning_rate_schedule_steps: must be positive (or -1 to follow steps)")
+  v["warmup_steps"] = int(v["warmup_steps_fraction"] * v["learning_rate_schedule_steps"])
+  if v["lr_schedule_type"] == "wsd" and v["warmup_steps_fraction"] + v["wsd_decay_steps_fraction"] > 1:
+    raise ConfigError("wsd_decay_steps_fraction: warmup_steps_fraction + wsd_decay_steps_fraction must not exceed 1")
+
+  # Devices, mesh and batch.
+  v["hardware"] = distributed.detect_hardware(v["hardware"])
+  _validate_mesh_keys(v)
+  v["num_devices"] = jax.device_count()
+  v["process_count"] = jax.process_count()
+  v["process_index"] = jax.process_index()
+  v["num_slices"] = distributed.num_slices(v["num_slices"])
+  if v["num_devices"] % v["num_slices"]:
+    raise ConfigError(f"num_slices: {v['num_devices']} devices do not split into {v['num_slices']} slices")
+  v["ici_parallelism"] = _fill_parallelism(v, "ici", v["num_devices"] // v["num_slices"], "devices per slice")
+  v["dcn_parallelism"] = _fill_parallelism(v, "dcn", v["num_slices"], "slices")
+
+  micro = v["per_device_batch_size"] * v["num_devices"]
+  if micro < 1 or not float(micro).is_integer():
+    raise ConfigError(
+        f"per_device_batch_size: {v['per_device_batch_size']} x {v['num_devices']} devices = {micro} is not a whole"
+        " number of sequences >= 1"
+    )
+  v["micro_batch_size_to_train_on"] = int(micro)
+  v["global_batch_size_to_train_on"] = int(micro) * v["gradient_accumulation_steps"]
+  v["global_batch_size_to_load"] = v["global_batch_size_to_train_on"]
+  if v["global_batch_size_to_load"] % v["process_count"]:
+    raise ConfigError(
+        f"per_device_batch_size: global batch {v['global_batch_size_to_load']} does not split over"
+        f" {v['process_count']} processes"
+    )
+
+  # Dtypes.
+  v["dtype"] = jnp.dtype(v["dtype"])
+  v["weight_dtype"] = jnp.dtype(v["weight_dtype"])
+  v["mu_dtype"] = jnp.dtype(v["mu_dtype"]) if v["mu_dtype"] else v["weight_dtype"]
+
+  # Run identity and directories.
+  if not v["run_name"]:
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    v["run_name"] = f"{v['model_name'].replace('/', '_')}_{stamp}"
+  if "/" in v["run_name"]:
+    raise ConfigError(f"run_name: {v['run_name']!r} must not contain '/'")
+  run_dir = f"{v['base_output_directory'].rstrip('/')}/{v['run_name']}"
+  v["run_dir"] = run_dir
+  v["checkpoint_dir"] = f"{run_dir}/checkpoints"
+  v["tensorboard_dir"] = f"{run_dir}/tensorboard"
+  v["metrics_dir"] = f"{run_dir}/metrics"
+  v["model_keys"] = sorted(model_keys)
+  return v
+
+
+def initialize(argv: Sequence[str], environ=None, **overrides) -> Config:
+  """Builds the Config from argv = [program, config_path, key=value, ...]; raises ConfigError on bad input.
+
+  Keyword overrides behave like key=value arguments (given last), which is how Python callers and tests set keys.
+  """
+  environ = os.environ if environ is None else environ
+  if len(argv) < 2 or not argv[1]:
+    raise ConfigError("no config file given: usage: python3 -m MaxText.<module> MaxText/configs/base.yml key=value ...")
+  config_path = _resolve_config_path(argv[1])
+  values = {k: None for k in SCHEMA}
+  base = _load_yaml_chain(config_path)
+  if any(k not in base for k in SCHEMA):
+    # A config that does not chain up to base.yml still gets base.yml's defaults for the keys it leaves out.
+    base = {**_load_yaml_chain(CONFIGS_DIR / "base.yml"), **base}
+  values.update(base)
+  env, cli = _collect_overrides(list(argv[2:]), environ)
+  for key in overrides:
+    if key not in SCHEMA:
+      raise _unknown_key(key, "keyword overrides")
+  cli.update(overrides)
+  user = {**env, **cli}
+
+  model_name = user.get("model_name", values["model_name"])
+  model_name = SCHEMA["model_name"].coerce("model_name", model_name)
+  model = _model_yml(model_name)
+  values.update(model)
+  values["model_name"] = model_name
+  for key, val in user.items():
+    if key in model and model[key] != val:
+      logger.info("Overriding model key %s: %r (from %s.yml) -> %r", key, model[key], model_name, val)
+  values.update(user)
+
+  for key, field in SCHEMA.items():
+    values[key] = field.coerce(key, values[key])
+  logging.getLogger("MaxText").setLevel(values["log_level"])
+  distributed.setup(values)
+  values = _derive(values, set(model))
+  values["config_path"] = str(config_path)
+  return Config(values)
+
+
+def initialize_or_exit(argv: Sequence[str], **overrides) -> Config:
+  """CLI wrapper: a ConfigError becomes one `CONFIG ERROR:` line on stderr and exit code 2."""
+  try:
+    return initialize(argv, **overrides)
+  except ConfigError as e:
+    exit_with_config_error(e)
+
+
+def exit_with_config_error(e: Exception):
+  print(f"CONFIG ERROR: {e}", file=sys.stderr)
+  sys.exit(2)
+
+
+def log_config(config: Config):
+  if config.log_config:
+    logger.info("Resolved config:\n%s", config.to_yaml())
+
+
+def main(argv: Sequence[str]):
+  logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  config = initialize_or_exit(argv)
+  print(config.to_yaml(), end="")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
