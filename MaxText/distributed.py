@@ -75,7 +75,11 @@ def setup(raw: dict[str, Any]) -> None:
 
 def detect_hardware(requested: str) -> str:
   """Returns cpu|gpu|tpu for the default backend, checking it against a forced `hardware`."""
-  backend = jax.default_backend()
+  try:
+    backend = jax.default_backend()
+  except (RuntimeError, AssertionError) as e:  # jax asserts when a forced platform has no plugin installed
+    reason = str(e) or f"{type(e).__name__} while starting the backend"
+    raise ConfigError(f"hardware: JAX cannot start the {requested!r} backend on this machine ({reason})") from None
   found = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu"}.get(backend, backend)
   if requested not in ("auto", found):
     raise ConfigError(f"hardware: asked for {requested!r} but JAX's backend is {found!r}")
@@ -84,9 +88,12 @@ def detect_hardware(requested: str) -> str:
 
 def num_slices(requested: int) -> int:
   """Slices (TPU) or processes (elsewhere) that form the dcn_* mesh dimension."""
-  if requested > 0:
-    return requested
   devices = jax.devices()
   if hasattr(devices[0], "slice_index"):
-    return max(d.slice_index for d in devices) + 1
-  return jax.process_count()
+    found, unit = max(d.slice_index for d in devices) + 1, "slices"
+  else:
+    found, unit = jax.process_count(), "processes"
+  # The hybrid mesh builder groups devices by slice (or process), so another count cannot be laid out.
+  if requested > 0 and requested != found:
+    raise ConfigError(f"num_slices: {requested} requested, but the devices form {found} {unit} (use -1 to detect)")
+  return found

@@ -6,6 +6,7 @@ from Python). Values are coerced by MaxText/config_schema.py, then derived value
 consistency is checked. `python3 -m MaxText.pyconfig CONFIG key=value ...` prints the result and exits.
 """
 
+import copy
 import datetime
 import difflib
 import logging
@@ -31,35 +32,45 @@ ENV_PREFIX = "M_"
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_tanh", "relu", "linear", "tanh", "sigmoid")
 
 
+def _copy_if_mutable(value: Any) -> Any:
+  return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+
+
 class Config:
-  """Read-only attribute view of the resolved configuration."""
+  """Read-only attribute view of the resolved configuration.
+
+  List values are handed out as copies, so code that edits what it read cannot change the config others see.
+  """
 
   __slots__ = ("_values",)
 
   def __init__(self, values: dict[str, Any]):
-    object.__setattr__(self, "_values", types.MappingProxyType(dict(values)))
+    object.__setattr__(self, "_values", types.MappingProxyType(copy.deepcopy(dict(values))))
 
   def __getattr__(self, name: str) -> Any:
     try:
-      return self._values[name]
+      return _copy_if_mutable(self._values[name])
     except KeyError:
       raise AttributeError(f"Config has no key {name!r}{_did_you_mean(name, self._values)}") from None
 
   def __setattr__(self, name, value):
     raise AttributeError(f"Config is read-only (tried to set {name!r})")
 
+  def __delattr__(self, name):
+    raise AttributeError(f"Config is read-only (tried to delete {name!r})")
+
   def __contains__(self, name: str) -> bool:
     return name in self._values
 
   def get(self, name: str, default: Any = None) -> Any:
-    return self._values.get(name, default)
+    return _copy_if_mutable(self._values.get(name, default))
 
   def keys(self):
     return self._values.keys()
 
   def to_dict(self) -> dict[str, Any]:
     """Plain python values (dtypes as their names), suitable for yaml/json."""
-    return {k: (v.name if isinstance(v, jnp.dtype) else v) for k, v in self._values.items()}
+    return {k: (v.name if isinstance(v, jnp.dtype) else _copy_if_mutable(v)) for k, v in self._values.items()}
 
   def to_yaml(self) -> str:
     return yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=None, width=120)
@@ -155,9 +166,10 @@ def _collect_overrides(args: Sequence[str], environ) -> tuple[dict, dict]:
 def _model_yml(model_name: str) -> dict[str, Any]:
   if model_name == "default":
     return {}
+  known = available_models()
+  if model_name not in known:
+    raise ConfigError(f"model_name: unknown model {model_name!r}; available: {', '.join(['default', *known])}")
   path = MODELS_DIR / f"{model_name}.yml"
-  if not path.is_file():
-    raise ConfigError(f"model_name: unknown model {model_name!r}; available: default, {', '.join(available_models())}")
   data = _read_yaml(path)
   for key in data:
     if key not in SCHEMA:
@@ -166,27 +178,36 @@ def _model_yml(model_name: str) -> dict[str, Any]:
 
 
 def _scales(global_parameter_scale: int) -> tuple[int, int, int, int]:
-  """Splits a power-of-two scale into emb, heads, mlp and layer multipliers, cycling through them."""
+  """Splits a power-of-two scale into emb, heads, mlp and layer multipliers, as upstream MaxText does.
+
+  Each doubling goes to heads and mlp first, then emb, then layers, cycling, so a scale names the same
+  model sizes it does in upstream MaxText recipes.
+  """
   log = int(math.log2(global_parameter_scale))
   if 2**log != global_parameter_scale:
     raise ConfigError(f"global_parameter_scale: {global_parameter_scale} is not a power of two")
-  base = 2 ** (log // 3)
-  emb = base * (2 if log % 3 > 0 else 1)
-  heads = base * (2 if log % 3 > 1 else 1)
-  return emb, heads, heads, base
+  base, rem = divmod(log, 3)
+  heads = 2 ** (base + (rem > 0))
+  emb = 2 ** (base + (rem > 1))
+  return emb, heads, heads, 2**base
 
 
 def _fill_parallelism(values: dict, prefix: str, total: int, what: str) -> list[int]:
   keys = [f"{prefix}_{a}_parallelism" for a in values["mesh_axes"]]
   degrees = [values[k] for k in keys]
+  for k, d in zip(keys, degrees):
+    if d == 0:
+      raise ConfigError(f"{k}: 0 is not a parallelism degree (use a positive degree, or -1 to fill)")
   fill = [k for k, d in zip(keys, degrees) if d == -1]
   if len(fill) > 1:
     raise ConfigError(f"{', '.join(fill)}: at most one {prefix}_* parallelism may be -1")
   known = math.prod(d for d in degrees if d != -1)
   if fill:
-    if known == 0 or total % known:
+    if total % known:
+      others = ", ".join(f"{k}={d}" for k, d in zip(keys, degrees) if d not in (1, -1))
       raise ConfigError(
-          f"{fill[0]}: cannot fill, {total} {what} is not divisible by the other {prefix}_* degrees ({known})"
+          f"{others}: {fill[0]}=-1 cannot fill, {total} {what} is not divisible by the product ({known}) of the"
+          " other degrees"
       )
     degrees[keys.index(fill[0])] = total // known
   if math.prod(degrees) != total:
@@ -277,6 +298,8 @@ def _derive(values: dict, model_keys: set) -> dict:
   v["dcn_parallelism"] = _fill_parallelism(v, "dcn", v["num_slices"], "slices")
 
   micro = v["per_device_batch_size"] * v["num_devices"]
+  if abs(micro - round(micro)) < 1e-6:  # 0.7 x 10 devices is 7.000000000000001 in floating point
+    micro = round(micro)
   if micro < 1 or not float(micro).is_integer():
     raise ConfigError(
         f"per_device_batch_size: {v['per_device_batch_size']} x {v['num_devices']} devices = {micro} is not a whole"
@@ -338,14 +361,15 @@ def initialize(argv: Sequence[str], environ=None, **overrides) -> Config:
   model = _model_yml(model_name)
   values.update(model)
   values["model_name"] = model_name
-  for key, val in user.items():
-    if key in model and model[key] != val:
-      logger.info("Overriding model key %s: %r (from %s.yml) -> %r", key, model[key], model_name, val)
   values.update(user)
 
   for key, field in SCHEMA.items():
     values[key] = field.coerce(key, values[key])
   logging.getLogger("MaxText").setLevel(values["log_level"])
+  # Logged once the level is set (and after coercion, so 4096 vs 4096.0 is not an override).
+  for key in user:
+    if key in model and model[key] != values[key]:
+      logger.info("Overriding model key %s: %r (from %s.yml) -> %r", key, model[key], model_name, values[key])
   distributed.setup(values)
   values = _derive(values, set(model))
   values["config_path"] = str(config_path)

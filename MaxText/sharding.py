@@ -136,6 +136,13 @@ def state_shardings(state, rules: Rules, mesh: Mesh):
 
 
 def data_sharding(config, mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-  """Sharding of an input batch: the batch dimension over `data_sharding`'s axes (those that divide it)."""
-  rules = [("batch", list(config.data_sharding[0]))]
+  """Sharding of an input batch: the batch dimension over `data_sharding`'s axes (those that divide it).
+
+  `data_sharding` is upstream MaxText's nested form ([[axis, ...]], the first group shards the batch) or a flat
+  list of axis names.
+  """
+  groups = list(config.data_sharding)
+  first = groups[0] if groups else []
+  axes = list(first) if isinstance(first, (list, tuple)) else [g for g in groups if isinstance(g, str)]
+  rules = [("batch", axes)]
   return logical_to_sharding(("batch",) + (None,) * (len(shape) - 1), rules, mesh, shape)

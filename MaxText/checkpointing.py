@@ -1,0 +1,217 @@
+"""Orbax checkpoints: {checkpoint_dir}/{step}/{items,iter}, params-only export, and resume.
+
+`items` holds the train state {step, params, opt_state} (pure dicts of arrays); `iter` holds each
+process's data-iterator position as JSON. Orbax writes a step into a temporary directory and renames it
+when every item is committed, so an interrupted save is never listed and never loaded.
+"""
+
+import dataclasses
+import json
+import logging
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+logger = logging.getLogger("MaxText")
+
+ITEMS = "items"
+ITER = "iter"
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves an iterator's `get_state()` dict as one JSON file per process."""
+
+  def _file(self, directory: epath.Path) -> epath.Path:
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+  def save(self, directory: epath.Path, args: "DataIteratorSave"):
+    self._file(directory).write_text(json.dumps(args.item.get_state()))
+
+  def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
+    path = self._file(directory)
+    if not path.exists():
+      raise FileNotFoundError(f"{path}: no data-iterator state for this process (was the process count changed?)")
+    args.item.set_state(json.loads(path.read_text()))
+    return args.item
+
+  def metadata(self, directory: epath.Path):
+    del directory
+
+  def finalize(self, directory: epath.Path):
+    del directory
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that reads fine but holds a different tree (model or optimizer) than the config builds."""
+
+
+# Orbax's words for a readable checkpoint whose tree or shapes differ from the restore target.
+_MISMATCH_MARKERS = ("tree structures do not match", "Shape mismatch", "shape mismatch", "Requested shape")
+
+
+def _checkpointable(data_iterator) -> bool:
+  return data_iterator is not None and hasattr(data_iterator, "get_state") and data_iterator.get_state() is not None
+
+
+def create_manager(config) -> Optional[ocp.CheckpointManager]:
+  if not config.enable_checkpointing:
+    return None
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=1,  # the train loop decides when; see save()
+      max_to_keep=config.max_num_checkpoints_to_keep or None,
+      enable_async_checkpointing=config.async_checkpointing,
+      create=True,
+  )
+  return ocp.CheckpointManager(
+      epath.Path(config.checkpoint_dir),
+      options=options,
+      item_handlers={ITEMS: ocp.StandardCheckpointHandler(), ITER: DataIteratorHandler()},
+  )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -> bool:
+  args = {ITEMS: ocp.args.StandardSave(state)}
+  if _checkpointable(data_iterator):
+    args[ITER] = DataIteratorSave(data_iterator)
+  if step in manager.all_steps():
+    # Only reached when resuming skipped this step as unreadable: replace it rather than fail the run.
+    logger.warning("WARNING: replacing unreadable checkpoint at step %d", step)
+    manager.delete(step)
+  saved = manager.save(step, args=ocp.args.Composite(**args), force=True)
+  if saved:
+    logger.info(
+        "Saving checkpoint for step %d to %s (%s)",
+        step,
+        manager.directory,
+        "async" if manager._options.enable_async_checkpointing else "sync",
+    )
+  return saved
+
+
+def _abstract_with_shardings(abstract_state, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, shardings, data_iterator=None):
+  """Restores the newest committed step that reads back; returns (state, step) or (None, None).
+
+  A step that fails to read (corrupt or partial files) is skipped with a warning, falling back to the
+  previous one, so a damaged latest checkpoint costs one checkpoint period rather than the run.
+  """
+  target = _abstract_with_shardings(abstract_state, shardings)
+  steps = sorted(manager.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    args = {ITEMS: ocp.args.StandardRestore(target)}
+    has_iter = (epath.Path(manager.directory) / str(step) / ITER).exists()
+    if has_iter and _checkpointable(data_iterator):
+      args[ITER] = DataIteratorRestore(data_iterator)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+      first_line = str(e).splitlines()[0][:300] if str(e) else ""
+      if any(m in str(e) for m in _MISMATCH_MARKERS):
+        raise CheckpointMismatchError(
+            f"checkpoint at step {step} in {manager.directory} does not match this config's model/optimizer"
+            f" ({first_line}); use the settings it was written with, or another run_name"
+        ) from None
+      if i + 1 == len(steps):
+        raise CheckpointMismatchError(f"no checkpoint in {manager.directory} could be restored (last error: {first_line})") from e
+      logger.warning(
+          "WARNING: checkpoint at step %d in %s could not be restored (%s: %s); falling back to step %d",
+          step,
+          manager.directory,
+          type(e).__name__,
+          first_line,
+          steps[i + 1],
+      )
+      continue
+    if _checkpointable(data_iterator) and not has_iter:
+      logger.warning(
+          "Checkpoint at step %d has no data-iterator state; the data pipeline restarts from its beginning", step
+      )
+    logger.info("Restored checkpoint at step %d from %s", step, manager.directory)
+    return restored[ITEMS], step
+  return None, None
+
+
+def _items_path(path: str) -> epath.Path:
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  if (path / ITEMS).exists():  # a step directory of a training run: use its state item
+    path = path / ITEMS
+  return path
+
+
+def _restore_subtree(path: epath.Path, target: dict):
+  """Restores just the keys in `target` from a PyTree checkpoint directory (partial restore)."""
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+
+
+def _layers_are_unscanned(tree) -> bool:
+  """True when decoder/layers holds one entry per layer (keys 0, 1, ...) rather than stacked arrays."""
+  layers = tree.get("decoder", {}).get("layers", {}) if isinstance(tree, dict) else {}
+  return bool(layers) and all(str(k).isdigit() for k in layers)
+
+
+def stored_params_tree(path: str) -> dict:
+  """The params subtree of a checkpoint's metadata (shapes and dtypes, no data)."""
+  path = _items_path(path)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+  if "params" not in tree:
+    raise ValueError(f"{path}: no 'params' in this checkpoint (keys: {sorted(tree)})")
+  return tree["params"]
+
+
+def load_params(path: str, abstract_params, shardings, param_scan_axis: int = 1):
+  """Params from a params-only checkpoint ({"params": ...}) or a full train-state checkpoint.
+
+  The stored layer layout (scanned or unscanned) is detected and converted to `abstract_params`'s, and
+  values are cast to its dtypes, so any of these checkpoints loads into any config of the same model.
+  """
+  from MaxText.layers import scan_layout  # pylint: disable=import-outside-toplevel
+
+  items = _items_path(path)
+  stored_unscanned = _layers_are_unscanned(stored_params_tree(path))
+  want_unscanned = _layers_are_unscanned(abstract_params)
+  if stored_unscanned == want_unscanned:
+    target = {"params": _abstract_with_shardings(abstract_params, shardings)}
+    return _restore_subtree(items, target)["params"]
+  logger.info("Converting %s layers of %s to the %s layout", "unscanned" if stored_unscanned else "scanned", path, "unscanned" if want_unscanned else "scanned")
+  plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
+  convert = scan_layout.scanned_to_unscanned if stored_unscanned else scan_layout.unscanned_to_scanned
+  back = scan_layout.unscanned_to_scanned if stored_unscanned else scan_layout.scanned_to_unscanned
+  host = _restore_subtree(items, {"params": convert(plain, param_scan_axis)})["params"]
+  return jax.device_put(back(host, param_scan_axis), shardings)
+
+
+def load_full_state(path: str, abstract_state, shardings):
+  return _restore_subtree(_items_path(path), _abstract_with_shardings(abstract_state, shardings))
+
+
+def save_params(path: str, params):
+  """Writes a params-only checkpoint that `load_parameters_path` (train, decode, api) reads."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(epath.Path(path).absolute(), {"params": params}, force=True)
+    ckptr.wait_until_finished()

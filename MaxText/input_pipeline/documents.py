@@ -1,0 +1,87 @@
+"""Document-level steps of the text pipeline: record -> text -> token-id pieces that fit one row.
+
+Kept free of JAX imports: grain worker processes unpickle these transforms and should not pay for importing JAX.
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from MaxText.input_pipeline import packing
+from MaxText.input_pipeline import tokenizer as tokenizers
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+  """The config values the pipeline needs, as plain values (a Config does not pickle into workers)."""
+
+  tokenizer: tokenizers.TokenizerSpec
+  columns: tuple[str, ...]
+  max_target_length: int
+  add_bos: bool
+  add_eos: bool
+  packing: bool
+  packing_bins: int
+  long_document_mode: str
+  seed: int
+  num_epoch: int
+  worker_count: int
+
+  @classmethod
+  def from_config(cls, config) -> "PipelineOptions":
+    return cls(
+        tokenizer=tokenizers.TokenizerSpec.from_config(config),
+        columns=tuple(config.train_data_columns),
+        max_target_length=config.max_target_length,
+        add_bos=config.add_bos,
+        add_eos=config.add_eos,
+        packing=config.packing,
+        packing_bins=config.packing_bins,
+        long_document_mode=config.long_document_mode,
+        seed=config.data_shuffle_seed,
+        num_epoch=config.num_epoch,
+        worker_count=config.grain_worker_count,
+    )
+
+
+def _as_text(value: Any) -> str:
+  if isinstance(value, (bytes, np.bytes_)):
+    return bytes(value).decode("utf-8", errors="replace")
+  if isinstance(value, np.ndarray) and value.shape == ():
+    return _as_text(value.item())
+  return value if isinstance(value, str) else str(value)
+
+
+class ToText(grain.transforms.Map):
+  """A record -> its document text (the named columns joined by newlines; str/bytes records are the text)."""
+
+  def __init__(self, columns: Sequence[str]):
+    self._columns = tuple(columns)
+
+  def map(self, element):
+    if isinstance(element, dict):
+      return "\n".join(_as_text(element[c]) for c in self._columns)
+    return _as_text(element)
+
+
+class Tokenize(grain.experimental.FlatMapTransform):
+  """Text -> the token-id pieces (with bos/eos) that each fit one row; empty documents give nothing."""
+
+  max_fan_out = 1 << 20  # documents are chunked, so one may give many rows
+
+  def __init__(self, options: PipelineOptions):
+    self._options = options
+
+  def flat_map(self, element):
+    o = self._options
+    tok = tokenizers.load_tokenizer(o.tokenizer)  # cached per process, so each grain worker loads it once
+    ids = tok.encode(element)
+    if not ids:
+      return []
+    if o.add_bos and tok.bos_id is not None:
+      ids = [tok.bos_id] + ids
+    if o.add_eos and tok.eos_id is not None:
+      ids = ids + [tok.eos_id]
+    return packing.split_document(ids, o.max_target_length, o.long_document_mode)

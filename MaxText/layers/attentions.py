@@ -1,0 +1,233 @@
+"""Multi-head attention with grouped/multi-query key-value heads, RoPE, packed-sequence and sliding-window masks.
+
+The module is split into steps a KV cache slots between without rewriting any of them:
+`project_qkv` -> `position_qk` (QK norm, RoPE) -> [cache update: later] -> `attend` (the core) -> `out_projection`.
+The core takes explicit query/key indices and segment ids, so a cache only has to supply its own key indices.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from MaxText import sharding
+from MaxText.layers.embeddings import RotaryEmbedding
+from MaxText.layers.linears import DenseGeneral
+from MaxText.layers.normalizations import RMSNorm
+
+logger = logging.getLogger("MaxText")
+
+MODEL_MODES = ("train", "prefill", "autoregressive")
+ATTENTION_KINDS = ("dot_product", "autoselected")
+_BATCH_LEN = ("activation_batch", "activation_length")
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str):
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    logger.info(message)
+
+
+def attention_mask(
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_index: jax.Array,
+    kv_index: jax.Array,
+    sliding_window_size: int = 0,
+) -> jax.Array:
+  """Boolean [batch, q_len, kv_len]: causal, same segment, and (if set) within the last `sliding_window_size` tokens.
+
+  Indices are token offsets in the row (not RoPE positions, which restart per packed segment). Padding (segment 0)
+  attends only to padding, so no row is empty and the softmax never sees an all-masked row.
+  """
+  q_index, kv_index = q_index[:, :, None], kv_index[:, None, :]
+  mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_index <= q_index)
+  if sliding_window_size > 0:
+    mask &= q_index - kv_index < sliding_window_size
+  return mask
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    attn_logits_soft_cap: float = 0.0,
+    float32_qk_product: bool = True,
+    float32_logits: bool = True,
+) -> jax.Array:
+  """Reference attention in plain einsums. query [B,S,Hq,D], key/value [B,T,Hkv,D], mask [B,S,T] -> [B,S,Hq,D].
+
+  Query heads are grouped onto their kv head by reshaping (no repeat of K/V in memory).
+  """
+  b, s, num_q, d = query.shape
+  num_kv = key.shape[2]
+  if num_q % num_kv:
+    raise ValueError(f"{num_q} query heads are not a multiple of {num_kv} kv heads")
+  if float32_qk_product:
+    query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+  grouped = query.reshape(b, s, num_kv, num_q // num_kv, d)
+  logits = jnp.einsum("bskgd,btkd->bkgst", grouped, key)
+  if float32_logits:
+    logits = logits.astype(jnp.float32)
+  logits = logits * jnp.asarray(scale, logits.dtype)
+  if attn_logits_soft_cap > 0:
+    logits = attn_logits_soft_cap * jnp.tanh(logits / attn_logits_soft_cap)
+  big_negative = jnp.asarray(0.7 * jnp.finfo(logits.dtype).min, logits.dtype)
+  logits = jnp.where(mask[:, None, None, :, :], logits, big_negative)
+  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, value)
+  return out.reshape(b, s, num_q, d)
+
+
+def autoselected_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    segment_ids: jax.Array | None,
+    *,
+    scale: float,
+    sliding_window_size: int = 0,
+) -> jax.Array:
+  """Self-attention over one aligned sequence through `jax.nn.dot_product_attention` (cuDNN/XLA chosen by JAX).
+
+  Causality and the window are passed as flags (so a fused kernel can skip masked blocks); only the packed-segment
+  mask is an explicit array. Logits are float32 inside JAX's implementation whatever the input dtype.
+  """
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
+  _log_once(
+      f"attention=autoselected: jax.nn.dot_product_attention(implementation=None) on backend"
+      f" {jax.default_backend()!r} (jax {jax.__version__} decides between its cuDNN and XLA kernels)"
+  )
+  return jax.nn.dot_product_attention(
+      query,
+      key.astype(query.dtype),
+      value.astype(query.dtype),
+      mask=mask,
+      scale=scale,
+      is_causal=True,
+      local_window_size=(sliding_window_size - 1, 0) if sliding_window_size > 0 else None,
+      implementation=None,
+  )
+
+
+class Attention(nnx.Module):
+  """Self-attention of one decoder layer: q/k/v/o projections, optional QK RMSNorm, RoPE, masked attention core.
+
+  Settings come from the config; keyword overrides let a family vary them per layer (e.g. local/global windows).
+  """
+
+  def __init__(self, config, *, rngs: nnx.Rngs, sliding_window_size: int | None = None):
+    emb, head_dim = config.emb_dim, config.head_dim
+    self.num_query_heads, self.num_kv_heads, self.head_dim = config.num_query_heads, config.num_kv_heads, head_dim
+    self.dtype = config.dtype
+    self.attention_kind = config.attention
+    if self.attention_kind not in ATTENTION_KINDS:
+      raise ValueError(f"attention={self.attention_kind!r} is not one of {ATTENTION_KINDS}")
+    self.sliding_window_size = config.sliding_window_size if sliding_window_size is None else sliding_window_size
+    self.attn_logits_soft_cap = config.attn_logits_soft_cap
+    self.float32_qk_product = config.float32_qk_product
+    self.float32_logits = config.float32_logits
+    self.scale = head_dim**-0.5
+    kw = dict(rngs=rngs, dtype=config.dtype, weight_dtype=config.weight_dtype)
+    self.query = DenseGeneral(emb, (self.num_query_heads, head_dim), kernel_axes=("embed", "q_heads", "kv"), **kw)
+    self.key = DenseGeneral(emb, (self.num_kv_heads, head_dim), kernel_axes=("embed", "kv_heads", "kv"), **kw)
+    self.value = DenseGeneral(emb, (self.num_kv_heads, head_dim), kernel_axes=("embed", "kv_heads", "kv"), **kw)
+    self.out = DenseGeneral((self.num_query_heads, head_dim), emb, kernel_axes=("heads", "kv", "embed"), **kw)
+    if config.use_qk_norm:
+      norm_kw = dict(epsilon=config.normalization_layer_epsilon, dtype=config.dtype, weight_dtype=config.weight_dtype)
+      self.query_norm = RMSNorm(head_dim, **norm_kw)
+      self.key_norm = RMSNorm(head_dim, **norm_kw)
+    else:
+      self.query_norm = self.key_norm = None
+    self.rope = RotaryEmbedding.from_config(config, head_dim)
+
+  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q_names = _BATCH_LEN + ("activation_heads", "activation_kv")
+    kv_names = _BATCH_LEN + ("activation_kv_heads", "activation_kv")
+    query = sharding.with_logical_constraint(checkpoint_name(self.query(x), "query_proj"), q_names)
+    key = sharding.with_logical_constraint(checkpoint_name(self.key(x), "key_proj"), kv_names)
+    value = sharding.with_logical_constraint(checkpoint_name(self.value(x), "value_proj"), kv_names)
+    return query, key, value
+
+  def position_qk(self, query: jax.Array, key: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """QK norm (per head, before rotation) then RoPE at each token's position."""
+    if self.query_norm is not None:
+      query, key = self.query_norm(query), self.key_norm(key)
+    return self.rope(query, positions), self.rope(key, positions)
+
+  def attend(
+      self,
+      query: jax.Array,
+      key: jax.Array,
+      value: jax.Array,
+      *,
+      q_segment_ids: jax.Array | None,
+      kv_segment_ids: jax.Array | None,
+      q_index: jax.Array,
+      kv_index: jax.Array,
+      aligned: bool,
+  ) -> jax.Array:
+    """The attention core. `aligned` means keys are exactly the queries' own sequence (train/prefill)."""
+    if self.attention_kind == "autoselected" and aligned:
+      if self.attn_logits_soft_cap > 0:
+        _log_once("attention=autoselected: attn_logits_soft_cap needs the dot_product path; using it")
+      else:
+        return autoselected_attention(
+            query, key, value, q_segment_ids, scale=self.scale, sliding_window_size=self.sliding_window_size
+        )
+    if q_segment_ids is None:
+      q_segment_ids = jnp.ones(q_index.shape, jnp.int32)
+    if kv_segment_ids is None:
+      kv_segment_ids = jnp.ones(kv_index.shape, jnp.int32)
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, self.sliding_window_size)
+    return dot_product_attention(
+        query,
+        key,
+        value,
+        mask,
+        scale=self.scale,
+        attn_logits_soft_cap=self.attn_logits_soft_cap,
+        float32_qk_product=self.float32_qk_product,
+        float32_logits=self.float32_logits,
+    )
+
+  def out_projection(self, context: jax.Array) -> jax.Array:
+    context = sharding.with_logical_constraint(context, _BATCH_LEN + ("activation_heads", "activation_kv"))
+    out = checkpoint_name(self.out(context.astype(self.dtype)), "out_proj")
+    return sharding.with_logical_constraint(out, _BATCH_LEN + ("activation_embed",))
+
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      segment_ids: jax.Array | None = None,
+      *,
+      model_mode: str = "train",
+      deterministic: bool = True,  # pylint: disable=unused-argument
+  ) -> jax.Array:
+    if model_mode not in MODEL_MODES:
+      raise ValueError(f"model_mode {model_mode!r} is not one of {MODEL_MODES}")
+    if model_mode == "autoregressive":
+      raise NotImplementedError("autoregressive attention needs the KV cache, which is not built yet")
+    query, key, value = self.project_qkv(x)
+    query, key = self.position_qk(query, key, positions)
+    index = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    context = self.attend(
+        query,
+        key,
+        value,
+        q_segment_ids=segment_ids,
+        kv_segment_ids=segment_ids,
+        q_index=index,
+        kv_index=index,
+        aligned=True,
+    )
+    return self.out_projection(checkpoint_name(context, "context"))

@@ -1,0 +1,172 @@
+"""The decoder-only Transformer: token embedding -> decoder layer stack -> final norm -> logits.
+
+The decoder layer comes from the family module `MaxText.models.<decoder_block>` (its `DecoderLayer`); this module
+owns what every family shares: stacking the layers (nnx.scan over stacked params, or an unrolled list), remat
+policies, dropout keys, and the logits head.
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from MaxText import sharding
+from MaxText.layers.embeddings import Embed
+from MaxText.layers.linears import DenseGeneral
+from MaxText.layers.normalizations import RMSNorm
+
+LAYERS_PATH = ("decoder", "layers")  # where the layer stack sits in the model's state
+
+_SAVE_QKV = ("query_proj", "key_proj", "value_proj")
+# remat_policy -> what the backward pass may keep from the forward pass (None: no jax.checkpoint at all).
+REMAT_POLICIES = {
+    "none": None,
+    # Weight matmuls are kept; attention scores (batched dots) and elementwise ops are recomputed.
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_dot_except_mlp": jax.checkpoint_policies.save_only_these_names(*_SAVE_QKV, "out_proj"),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_SAVE_QKV),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def decoder_layer_class(decoder_block: str) -> type[nnx.Module]:
+  """The family's decoder layer: `MaxText.models.<decoder_block>.DecoderLayer`."""
+  module = importlib.import_module(f"MaxText.models.{decoder_block}")
+  try:
+    return module.DecoderLayer
+  except AttributeError:
+    raise ValueError(f"MaxText/models/{decoder_block}.py defines no DecoderLayer") from None
+
+
+def remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy {name!r} is not one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
+
+
+def scan_axes(param_scan_axis: int) -> nnx.StateAxes:
+  """Stacked-layer axis per variable kind: params at `param_scan_axis`, anything else (e.g. caches) at 0."""
+  return nnx.StateAxes({nnx.Param: param_scan_axis, ...: 0})
+
+
+class DecoderStack(nnx.Module):
+  """num_decoder_layers decoder layers, scanned (one stacked copy of the params) or unrolled (a list).
+
+  Scanned params carry an extra axis at `param_scan_axis` with logical name "layers"; `scanned_to_unscanned` and
+  `unscanned_to_scanned` (MaxText.layers.scan_layout) convert a state between the two layouts.
+  """
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    layer_cls = decoder_layer_class(config.decoder_block)
+    self.num_layers = config.num_decoder_layers
+    self.scan_layers = config.scan_layers
+    self.param_scan_axis = config.param_scan_axis
+    self.remat_policy = config.remat_policy
+    remat_policy(self.remat_policy)  # validate early
+    if self.scan_layers:
+
+      @nnx.split_rngs(splits=self.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=scan_axes(self.param_scan_axis), transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_stacked(rngs):
+        return layer_cls(config, rngs=rngs)
+
+      self.layers = make_stacked(rngs)
+    else:
+      self.layers = nnx.List([layer_cls(config, rngs=rngs) for _ in range(self.num_layers)])
+
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      segment_ids: jax.Array | None,
+      *,
+      deterministic: bool,
+      model_mode: str,
+      dropout_rng: jax.Array | None,
+  ) -> jax.Array:
+    layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers)
+
+    def apply(layer, y, rng):
+      return layer(y, positions, segment_ids, deterministic=deterministic, model_mode=model_mode, dropout_rng=rng)
+
+    policy = remat_policy(self.remat_policy)
+    if self.remat_policy != "none":
+      # Inside scan, CSE across iterations cannot happen, so prevent_cse only costs speed there.
+      apply = nnx.remat(apply, policy=policy, prevent_cse=not self.scan_layers)
+
+    if not self.scan_layers:
+      for i, layer in enumerate(self.layers):
+        x = apply(layer, x, None if layer_rngs is None else layer_rngs[i])
+      return x
+
+    @nnx.scan(
+        in_axes=(scan_axes(self.param_scan_axis), nnx.Carry, 0),
+        out_axes=nnx.Carry,
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
+    def step(layer, y, rng):
+      return apply(layer, y, rng)
+
+    return step(self.layers, x, layer_rngs)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model. Call: logits = model(tokens, positions, segment_ids, deterministic=, model_mode=).
+
+  tokens/positions/segment_ids are int32 [batch, seq]; positions restart at 0 in each packed segment; segment_ids
+  (None = one unpacked sequence per row) keep packed documents from attending to each other, 0 marks padding.
+  Logits are [batch, seq, vocab] (float32 when cast_logits_to_fp32).
+  """
+
+  def __init__(self, config, rngs: nnx.Rngs):
+    self.dtype = config.dtype
+    self.logits_via_embedding = config.logits_via_embedding
+    self.logits_dot_in_fp32 = config.logits_dot_in_fp32
+    self.cast_logits_to_fp32 = config.cast_logits_to_fp32
+    self.final_logits_soft_cap = config.final_logits_soft_cap
+    kw = dict(dtype=config.dtype, weight_dtype=config.weight_dtype)
+    self.token_embedder = Embed(config.vocab_size, config.emb_dim, rngs=rngs, **kw)
+    self.decoder = DecoderStack(config, rngs=rngs)
+    self.decoder_norm = RMSNorm(config.emb_dim, epsilon=config.normalization_layer_epsilon, **kw)
+    if self.logits_via_embedding:
+      self.logits_dense = None
+    else:
+      self.logits_dense = DenseGeneral(config.emb_dim, config.vocab_size, kernel_axes=("embed", "vocab"), rngs=rngs, **kw)
+    self.uses_dropout = config.dropout_rate > 0 and config.enable_dropout
+    # A stream of its own, so training can reseed it (nnx.reseed) or pass `rngs=` per step.
+    self.dropout_rngs = nnx.Rngs(dropout=rngs.dropout()) if self.uses_dropout else None
+
+  def __call__(
+      self,
+      tokens: jax.Array,
+      positions: jax.Array,
+      segment_ids: jax.Array | None = None,
+      *,
+      deterministic: bool = True,
+      model_mode: str = "train",
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    dropout_rng = None
+    if self.uses_dropout and not deterministic:
+      dropout_rng = (rngs if rngs is not None else self.dropout_rngs).dropout()
+    x = sharding.with_logical_constraint(
+        self.token_embedder(tokens), ("activation_batch", "activation_length", "activation_embed")
+    )
+    x = self.decoder(
+        x, positions, segment_ids, deterministic=deterministic, model_mode=model_mode, dropout_rng=dropout_rng
+    )
+    return self.logits(self.decoder_norm(x))
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Output head on the final-normed hidden states [batch, seq, embed]."""
+    compute_dtype = jnp.float32 if self.logits_dot_in_fp32 else self.dtype
+    if self.logits_dense is None:
+      logits = self.token_embedder.attend(x, compute_dtype=compute_dtype)
+    else:
+      logits = self.logits_dense(x, compute_dtype=compute_dtype)
+    if self.cast_logits_to_fp32:
+      logits = logits.astype(jnp.float32)
+    if self.final_logits_soft_cap > 0:
+      logits = self.final_logits_soft_cap * jnp.tanh(logits / self.final_logits_soft_cap)
+    return sharding.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))

@@ -1,0 +1,124 @@
+"""Token embedding and rotary position embeddings (RoPE)."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ROPE_TYPES = ("default", "llama3.1", "linear")
+
+
+class Embed(nnx.Module):
+  """Token embedding table [vocab, embed]; `attend` reuses it as the output projection for tied logits."""
+
+  def __init__(
+      self,
+      num_embeddings: int,
+      features: int,
+      *,
+      rngs: nnx.Rngs,
+      dtype: jnp.dtype = jnp.float32,
+      weight_dtype: jnp.dtype = jnp.float32,
+  ):
+    self.num_embeddings = num_embeddings
+    self.dtype = dtype
+    init = nnx.initializers.normal(stddev=1.0)
+    self.embedding = nnx.Param(
+        init(rngs.params(), (num_embeddings, features), weight_dtype), out_sharding=("vocab", "embed")
+    )
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    # jnp.take fills out-of-range ids with NaN, so a tokenizer/vocab_size mismatch shows up as a NaN loss.
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array, *, compute_dtype: jnp.dtype | None = None) -> jax.Array:
+    dtype = compute_dtype or self.dtype
+    return jnp.einsum("...e,ve->...v", x.astype(dtype), self.embedding[...].astype(dtype))
+
+
+def rope_inv_frequencies(
+    head_dim: int,
+    *,
+    rope_type: str = "default",
+    min_timescale: float = 1.0,
+    max_timescale: float = 10_000.0,
+    scaling_factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_position_embeddings: int = 8192,
+) -> np.ndarray:
+  """Rotation frequencies (radians per position) of the head_dim/2 dimension pairs, as float32.
+
+  default: 1 / timescale_i with timescales spaced geometrically from min_timescale to max_timescale (theta).
+  linear: positions divided by `scaling_factor` (same as dividing every frequency).
+  llama3.1: frequencies whose wavelength exceeds original_max_position_embeddings / low_freq_factor are divided by
+  `scaling_factor`, those shorter than original / high_freq_factor are kept, and the band between is interpolated.
+  """
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(f"rope_type {rope_type!r} is not one of {ROPE_TYPES}")
+  fraction = 2.0 * np.arange(head_dim // 2, dtype=np.float64) / head_dim
+  inv_freq = 1.0 / (min_timescale * (max_timescale / min_timescale) ** fraction)
+  if rope_type == "linear":
+    inv_freq = inv_freq / scaling_factor
+  elif rope_type == "llama3.1":
+    wavelen = 2.0 * math.pi / inv_freq
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    interpolated = (1.0 - smooth) * inv_freq / scaling_factor + smooth * inv_freq
+    inv_freq = np.where(
+        wavelen < high_freq_wavelen,
+        inv_freq,
+        np.where(wavelen > low_freq_wavelen, inv_freq / scaling_factor, interpolated),
+    )
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray | jax.Array) -> jax.Array:
+  """Rotates x [batch, seq, heads, head_dim] by position; pairs are (i, i + head_dim/2) (the Hugging Face layout).
+
+  Angles and the rotation are computed in float32: bf16 angles at positions in the thousands are off by radians.
+  """
+  angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [B, S, D/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryEmbedding:
+  """RoPE settings as plain numbers: hashable, so modules holding one keep a comparable graphdef and no parameters."""
+
+  head_dim: int
+  rope_type: str = "default"
+  min_timescale: float = 1.0
+  max_timescale: float = 10_000.0
+  scaling_factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  @classmethod
+  def from_config(cls, config, head_dim: int) -> "RotaryEmbedding":
+    return cls(
+        head_dim=head_dim,
+        rope_type=config.rope_type,
+        min_timescale=config.rope_min_timescale,
+        max_timescale=config.rope_max_timescale,
+        scaling_factor=config.rope_scaling_factor,
+        low_freq_factor=config.rope_low_freq_factor,
+        high_freq_factor=config.rope_high_freq_factor,
+        original_max_position_embeddings=config.rope_original_max_position_embeddings,
+    )
+
+  def inv_frequencies(self) -> np.ndarray:
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return rope_inv_frequencies(fields.pop("head_dim"), **fields)
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    return apply_rope(x, positions, self.inv_frequencies())

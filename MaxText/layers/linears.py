@@ -1,0 +1,122 @@
+"""Dense projections with logical axis names, and the (gated) MLP block."""
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from MaxText import sharding
+
+Shape = int | Sequence[int]
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "linear": lambda x: x,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The activation function for a name in `mlp_activations`."""
+  try:
+    return _ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}") from None
+
+
+def _as_tuple(x: Shape) -> tuple[int, ...]:
+  return (x,) if isinstance(x, int) else tuple(x)
+
+
+class DenseGeneral(nnx.Module):
+  """y = x . kernel, contracting x's last `len(in_features)` axes with the kernel's leading ones.
+
+  The kernel keeps its multi-dimensional shape (e.g. [embed, heads, head_dim]) so each dimension gets its own logical
+  axis name and shards independently; it is stored in `weight_dtype` and cast to `dtype` for the matmul.
+  """
+
+  def __init__(
+      self,
+      in_features: Shape,
+      out_features: Shape,
+      *,
+      kernel_axes: tuple[str | None, ...],
+      rngs: nnx.Rngs,
+      dtype: jnp.dtype = jnp.float32,
+      weight_dtype: jnp.dtype = jnp.float32,
+      use_bias: bool = False,
+      bias_axes: tuple[str | None, ...] | None = None,
+  ):
+    self.in_features = _as_tuple(in_features)
+    self.out_features = _as_tuple(out_features)
+    self.dtype = dtype
+    n_in, n_out = len(self.in_features), len(self.out_features)
+    if len(kernel_axes) != n_in + n_out:
+      raise ValueError(f"kernel_axes {kernel_axes} does not name {n_in + n_out} kernel dimensions")
+    init = nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out))
+    )
+    shape = self.in_features + self.out_features
+    self.kernel = nnx.Param(init(rngs.params(), shape, weight_dtype), out_sharding=kernel_axes)
+    if use_bias:
+      names = bias_axes if bias_axes is not None else kernel_axes[n_in:]
+      self.bias = nnx.Param(jnp.zeros(self.out_features, weight_dtype), out_sharding=names)
+    else:
+      self.bias = None
+
+  def __call__(self, x: jax.Array, *, compute_dtype: jnp.dtype | None = None) -> jax.Array:
+    dtype = compute_dtype or self.dtype
+    n_in = len(self.in_features)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(dtype), self.kernel[...].astype(dtype), (contract, ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+
+class MlpBlock(nnx.Module):
+  """Feed-forward block: one input projection per activation, multiplied together, then the output projection.
+
+  `activations=("silu", "linear")` is SwiGLU (Llama); a single activation is a plain MLP. Projections are named
+  `wi_0, wi_1, ...` (or `wi` when there is one) and `wo`, the names checkpoint converters and remat policies use.
+  """
+
+  def __init__(
+      self,
+      emb_dim: int,
+      mlp_dim: int,
+      activations: Sequence[str],
+      *,
+      rngs: nnx.Rngs,
+      dtype: jnp.dtype = jnp.float32,
+      weight_dtype: jnp.dtype = jnp.float32,
+  ):
+    self.activation_names = tuple(activations)
+    kw = dict(rngs=rngs, dtype=dtype, weight_dtype=weight_dtype)
+    if len(self.activation_names) == 1:
+      self.wi = DenseGeneral(emb_dim, mlp_dim, kernel_axes=("embed", "mlp"), **kw)
+    else:
+      for i in range(len(self.activation_names)):
+        setattr(self, f"wi_{i}", DenseGeneral(emb_dim, mlp_dim, kernel_axes=("embed", "mlp"), **kw))
+    self.wo = DenseGeneral(mlp_dim, emb_dim, kernel_axes=("mlp", "embed"), **kw)
+
+  def _input_projection(self, i: int) -> DenseGeneral:
+    return self.wi if len(self.activation_names) == 1 else getattr(self, f"wi_{i}")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = None
+    for i, name in enumerate(self.activation_names):
+      h = checkpoint_name(self._input_projection(i)(x), f"mlpwi_{i}")
+      h = activation(name)(h)
+      hidden = h if hidden is None else hidden * h
+    hidden = sharding.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+    hidden = checkpoint_name(hidden, "mlp_hidden")
+    out = checkpoint_name(self.wo(hidden), "mlpwo")
+    return sharding.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_embed"))

@@ -1,0 +1,123 @@
+"""Converts a model state between the scanned layer layout and the unscanned (per-layer) one.
+
+Scanned:   decoder/layers/<param path>     each array stacked over layers at `param_scan_axis` (logical name "layers")
+Unscanned: decoder/layers/<i>/<param path> one array per layer
+
+Both nnx States (Variables keep their metadata, the "layers" logical name is removed/inserted; abstract
+ShapeDtypeStruct values work too, for restore targets) and plain nested dicts of arrays (params only, e.g. a
+checkpoint's pure dict or a Hugging Face conversion) are accepted; the result has the input's kind.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+from MaxText.layers.decoders import LAYERS_PATH
+
+_LAYERS = "layers"
+
+
+def _flatten(tree) -> tuple[dict[tuple, Any], bool]:
+  if isinstance(tree, nnx.State):
+    return dict(tree.flat_state()), True
+  return traverse_util.flatten_dict(tree), False
+
+
+def _unflatten(flat: dict[tuple, Any], is_state: bool):
+  if is_state:
+    return nnx.State.from_flat_path(sorted(flat.items(), key=lambda kv: tuple(map(str, kv[0]))))
+  return traverse_util.unflatten_dict(flat)
+
+
+def _axis(leaf, param_scan_axis: int) -> int:
+  # Non-param variables (e.g. KV caches) are stacked on the leading axis, as scan_axes() in decoders.py does.
+  if isinstance(leaf, nnx.Variable) and not isinstance(leaf, nnx.Param):
+    return 0
+  return param_scan_axis
+
+
+def _value(leaf):
+  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def _with_value(leaf, value, names):
+  if not isinstance(leaf, nnx.Variable):
+    return value
+  new = leaf.replace(value)
+  if names is not None:
+    new.set_metadata(out_sharding=names)
+  return new
+
+
+def _names(leaf):
+  if not isinstance(leaf, nnx.Variable):
+    return None
+  names = leaf.get_metadata().get("out_sharding")
+  return tuple(names) if names else None
+
+
+def _take(value, i: int, axis: int):
+  if isinstance(value, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(value.shape[:axis] + value.shape[axis + 1 :], value.dtype)
+  index = (slice(None),) * axis + (i,)
+  return value[index]
+
+
+def _stack(values: list, axis: int):
+  first = values[0]
+  if isinstance(first, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(first.shape[:axis] + (len(values),) + first.shape[axis:], first.dtype)
+  if isinstance(first, np.ndarray):
+    return np.stack(values, axis=axis)
+  return jax.numpy.stack(values, axis=axis)
+
+
+def _is_layer_path(path: tuple) -> bool:
+  return path[: len(LAYERS_PATH)] == LAYERS_PATH
+
+
+def scanned_to_unscanned(tree, param_scan_axis: int):
+  """Splits each stacked decoder-layer array into per-layer entries decoder/layers/<i>/...."""
+  flat, is_state = _flatten(tree)
+  out = {}
+  n = len(LAYERS_PATH)
+  for path, leaf in flat.items():
+    if not _is_layer_path(path):
+      out[path] = leaf
+      continue
+    axis = _axis(leaf, param_scan_axis)
+    value, names = _value(leaf), _names(leaf)
+    if names is not None:
+      if names[axis] != _LAYERS:
+        raise ValueError(f"{'/'.join(map(str, path))}: axis {axis} is named {names[axis]!r}, not 'layers'")
+      names = names[:axis] + names[axis + 1 :]
+    for i in range(value.shape[axis]):
+      out[path[:n] + (i,) + path[n:]] = _with_value(leaf, _take(value, i, axis), names)
+  return _unflatten(out, is_state)
+
+
+def unscanned_to_scanned(tree, param_scan_axis: int):
+  """Stacks per-layer entries decoder/layers/<i>/... into one array per parameter (layer index at the scan axis)."""
+  flat, is_state = _flatten(tree)
+  out, groups = {}, {}
+  n = len(LAYERS_PATH)
+  for path, leaf in flat.items():
+    if not _is_layer_path(path):
+      out[path] = leaf
+      continue
+    layer = path[n]
+    if isinstance(layer, str) and layer.isdigit():
+      layer = int(layer)  # pure dicts read back from checkpoints may carry string keys
+    groups.setdefault(path[:n] + path[n + 1 :], {})[layer] = leaf
+  for path, by_layer in groups.items():
+    if sorted(by_layer) != list(range(len(by_layer))):
+      raise ValueError(f"{'/'.join(map(str, path))}: layers {sorted(by_layer)} are not 0..{len(by_layer) - 1}")
+    leaves = [by_layer[i] for i in range(len(by_layer))]
+    axis = _axis(leaves[0], param_scan_axis)
+    names = _names(leaves[0])
+    if names is not None:
+      names = names[:axis] + (_LAYERS,) + names[axis:]
+    out[path] = _with_value(leaves[0], _stack([_value(x) for x in leaves], axis), names)
+  return _unflatten(out, is_state)

@@ -1,0 +1,359 @@
+"""Transformer behaviour: layer stacking, remat, masking through the whole model, dtypes, tying and sharding."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from MaxText import pyconfig, sharding
+from MaxText.layers import model_creation, scan_layout
+from MaxText.layers.decoders import REMAT_POLICIES
+
+BASE = str(pyconfig.CONFIGS_DIR / "base.yml")
+B, S = 2, 24
+
+
+def make_config(model_name="tests/tiny-llama", **kw):
+  return pyconfig.initialize(["", BASE], model_name=model_name, run_name="test", **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_config(items):
+  return make_config(**dict(items))
+
+
+def config_of(**kw):
+  return _cached_config(tuple(sorted(kw.items())))
+
+
+def inputs(seed=0, packed=False):
+  tokens = np.random.default_rng(seed).integers(0, 256, (B, S)).astype(np.int32)
+  if not packed:
+    return tokens, np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(), None
+  # Row 0: segments of 9 and 11 tokens then 4 padding; row 1: one full segment.
+  segments = np.array([[1] * 9 + [2] * 11 + [0] * 4, [1] * S], np.int32)
+  positions = np.array([list(range(9)) + list(range(11)) + list(range(4)), list(range(S))], np.int32)
+  return tokens, positions, segments
+
+
+@nnx.jit(static_argnames=("deterministic",))
+def forward(model, tokens, positions, segment_ids, deterministic=True):
+  return model(tokens, positions, segment_ids, deterministic=deterministic)
+
+
+def loss_fn(model, tokens, positions, segment_ids):
+  logits = model(tokens, positions, segment_ids)
+  targets = jnp.roll(tokens, -1, axis=1)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1)), logits
+
+
+_loss_logits_grad = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))
+
+
+def loss_and_grad(model, tokens, positions, segment_ids):
+  """(loss, grads); logits via loss_logits_and_grad. One compile per model config."""
+  (loss, _), grads = _loss_logits_grad(model, tokens, positions, segment_ids)
+  return loss, grads
+
+
+def loss_logits_and_grad(model, tokens, positions, segment_ids):
+  (loss, logits), grads = _loss_logits_grad(model, tokens, positions, segment_ids)
+  return loss, logits, grads
+
+
+def unrolled_copy(scanned_model, **config_kw):
+  """An unrolled model holding exactly the scanned model's params."""
+  config = config_of(scan_layers=False, **config_kw)
+  model = model_creation.get_model(config)
+  params = scan_layout.scanned_to_unscanned(nnx.state(scanned_model, nnx.Param), config.param_scan_axis)
+  nnx.update(model, params)
+  return model
+
+
+@pytest.mark.parametrize("param_scan_axis", [0, 1])
+def test_scan_and_unrolled_give_same_logits_loss_and_grads(param_scan_axis):
+  scanned = model_creation.get_model(config_of(param_scan_axis=param_scan_axis))
+  unrolled = unrolled_copy(scanned, param_scan_axis=param_scan_axis)
+  tokens, positions, segments = inputs(packed=True)
+  loss_s, logits_s, grads_s = loss_logits_and_grad(scanned, tokens, positions, segments)
+  loss_u, logits_u, grads_u = loss_logits_and_grad(unrolled, tokens, positions, segments)
+  np.testing.assert_allclose(logits_s, logits_u, atol=1e-5)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+  grads_u = scan_layout.unscanned_to_scanned(grads_u, param_scan_axis)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_s, grads_u)
+
+
+@pytest.mark.parametrize(
+    "scan_layers,policies", [(True, tuple(REMAT_POLICIES)), (False, ("none", "save_dot_except_mlp", "full"))]
+)
+def test_every_remat_policy_gives_same_loss_and_grads(scan_layers, policies):
+  tokens, positions, segments = inputs(packed=True)
+  reference = None
+  for policy in policies:
+    model = model_creation.get_model(config_of(remat_policy=policy, scan_layers=scan_layers))
+    loss, grads = loss_and_grad(model, tokens, positions, segments)
+    if reference is None:
+      reference = (loss, grads)
+      continue
+    np.testing.assert_allclose(loss, reference[0], rtol=1e-6, err_msg=policy)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, err_msg=policy), grads, reference[1])
+
+
+def test_remat_policies_change_what_is_saved():
+  """The policies must really differ: fewer saved residuals under `full` than under `minimal` or `none`."""
+  tokens, positions, segments = inputs()
+  counts = {}
+  for policy in ("none", "minimal", "full"):
+    model = model_creation.get_model(config_of(remat_policy=policy, scan_layers=False))
+    graphdef, params = nnx.split(model)
+
+    def residual_bytes(p, g=graphdef):
+      _, vjp = jax.vjp(lambda q: loss_fn(nnx.merge(g, q), tokens, positions, segments), p)
+      return jax.tree.leaves(vjp)  # the vjp closure holds exactly the saved residuals
+
+    counts[policy] = sum(x.size * x.dtype.itemsize for x in jax.eval_shape(residual_bytes, params))
+  assert counts["full"] < counts["minimal"] < counts["none"], counts
+
+
+@pytest.mark.parametrize("attention", ["dot_product", "autoselected"])
+def test_packed_segments_are_independent_and_positions_restart(attention):
+  model = model_creation.get_model(config_of(attention=attention))
+  tokens, positions, segments = inputs(packed=True)
+  logits = np.asarray(forward(model, tokens, positions, segments))
+  # Changing segment 1 leaves segment 2 (and padding-free row 1) untouched.
+  changed = tokens.copy()
+  changed[0, :9] = (changed[0, :9] + 7) % 256
+  logits_changed = np.asarray(forward(model, changed, positions, segments))
+  np.testing.assert_allclose(logits_changed[0, 9:20], logits[0, 9:20], atol=1e-5)
+  assert np.abs(logits_changed[0, :9] - logits[0, :9]).max() > 1e-3
+  # Segment 2 gives the same logits as the same 11 tokens alone at the start of a row: positions restart.
+  alone = np.zeros_like(tokens)
+  alone[:, :11] = tokens[0, 9:20]
+  alone_positions = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy()
+  logits_alone = np.asarray(forward(model, alone, alone_positions, None))
+  np.testing.assert_allclose(logits_alone[0, :11], logits[0, 9:20], atol=1e-5)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+  model = model_creation.get_model(config_of())
+  tokens, positions, _ = inputs()
+  logits = np.asarray(forward(model, tokens, positions, None))
+  changed = tokens.copy()
+  changed[:, 10:] = (changed[:, 10:] + 1) % 256
+  logits_changed = np.asarray(forward(model, changed, positions, None))
+  np.testing.assert_allclose(logits_changed[:, :10], logits[:, :10], atol=1e-5)
+  assert np.abs(logits_changed[:, 10:] - logits[:, 10:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("attention", ["dot_product", "autoselected"])
+def test_sliding_window_hides_tokens_outside_the_window(attention):
+  config = config_of(model_name="tests/tiny-mistral", attention=attention)
+  window, layers = config.sliding_window_size, config.num_decoder_layers
+  model = model_creation.get_model(config)
+  tokens, positions, _ = inputs()
+  logits = np.asarray(forward(model, tokens, positions, None))
+  changed = tokens.copy()
+  changed[:, 0] = (changed[:, 0] + 1) % 256
+  logits_changed = np.asarray(forward(model, changed, positions, None))
+  reach = layers * (window - 1)  # each layer lets information travel window-1 tokens
+  np.testing.assert_allclose(logits_changed[:, reach + 1 :], logits[:, reach + 1 :], atol=1e-5)
+  assert np.abs(logits_changed[:, reach] - logits[:, reach]).max() > 1e-4
+  # Without the window the same change reaches the end of the sequence.
+  full = model_creation.get_model(config_of(model_name="tests/tiny-mistral", sliding_window_size=0))
+  delta = np.asarray(forward(full, changed, positions, None)) - np.asarray(forward(full, tokens, positions, None))
+  assert np.abs(delta[:, reach + 1 :]).max() > 1e-4
+
+
+@pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-mistral"])
+def test_autoselected_equals_dot_product(model_name):
+  dot = model_creation.get_model(config_of(model_name=model_name))
+  auto = model_creation.get_model(config_of(model_name=model_name, attention="autoselected"))
+  nnx.update(auto, nnx.state(dot, nnx.Param))
+  for packed in (False, True):
+    tokens, positions, segments = inputs(seed=1, packed=packed)
+    np.testing.assert_allclose(
+        forward(auto, tokens, positions, segments), forward(dot, tokens, positions, segments), atol=2e-5
+    )
+
+
+def test_tied_and_untied_logits():
+  tokens, positions, _ = inputs()
+  untied = model_creation.get_model(config_of())
+  tied = model_creation.get_model(config_of(logits_via_embedding=True))
+  assert "logits_dense" in nnx.state(untied, nnx.Param) and "logits_dense" not in nnx.state(tied, nnx.Param)
+  assert model_creation.param_count(untied) - model_creation.param_count(tied) == 64 * 256
+  # Tied logits equal untied ones whose output kernel is the transposed embedding table.
+  params = nnx.state(untied, nnx.Param)
+  nnx.update(tied, nnx.filter_state(params, lambda path, _: path[0] != "logits_dense"))
+  params["logits_dense"]["kernel"].set_value(params["token_embedder"]["embedding"].get_value().T)
+  nnx.update(untied, params)
+  tied_logits = forward(tied, tokens, positions, None)
+  assert tied_logits.shape == (B, S, 256)
+  np.testing.assert_allclose(tied_logits, forward(untied, tokens, positions, None), atol=1e-4, rtol=1e-5)
+
+
+def test_final_logits_soft_cap_bounds_logits():
+  tokens, positions, _ = inputs()
+  model = model_creation.get_model(config_of(final_logits_soft_cap=2.0, logits_via_embedding=True))
+  logits = np.asarray(forward(model, tokens, positions, None))
+  assert np.abs(logits).max() <= 2.0
+  uncapped = model_creation.get_model(config_of(logits_via_embedding=True))
+  uncapped_logits = np.asarray(forward(uncapped, tokens, positions, None))
+  assert np.abs(uncapped_logits).max() > 2.0
+  np.testing.assert_allclose(logits, 2.0 * np.tanh(uncapped_logits / 2.0), atol=1e-5)
+
+
+def test_qk_norm_adds_params_and_changes_output():
+  tokens, positions, _ = inputs()
+  plain = model_creation.get_model(config_of())
+  normed = model_creation.get_model(config_of(use_qk_norm=True))
+  attn = nnx.state(normed, nnx.Param)["decoder"]["layers"]["self_attention"]
+  assert attn["query_norm"]["scale"].get_value().shape == (16, 2)
+  assert not np.allclose(forward(plain, tokens, positions, None), forward(normed, tokens, positions, None), atol=1e-3)
+
+
+@pytest.mark.parametrize("logits_dot_in_fp32", [False, True])
+def test_bf16_runs_and_tracks_f32(logits_dot_in_fp32):
+  tokens, positions, segments = inputs(packed=True)
+  f32 = model_creation.get_model(config_of())
+  bf16 = model_creation.get_model(
+      config_of(dtype="bfloat16", weight_dtype="bfloat16", logits_dot_in_fp32=logits_dot_in_fp32)
+  )
+  assert {p.dtype for p in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+  nnx.update(bf16, jax.tree.map(lambda p: p.astype(jnp.bfloat16), nnx.state(f32, nnx.Param)))
+  logits = forward(bf16, tokens, positions, segments)
+  assert logits.dtype == jnp.float32  # cast_logits_to_fp32
+  ref = forward(f32, tokens, positions, segments)
+  assert np.isfinite(np.asarray(logits)).all()
+  assert np.abs(np.asarray(logits) - np.asarray(ref)).mean() < 0.05 * np.abs(np.asarray(ref)).mean() + 0.05
+  loss, grads = loss_and_grad(bf16, tokens, positions, segments)
+  assert np.isfinite(loss) and all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+
+
+def test_dropout_only_when_training_and_same_for_scan_and_unrolled():
+  kw = dict(dropout_rate=0.3)
+  tokens, positions, segments = inputs(packed=True)
+  scanned = model_creation.get_model(config_of(**kw))
+  unrolled = unrolled_copy(scanned, **kw)
+  eval_logits = forward(scanned, tokens, positions, segments)
+  np.testing.assert_allclose(eval_logits, forward(unrolled, tokens, positions, segments), atol=1e-5)
+
+  def train_logits(model, seed):
+    return model(tokens, positions, segments, deterministic=False, rngs=nnx.Rngs(dropout=seed))
+
+  a, b, c = train_logits(scanned, 0), train_logits(scanned, 0), train_logits(scanned, 1)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c) and not np.allclose(a, eval_logits)
+  np.testing.assert_allclose(train_logits(unrolled, 0), a, atol=1e-5)
+  # The model's own stream advances, so consecutive training calls draw different masks.
+  first = forward(scanned, tokens, positions, segments, deterministic=False)
+  second = forward(scanned, tokens, positions, segments, deterministic=False)
+  assert not np.allclose(first, second)
+
+
+def test_scan_layout_round_trips_states_and_pure_dicts():
+  config = config_of()
+  state = nnx.state(model_creation.get_model(config), nnx.Param)
+  unscanned = scan_layout.scanned_to_unscanned(state, config.param_scan_axis)
+  layer0 = unscanned["decoder"]["layers"][0]["self_attention"]["query"]["kernel"]
+  assert layer0.get_value().shape == (64, 4, 16)
+  assert tuple(layer0.get_metadata()["out_sharding"]) == ("embed", "q_heads", "kv")
+  back = scan_layout.unscanned_to_scanned(unscanned, config.param_scan_axis)
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, back, state)
+  kernel = back["decoder"]["layers"]["mlp"]["wo"]["kernel"]
+  assert tuple(kernel.get_metadata()["out_sharding"]) == ("mlp", "layers", "embed")
+  pure = scan_layout.scanned_to_unscanned(state.to_pure_dict(), config.param_scan_axis)
+  assert sorted(pure["decoder"]["layers"]) == [0, 1]
+  jax.tree.map(np.testing.assert_array_equal, scan_layout.unscanned_to_scanned(pure, 1), state.to_pure_dict())
+  abstract = nnx.state(model_creation.abstract_model(config), nnx.Param)
+  abstract_unscanned = scan_layout.scanned_to_unscanned(abstract, config.param_scan_axis)
+  assert abstract_unscanned["decoder"]["layers"][1]["mlp"]["wo"]["kernel"].get_value().shape == (128, 64)
+
+
+EXPECTED_NAMES = {
+    ("token_embedder", "embedding"): ("vocab", "embed"),
+    ("decoder", "layers", "self_attention", "query", "kernel"): ("embed", "layers", "q_heads", "kv"),
+    ("decoder", "layers", "self_attention", "key", "kernel"): ("embed", "layers", "kv_heads", "kv"),
+    ("decoder", "layers", "self_attention", "value", "kernel"): ("embed", "layers", "kv_heads", "kv"),
+    ("decoder", "layers", "self_attention", "out", "kernel"): ("heads", "layers", "kv", "embed"),
+    ("decoder", "layers", "mlp", "wi_0", "kernel"): ("embed", "layers", "mlp"),
+    ("decoder", "layers", "mlp", "wi_1", "kernel"): ("embed", "layers", "mlp"),
+    ("decoder", "layers", "mlp", "wo", "kernel"): ("mlp", "layers", "embed"),
+    ("decoder", "layers", "pre_self_attention_layer_norm", "scale"): ("norm", "layers"),
+    ("decoder", "layers", "post_self_attention_layer_norm", "scale"): ("norm", "layers"),
+    ("decoder_norm", "scale"): ("norm",),
+    ("logits_dense", "kernel"): ("embed", "vocab"),
+}
+
+# fsdp=4, tensor=2: every "embed" dim over fsdp, every heads/mlp/vocab dim over tensor.
+EXPECTED_SPECS = {
+    ("token_embedder", "embedding"): ("tensor", "fsdp"),
+    ("decoder", "layers", "self_attention", "query", "kernel"): ("fsdp", None, "tensor"),
+    ("decoder", "layers", "self_attention", "key", "kernel"): ("fsdp", None, "tensor"),
+    ("decoder", "layers", "self_attention", "value", "kernel"): ("fsdp", None, "tensor"),
+    ("decoder", "layers", "self_attention", "out", "kernel"): ("tensor", None, None, "fsdp"),
+    ("decoder", "layers", "mlp", "wi_0", "kernel"): ("fsdp", None, "tensor"),
+    ("decoder", "layers", "mlp", "wi_1", "kernel"): ("fsdp", None, "tensor"),
+    ("decoder", "layers", "mlp", "wo", "kernel"): ("tensor", None, "fsdp"),
+    ("decoder", "layers", "pre_self_attention_layer_norm", "scale"): (),
+    ("decoder", "layers", "post_self_attention_layer_norm", "scale"): (),
+    ("decoder_norm", "scale"): (),
+    ("logits_dense", "kernel"): ("fsdp", "tensor"),
+}
+
+
+def test_params_have_logical_names_and_shard_on_8_devices():
+  config = config_of(ici_fsdp_parallelism=4, ici_tensor_parallelism=2)
+  abstract = nnx.state(model_creation.abstract_model(config), nnx.Param)
+  names = {path: tuple(v.get_metadata()["out_sharding"]) for path, v in abstract.flat_state()}
+  assert names == EXPECTED_NAMES
+  mesh = sharding.create_mesh(config)
+  model = model_creation.create_sharded_model(config, mesh)
+  params = nnx.state(model, nnx.Param)
+  for path, var in params.flat_state():
+    value = var.get_value()
+    assert tuple(value.sharding.spec) == EXPECTED_SPECS[path], path
+    shard = value.addressable_shards[0].data.shape
+    assert np.prod(shard) * np.prod([mesh.shape[a] for a in EXPECTED_SPECS[path] if a]) == value.size, path
+  # Same values as an unsharded init, and the sharded forward pass (activation constraints on) matches.
+  single = model_creation.get_model(config)
+  jax.tree.map(np.testing.assert_array_equal, params, nnx.state(single, nnx.Param))
+  tokens, positions, segments = inputs(packed=True)
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    sharded_logits = forward(model, tokens, positions, segments)
+  np.testing.assert_allclose(sharded_logits, forward(single, tokens, positions, segments), atol=2e-5)
+
+
+def _llama_param_formula(c):
+  attn = c.emb_dim * c.head_dim * (2 * c.num_query_heads + 2 * c.num_kv_heads)
+  layer = attn + 3 * c.emb_dim * c.mlp_dim + 2 * c.emb_dim
+  return c.num_decoder_layers * layer + 2 * c.vocab_size * c.emb_dim + c.emb_dim
+
+
+@pytest.mark.parametrize(
+    "model_name,published",
+    [
+        ("llama2-7b", 6_738_415_616),
+        ("llama2-13b", 13_015_864_320),
+        ("llama2-70b", 68_976_648_192),
+        ("llama3-8b", 8_030_261_248),
+        ("llama3-70b", None),
+        ("llama3.1-8b", 8_030_261_248),
+        ("llama3.1-70b", None),
+        ("llama3.1-405b", None),
+        ("llama3.3-70b", None),
+        ("mistral-7b", 7_241_732_096),
+        ("llama-small", None),
+    ],
+)
+def test_published_model_sizes(model_name, published):
+  config = make_config(model_name=model_name)
+  count = model_creation.param_count(model_creation.abstract_model(config))
+  assert count == _llama_param_formula(config)
+  if published is not None:
+    assert count == published

@@ -1,0 +1,385 @@
+"""Trains a decoder-only LM: `python3 -m MaxText.train MaxText/configs/base.yml key=value ...`.
+
+The train step is a pure function of (state, batch) jit-compiled with explicit in/out shardings and a
+donated state; the state is a plain pytree {step, params, opt_state} whose params are a pure dict that
+nnx.merge turns back into the model inside the step. Metrics are fetched one step late so logging never
+stalls the device queue.
+"""
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from MaxText import checkpointing, input_pipeline, metrics, optimizers, pyconfig, sharding
+from MaxText.config_schema import ConfigError
+from MaxText.layers import model_creation
+
+logger = logging.getLogger("MaxText")
+
+
+class NaNLossError(RuntimeError):
+  """The loss became NaN/Inf; the message names the step."""
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _pure(tree):
+  """nnx.State (possibly nested) -> plain nested dicts, keeping leaves as they are."""
+  if isinstance(tree, (nnx.State, dict)):
+    return {k: _pure(v) for k, v in tree.items()}
+  return tree
+
+
+def build_model_skeleton(config, mesh):
+  """(graphdef, rest, abstract params (pure dict), param shardings (pure dict)) without allocating weights."""
+  abstract_model = model_creation.abstract_model(config)
+  graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+  shardings = _pure(sharding.state_shardings(abstract_params, config.logical_axis_rules, mesh))
+  # Non-parameter state (e.g. RNG stream keys, reseeded every step) only needs placeholder values.
+  rest = jax.tree.map(_placeholder, abstract_rest)
+  return graphdef, rest, _pure(abstract_params.to_pure_dict()), shardings
+
+
+def _placeholder(leaf):
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return jax.random.key(0) if leaf.shape == () else jax.random.split(jax.random.key(0), leaf.shape)
+  return jnp.zeros(leaf.shape, leaf.dtype)
+
+
+def _opt_state_shardings(abstract_opt_state, param_shardings, mesh):
+  """Optimizer leaves whose key path ends with a parameter's path share that parameter's sharding."""
+  by_path = {path: s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def one(path, leaf):
+    del leaf
+    for start in range(len(path)):
+      if tuple(path[start:]) in by_path:
+        return by_path[tuple(path[start:])]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+class TrainSetup:
+  """Everything the loop needs that depends only on the config and mesh."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self.graphdef, self.rest, abstract_params, self.param_shardings = build_model_skeleton(config, mesh)
+    self.tx, self.schedule = optimizers.create_optimizer(config)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    self.abstract_state = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": abstract_params,
+        "opt_state": abstract_opt,
+    }
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.state_shardings = {
+        "step": replicated,
+        "params": self.param_shardings,
+        "opt_state": _opt_state_shardings(abstract_opt, self.param_shardings, mesh),
+    }
+    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+
+  def init_state(self):
+    config = self.config
+
+    def init():
+      params = _pure(nnx.state(model_creation.get_model(config), nnx.Param).to_pure_dict())
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+
+    return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def state_from_params(self, params):
+    def fresh(params):
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+
+    return jax.jit(fresh, in_shardings=(self.param_shardings,), out_shardings=self.state_shardings)(params)
+
+
+# ----------------------------------------------------------------------------- loss and step
+
+
+def cross_entropy(logits, targets, z_loss_multiplier: float):
+  """Per-token cross entropy (+ z-loss) in float32; returns (total, z_loss) each [B, S]."""
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  z_loss = z_loss_multiplier * jnp.square(log_z)
+  return log_z - target_logit + z_loss, z_loss
+
+
+def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool):
+  """(sum of masked per-token loss, aux) for one (micro) batch; the caller divides by total weights."""
+  config = setup.config
+  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
+  logits = model(
+      batch["inputs"],
+      batch["inputs_position"],
+      batch["inputs_segmentation"],
+      deterministic=deterministic,
+      rngs=None if deterministic else nnx.Rngs(dropout=dropout_key),
+  )
+  per_token, z_loss = cross_entropy(logits, batch["targets"], config.z_loss_multiplier)
+  mask = (batch["targets_segmentation"] != 0).astype(jnp.float32)
+  aux = {"total_weights": mask.sum(), "z_loss_sum": (z_loss * mask).sum()}
+  return (per_token * mask).sum(), aux
+
+
+def train_step(setup: TrainSetup, state, batch):
+  """One optimizer step over `gradient_accumulation_steps` micro-batches (exact token-weighted mean)."""
+  config = setup.config
+  deterministic = not (config.enable_dropout and config.dropout_rate > 0)
+  step_key = jax.random.fold_in(jax.random.key(config.init_weights_seed), state["step"])
+  grad_fn = jax.value_and_grad(lambda p, b, k: loss_sums(setup, p, b, k, deterministic), has_aux=True)
+  ga = config.gradient_accumulation_steps
+  if ga == 1:
+    (loss_sum, aux), grads = grad_fn(state["params"], batch, step_key)
+  else:
+    # Micro-batch i takes rows i, i+ga, ...: every device keeps its own rows, so no resharding is needed.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // ga, ga) + x.shape[1:]), 0, 1), batch)
+
+    def accumulate(carry, xs):
+      i, mb = xs
+      (l, a), g = grad_fn(state["params"], mb, jax.random.fold_in(step_key, i))
+      acc_l, acc_a, acc_g = carry
+      return (acc_l + l, jax.tree.map(jnp.add, acc_a, a), jax.tree.map(jnp.add, acc_g, g)), None
+
+    zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+    zeros_a = {"total_weights": jnp.zeros(()), "z_loss_sum": jnp.zeros(())}
+    (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros_a, zeros_g), (jnp.arange(ga), micro))
+  weights = jnp.maximum(aux["total_weights"], 1.0)
+  grads = jax.tree.map(lambda g, p: (g / weights).astype(p.dtype), grads, state["params"])
+  updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+  step_metrics = {
+      "learning/loss": loss_sum / weights,
+      "learning/z_loss": aux["z_loss_sum"] / weights,
+      "learning/total_weights": aux["total_weights"],
+      "learning/grad_norm": optax.global_norm(grads),
+      "learning/param_norm": optax.global_norm(params),
+      "learning/current_learning_rate": setup.schedule(state["step"]),
+  }
+  return new_state, step_metrics
+
+
+def eval_step(setup: TrainSetup, params, batch):
+  loss_sum, aux = loss_sums(setup, params, batch, None, deterministic=True)
+  return {"eval/loss_sum": loss_sum, "eval/total_weights": aux["total_weights"]}
+
+
+def compile_train_step(setup: TrainSetup, batch_shapes):
+  data_shardings = {k: sharding.data_sharding(setup.config, setup.mesh, v.shape) for k, v in batch_shapes.items()}
+  replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+  step = jax.jit(
+      lambda state, batch: train_step(setup, state, batch),
+      in_shardings=(setup.state_shardings, data_shardings),
+      out_shardings=(setup.state_shardings, replicated),
+      donate_argnums=(0,),
+  )
+  evaluate = jax.jit(
+      lambda params, batch: eval_step(setup, params, batch),
+      in_shardings=(setup.param_shardings, data_shardings),
+      out_shardings=replicated,
+  )
+  return step, evaluate, data_shardings
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _check_output_dir(config):
+  """Fails before any compile if the run directory cannot be written (and records the config there)."""
+  if config.base_output_directory.startswith("gs://"):
+    return
+  try:
+    os.makedirs(config.run_dir, exist_ok=True)
+    probe = os.path.join(config.run_dir, f".write_probe_{jax.process_index()}")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"base_output_directory: cannot write to {config.run_dir}: {e.strerror or e}") from None
+
+
+def _write_config(config):
+  if config.save_config_to_output and jax.process_index() == 0 and not config.base_output_directory.startswith("gs://"):
+    with open(os.path.join(config.run_dir, "config.yml"), "w", encoding="utf-8") as f:
+      f.write(config.to_yaml())
+
+
+def _restore_or_init(setup: TrainSetup, manager, train_iter):
+  """(state, start_step): resume the run if it has a committed checkpoint, else load or init."""
+  config = setup.config
+  if manager is not None:
+    state, step = checkpointing.restore_latest(manager, setup.abstract_state, setup.state_shardings, train_iter)
+    if state is not None:
+      logger.info("Resuming run %s from step %d", config.run_name, step)
+      return state, step
+  if config.load_full_state_path:
+    logger.info("Loading full state from %s", config.load_full_state_path)
+    state = checkpointing.load_full_state(config.load_full_state_path, setup.abstract_state, setup.state_shardings)
+    return state, int(state["step"])
+  if config.load_parameters_path:
+    logger.info("Loading parameters from %s (fresh optimizer, step 0)", config.load_parameters_path)
+    params = checkpointing.load_params(
+        config.load_parameters_path, setup.abstract_state["params"], setup.param_shardings, config.param_scan_axis
+    )
+    return setup.state_from_params(params), 0
+  return setup.init_state(), 0
+
+
+def _run_eval(config, evaluate, params, eval_iter, step, logger_):
+  if eval_iter is None:
+    return None
+  if hasattr(eval_iter, "reset"):
+    eval_iter.reset()
+  loss_sum, weights = 0.0, 0.0
+  for _ in range(config.eval_steps):
+    try:
+      batch = next(eval_iter)
+    except StopIteration:
+      break
+    out = jax.device_get(evaluate(params, batch))
+    loss_sum += float(out["eval/loss_sum"])
+    weights += float(out["eval/total_weights"])
+  loss = loss_sum / max(weights, 1.0)
+  if jax.process_index() == 0:
+    print(f"eval at step {step}: loss: {loss:.3f}, total_weights: {int(weights)}", flush=True)
+  logger_.write(step, {"eval/loss": loss, "eval/total_weights": weights})
+  return loss
+
+
+def _log_startup(config, setup: TrainSetup, tflops, compiled):
+  total, weights, attention = tflops
+  logger.info("Model %s: %s parameters (%.3f B)", config.model_name, f"{setup.num_params:,}", setup.num_params / 1e9)
+  logger.info(
+      "Per-device TFLOPs per step: %.4f (weight matmuls %.4f, attention %.4f; %.1f%% attention)",
+      total,
+      weights,
+      attention,
+      100 * attention / total,
+  )
+  mem = compiled.memory_analysis() if compiled is not None else None
+  if mem is not None:
+    gib = 1 / 2**30
+    logger.info(
+        "Compiled train step memory per device: arguments %.3f GiB, outputs %.3f GiB, temps %.3f GiB, aliased %.3f GiB",
+        mem.argument_size_in_bytes * gib,
+        mem.output_size_in_bytes * gib,
+        mem.temp_size_in_bytes * gib,
+        mem.alias_size_in_bytes * gib,
+    )
+
+
+def train(config) -> list[dict[str, Any]]:
+  """Runs the training loop; returns each logged step's metrics (host floats)."""
+  _check_output_dir(config)
+  pyconfig.log_config(config)
+  _write_config(config)
+  mesh = sharding.create_mesh(config)
+  logger.info("Mesh: %s on %d %s devices", dict(mesh.shape), config.num_devices, config.hardware)
+  history: list[dict[str, Any]] = []
+  setup = TrainSetup(config, mesh)  # outside use_mesh: nnx.eval_shape would apply logical names as mesh axes
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    train_iter, eval_iter = input_pipeline.create_data_iterators(config, mesh)
+    manager = checkpointing.create_manager(config)
+    state, start_step = _restore_or_init(setup, manager, train_iter)
+    first_batch = next(train_iter) if start_step < config.steps else None
+    batch_shapes = {} if first_batch is None else {k: v for k, v in first_batch.items()}
+    step_fn, evaluate, _ = compile_train_step(setup, batch_shapes) if first_batch is not None else (None, None, None)
+    tflops = metrics.training_tflops_per_device(config)
+    compiled = step_fn.lower(state, first_batch).compile() if step_fn is not None else None
+    _log_startup(config, setup, tflops, compiled)
+    metric_logger = metrics.MetricLogger(config, tflops[0])
+    try:
+      history = _loop(
+          config, setup, compiled, evaluate, manager, metric_logger, state, start_step, first_batch, train_iter, eval_iter
+      )
+    finally:
+      metric_logger.close()
+      if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+  return history
+
+
+def _loop(
+    config, setup, step_fn, evaluate, manager, metric_logger, state, start_step, first_batch, train_iter, eval_iter
+):
+  history = []
+  pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not yet fetched
+  last_time = time.perf_counter()
+  profiling = False
+  batch = first_batch
+
+  def flush(pending):
+    nonlocal last_time
+    step, device_metrics = pending
+    host = jax.device_get(device_metrics)
+    now = time.perf_counter()
+    step_seconds, last_time = now - last_time, now
+    if config.abort_on_nan_loss:
+      if not np.isfinite(host["learning/loss"]):
+        raise NaNLossError(f"loss is {host['learning/loss']} at step {step}; stopping (abort_on_nan_loss=false continues)")
+      if not np.isfinite(host["learning/param_norm"]):  # a finite loss can still yield an overflowing update
+        raise NaNLossError(f"parameters became non-finite in step {step}; stopping (abort_on_nan_loss=false continues)")
+    history.append(metric_logger.log_step(step, host, step_seconds))
+
+  step = start_step
+  for step in range(start_step, config.steps):
+    if config.profiler and step == start_step + config.skip_first_n_steps_for_profiler:
+      jax.profiler.start_trace(os.path.join(config.run_dir, "profile"))
+      profiling = True
+    if batch is None:
+      batch = next(train_iter)
+    state, device_metrics = step_fn(state, batch)
+    batch = None
+    if pending is not None:
+      flush(pending)
+    pending = (step, device_metrics)
+    if profiling and step + 1 == start_step + config.skip_first_n_steps_for_profiler + config.profiler_steps:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      profiling = False
+      logger.info("Wrote profile to %s/profile", config.run_dir)
+    done = step + 1
+    if manager is not None and (done % config.checkpoint_period == 0 or done == config.steps):
+      flush(pending)  # never checkpoint a state produced by a NaN step
+      pending = None
+      checkpointing.save(manager, done, state, train_iter)
+    if config.eval_interval > 0 and done % config.eval_interval == 0:
+      _run_eval(config, evaluate, state["params"], eval_iter, done, metric_logger)
+  if pending is not None:
+    flush(pending)
+  if profiling:
+    jax.profiler.stop_trace()
+  return history
+
+
+def main(argv: Sequence[str]):
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr, force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
+  config = pyconfig.initialize_or_exit(argv)
+  try:
+    train(config)
+  except (ConfigError, checkpointing.CheckpointMismatchError, FileNotFoundError) as e:
+    pyconfig.exit_with_config_error(e)
+  except NaNLossError as e:
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(3)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
