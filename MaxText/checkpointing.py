@@ -26,10 +26,10 @@ class DataIteratorHandler(ocp.CheckpointHandler):
   def _file(self, directory: epath.Path) -> epath.Path:
     return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
-  def save(self, directory: epath.Path, args: "DataIteratorSave"):
+  def save(self, directory: epath.Path, args: "DataIteratorSave"):  # pylint: disable=arguments-differ
     self._file(directory).write_text(json.dumps(args.item.get_state()))
 
-  def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
+  def restore(self, directory: epath.Path, args: "DataIteratorRestore"):  # pylint: disable=arguments-differ
     path = self._file(directory)
     if not path.exists():
       raise FileNotFoundError(f"{path}: no data-iterator state for this process (was the process count changed?)")
@@ -132,7 +132,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, shardings, da
             f" ({first_line}); use the settings it was written with, or another run_name"
         ) from None
       if i + 1 == len(steps):
-        raise CheckpointMismatchError(f"no checkpoint in {manager.directory} could be restored (last error: {first_line})") from e
+        raise CheckpointMismatchError(
+            f"no checkpoint in {manager.directory} could be restored (last error: {first_line})"
+        ) from e
       logger.warning(
           "WARNING: checkpoint at step %d in %s could not be restored (%s: %s); falling back to step %d",
           step,
@@ -198,7 +200,12 @@ def load_params(path: str, abstract_params, shardings, param_scan_axis: int = 1)
   if stored_unscanned == want_unscanned:
     target = {"params": _abstract_with_shardings(abstract_params, shardings)}
     return _restore_subtree(items, target)["params"]
-  logger.info("Converting %s layers of %s to the %s layout", "unscanned" if stored_unscanned else "scanned", path, "unscanned" if want_unscanned else "scanned")
+  logger.info(
+      "Converting %s layers of %s to the %s layout",
+      "unscanned" if stored_unscanned else "scanned",
+      path,
+      "unscanned" if want_unscanned else "scanned",
+  )
   plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
   convert = scan_layout.scanned_to_unscanned if stored_unscanned else scan_layout.unscanned_to_scanned
   back = scan_layout.unscanned_to_scanned if stored_unscanned else scan_layout.scanned_to_unscanned

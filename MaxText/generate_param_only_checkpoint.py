@@ -37,7 +37,14 @@ def export(config) -> str:
   out = config.param_checkpoint_output_path or f"{config.run_dir}/params"
   checkpointing.save_params(out, params)
   count = sum(x.size for x in jax.tree.leaves(params))
-  logger.info("Wrote %s params (%s, %s) from %s to %s", f"{count:,}", config.weight_dtype.name, "scanned" if config.scan_layers else "unscanned", src, out)
+  logger.info(
+      "Wrote %s params (%s, %s) from %s to %s",
+      f"{count:,}",
+      config.weight_dtype.name,
+      "scanned" if config.scan_layers else "unscanned",
+      src,
+      out,
+  )
   return out
 
 

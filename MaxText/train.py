@@ -57,7 +57,7 @@ def _placeholder(leaf):
 
 def _opt_state_shardings(abstract_opt_state, param_shardings, mesh):
   """Optimizer leaves whose key path ends with a parameter's path share that parameter's sharding."""
-  by_path = {path: s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  by_path = dict(jax.tree_util.tree_flatten_with_path(param_shardings)[0])
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def one(path, leaf):
@@ -271,7 +271,7 @@ def _log_startup(config, setup: TrainSetup, tflops, compiled):
       attention,
       100 * attention / total,
   )
-  mem = compiled.memory_analysis() if compiled is not None else None
+  mem = compiled.memory_analysis()
   if mem is not None:
     gib = 1 / 2**30
     logger.info(
@@ -296,16 +296,20 @@ def train(config) -> list[dict[str, Any]]:
     train_iter, eval_iter = input_pipeline.create_data_iterators(config, mesh)
     manager = checkpointing.create_manager(config)
     state, start_step = _restore_or_init(setup, manager, train_iter)
-    first_batch = next(train_iter) if start_step < config.steps else None
-    batch_shapes = {} if first_batch is None else {k: v for k, v in first_batch.items()}
-    step_fn, evaluate, _ = compile_train_step(setup, batch_shapes) if first_batch is not None else (None, None, None)
+    if start_step >= config.steps:
+      logger.info("Run %s is already at step %d (steps=%d): nothing to train", config.run_name, start_step, config.steps)
+      if manager is not None:
+        manager.close()
+      return history
+    first_batch = next(train_iter)
+    step_fn, evaluate, _ = compile_train_step(setup, first_batch)
     tflops = metrics.training_tflops_per_device(config)
-    compiled = step_fn.lower(state, first_batch).compile() if step_fn is not None else None
+    compiled = step_fn.lower(state, first_batch).compile()
     _log_startup(config, setup, tflops, compiled)
     metric_logger = metrics.MetricLogger(config, tflops[0])
     try:
       history = _loop(
-          config, setup, compiled, evaluate, manager, metric_logger, state, start_step, first_batch, train_iter, eval_iter
+          config, compiled, evaluate, manager, metric_logger, state, start_step, first_batch, train_iter, eval_iter
       )
     finally:
       metric_logger.close()
@@ -315,9 +319,7 @@ def train(config) -> list[dict[str, Any]]:
   return history
 
 
-def _loop(
-    config, setup, step_fn, evaluate, manager, metric_logger, state, start_step, first_batch, train_iter, eval_iter
-):
+def _loop(config, step_fn, evaluate, manager, metric_logger, state, start_step, first_batch, train_iter, eval_iter):
   history = []
   pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not yet fetched
   last_time = time.perf_counter()
@@ -332,7 +334,9 @@ def _loop(
     step_seconds, last_time = now - last_time, now
     if config.abort_on_nan_loss:
       if not np.isfinite(host["learning/loss"]):
-        raise NaNLossError(f"loss is {host['learning/loss']} at step {step}; stopping (abort_on_nan_loss=false continues)")
+        raise NaNLossError(
+            f"loss is {host['learning/loss']} at step {step}; stopping (abort_on_nan_loss=false continues)"
+        )
       if not np.isfinite(host["learning/param_norm"]):  # a finite loss can still yield an overflowing update
         raise NaNLossError(f"parameters became non-finite in step {step}; stopping (abort_on_nan_loss=false continues)")
     history.append(metric_logger.log_step(step, host, step_seconds))

@@ -286,7 +286,9 @@ def test_tfds_data_source(tok_path, data, tmp_path):
   by_dir = make_config(tok_path, dataset_type="tfds", dataset_path=str(builder_dir))
   assert doc_ids(take(iterators(by_dir)[0], 1)[0], tok_path)
   with pytest.raises(ConfigError, match="eval_split: split 'test' not in"):
-    iterators(make_config(tok_path, dataset_type="tfds", dataset_path=str(builder_dir), eval_interval=5, eval_split="test"))
+    iterators(
+        make_config(tok_path, dataset_type="tfds", dataset_path=str(builder_dir), eval_interval=5, eval_split="test")
+    )
   with pytest.raises(ConfigError, match="dataset_name: 'no_such_ds' under .* is not a prepared TFDS dataset"):
     iterators(make_config(tok_path, dataset_type="tfds", dataset_path=str(tmp_path), dataset_name="no_such_ds"))
 
@@ -313,7 +315,10 @@ def test_hf_saved_dataset_dir_and_resume(tok_path, data, tmp_path):
   saved = tmp_path / "saved"
   docs = data["docs"]
   datasets.DatasetDict(
-      {"train": datasets.Dataset.from_dict({"text": docs[:100]}), "validation": datasets.Dataset.from_dict({"text": docs[100:]})}
+      {
+          "train": datasets.Dataset.from_dict({"text": docs[:100]}),
+          "validation": datasets.Dataset.from_dict({"text": docs[100:]}),
+      }
   ).save_to_disk(str(saved))
   config = make_config(tok_path, dataset_type="hf", hf_path=str(saved), eval_interval=2)
   _assert_resumes(config, skip=2, then=3)
@@ -483,3 +488,80 @@ def test_global_arrays_are_sharded_over_devices(tok_path, data):
   batch = next(iterators(config)[0])
   assert len(batch["inputs"].sharding.device_set) == jax.device_count()
   assert batch["inputs"].addressable_shards[0].data.shape == (1, LENGTH)
+
+
+# ------------------------------------------------------------------------------------------------ two real processes
+
+_WORKER = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_platforms", "cpu")
+import numpy as np
+from MaxText import pyconfig, sharding
+from MaxText.input_pipeline import create_data_iterators
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+config = pyconfig.initialize(
+    ["", "base.yml", f"coordinator_address=127.0.0.1:{port}", "num_processes=2", f"process_id={pid}"] + sys.argv[4:]
+)
+train, _ = create_data_iterators(config, sharding.create_mesh(config))
+batches = []
+for _ in range(int(config.steps)):
+  shards = sorted(next(train)["inputs"].addressable_shards, key=lambda s: s.index[0].start)
+  batches.append({"rows": [r for s in shards for r in range(*s.index[0].indices(8))],
+                  "inputs": np.concatenate([np.asarray(s.data) for s in shards]).tolist()})
+json.dump({"process_count": jax.process_count(), "devices": jax.device_count(), "batches": batches}, open(out, "w"))
+"""
+
+
+def _run_two_processes(tmp_path, args):
+  import os  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  root = tokenizers.file_sources.REPO_ROOT
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  common = ["max_target_length=32", "max_prefill_predict_length=8", "per_device_batch_size=2", "log_config=false"]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, str(script), str(i), str(port), str(tmp_path / f"out{i}.json")] + common + args,
+          cwd=str(root),
+          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))},
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
+  for p in procs:
+    output, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, output[-3000:]
+  return [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+
+
+def test_two_processes_read_disjoint_shares(tok_path, data, tmp_path):
+  """2 processes x 2 devices over jax.distributed: each feeds its own rows of the global batch from its own data."""
+  synth = _run_two_processes(tmp_path, ["dataset_type=synthetic", "steps=2", "vocab_size=300"])
+  assert synth[0]["process_count"] == 2 and synth[0]["devices"] == 4
+  for step in range(2):
+    rows = [synth[p]["batches"][step]["rows"] for p in range(2)]
+    assert sorted(rows[0] + rows[1]) == list(range(8)) and not set(rows[0]) & set(rows[1])
+    # Synthetic data depends only on the global row, so 2 processes see what 1 process would.
+    for p in range(2):
+      expected = synthetic.synthetic_rows(0, 0, step, rows[p], LENGTH, 300)["inputs"]
+      assert np.array_equal(np.array(synth[p]["batches"][step]["inputs"]), expected)
+  args = [f"tokenizer_path={tok_path}", "vocab_size=300", f"grain_train_files={data['jsonl']}", "num_epoch=1"]
+  args += ["packing=false", "long_document_mode=truncate", "steps=7", "eval_interval=-1"]
+  real = _run_two_processes(tmp_path, args)
+  seen = []
+  for p in range(2):
+    batches = {"inputs": np.array([r for b in real[p]["batches"] for r in b["inputs"]])}
+    batches["inputs_segmentation"] = (batches["inputs"] != 0).astype(np.int32)
+    seen.append(doc_ids(batches, tok_path))
+  # 60 documents each; 7 steps of 4 rows per process reads 28 of them.
+  assert len(seen[0]) == len(seen[1]) == 28 and not set(seen[0]) & set(seen[1])

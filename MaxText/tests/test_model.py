@@ -1,32 +1,17 @@
 """Transformer behaviour: layer stacking, remat, masking through the whole model, dtypes, tying and sharding."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText import pyconfig, sharding
+from MaxText import sharding
 from MaxText.layers import model_creation, scan_layout
 from MaxText.layers.decoders import REMAT_POLICIES
+from MaxText.tests.model_test_utils import build, config_of, make_config
 
-BASE = str(pyconfig.CONFIGS_DIR / "base.yml")
 B, S = 2, 24
-
-
-def make_config(model_name="tests/tiny-llama", **kw):
-  return pyconfig.initialize(["", BASE], model_name=model_name, run_name="test", **kw)
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_config(items):
-  return make_config(**dict(items))
-
-
-def config_of(**kw):
-  return _cached_config(tuple(sorted(kw.items())))
 
 
 def inputs(seed=0, packed=False):
@@ -65,19 +50,10 @@ def loss_logits_and_grad(model, tokens, positions, segment_ids):
   return loss, logits, grads
 
 
-def unrolled_copy(scanned_model, **config_kw):
-  """An unrolled model holding exactly the scanned model's params."""
-  config = config_of(scan_layers=False, **config_kw)
-  model = model_creation.get_model(config)
-  params = scan_layout.scanned_to_unscanned(nnx.state(scanned_model, nnx.Param), config.param_scan_axis)
-  nnx.update(model, params)
-  return model
-
-
 @pytest.mark.parametrize("param_scan_axis", [0, 1])
 def test_scan_and_unrolled_give_same_logits_loss_and_grads(param_scan_axis):
-  scanned = model_creation.get_model(config_of(param_scan_axis=param_scan_axis))
-  unrolled = unrolled_copy(scanned, param_scan_axis=param_scan_axis)
+  scanned = build(param_scan_axis=param_scan_axis)
+  unrolled = build(param_scan_axis=param_scan_axis, scan_layers=False)
   tokens, positions, segments = inputs(packed=True)
   loss_s, logits_s, grads_s = loss_logits_and_grad(scanned, tokens, positions, segments)
   loss_u, logits_u, grads_u = loss_logits_and_grad(unrolled, tokens, positions, segments)
@@ -94,7 +70,7 @@ def test_every_remat_policy_gives_same_loss_and_grads(scan_layers, policies):
   tokens, positions, segments = inputs(packed=True)
   reference = None
   for policy in policies:
-    model = model_creation.get_model(config_of(remat_policy=policy, scan_layers=scan_layers))
+    model = build(remat_policy=policy, scan_layers=scan_layers)
     loss, grads = loss_and_grad(model, tokens, positions, segments)
     if reference is None:
       reference = (loss, grads)
@@ -108,7 +84,7 @@ def test_remat_policies_change_what_is_saved():
   tokens, positions, segments = inputs()
   counts = {}
   for policy in ("none", "minimal", "full"):
-    model = model_creation.get_model(config_of(remat_policy=policy, scan_layers=False))
+    model = build(remat_policy=policy, scan_layers=False)
     graphdef, params = nnx.split(model)
 
     def residual_bytes(p, g=graphdef):
@@ -121,7 +97,7 @@ def test_remat_policies_change_what_is_saved():
 
 @pytest.mark.parametrize("attention", ["dot_product", "autoselected"])
 def test_packed_segments_are_independent_and_positions_restart(attention):
-  model = model_creation.get_model(config_of(attention=attention))
+  model = build(attention=attention)
   tokens, positions, segments = inputs(packed=True)
   logits = np.asarray(forward(model, tokens, positions, segments))
   # Changing segment 1 leaves segment 2 (and padding-free row 1) untouched.
@@ -139,7 +115,7 @@ def test_packed_segments_are_independent_and_positions_restart(attention):
 
 
 def test_causal_future_tokens_do_not_change_past_logits():
-  model = model_creation.get_model(config_of())
+  model = build()
   tokens, positions, _ = inputs()
   logits = np.asarray(forward(model, tokens, positions, None))
   changed = tokens.copy()
@@ -153,7 +129,7 @@ def test_causal_future_tokens_do_not_change_past_logits():
 def test_sliding_window_hides_tokens_outside_the_window(attention):
   config = config_of(model_name="tests/tiny-mistral", attention=attention)
   window, layers = config.sliding_window_size, config.num_decoder_layers
-  model = model_creation.get_model(config)
+  model = build(model_name="tests/tiny-mistral", attention=attention)
   tokens, positions, _ = inputs()
   logits = np.asarray(forward(model, tokens, positions, None))
   changed = tokens.copy()
@@ -163,16 +139,15 @@ def test_sliding_window_hides_tokens_outside_the_window(attention):
   np.testing.assert_allclose(logits_changed[:, reach + 1 :], logits[:, reach + 1 :], atol=1e-5)
   assert np.abs(logits_changed[:, reach] - logits[:, reach]).max() > 1e-4
   # Without the window the same change reaches the end of the sequence.
-  full = model_creation.get_model(config_of(model_name="tests/tiny-mistral", sliding_window_size=0))
+  full = build(model_name="tests/tiny-mistral", sliding_window_size=0)
   delta = np.asarray(forward(full, changed, positions, None)) - np.asarray(forward(full, tokens, positions, None))
   assert np.abs(delta[:, reach + 1 :]).max() > 1e-4
 
 
 @pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-mistral"])
 def test_autoselected_equals_dot_product(model_name):
-  dot = model_creation.get_model(config_of(model_name=model_name))
-  auto = model_creation.get_model(config_of(model_name=model_name, attention="autoselected"))
-  nnx.update(auto, nnx.state(dot, nnx.Param))
+  dot = build(model_name=model_name)
+  auto = build(model_name=model_name, attention="autoselected")
   for packed in (False, True):
     tokens, positions, segments = inputs(seed=1, packed=packed)
     np.testing.assert_allclose(
@@ -182,13 +157,12 @@ def test_autoselected_equals_dot_product(model_name):
 
 def test_tied_and_untied_logits():
   tokens, positions, _ = inputs()
-  untied = model_creation.get_model(config_of())
-  tied = model_creation.get_model(config_of(logits_via_embedding=True))
+  untied = build()
+  tied = build(logits_via_embedding=True)
   assert "logits_dense" in nnx.state(untied, nnx.Param) and "logits_dense" not in nnx.state(tied, nnx.Param)
   assert model_creation.param_count(untied) - model_creation.param_count(tied) == 64 * 256
   # Tied logits equal untied ones whose output kernel is the transposed embedding table.
   params = nnx.state(untied, nnx.Param)
-  nnx.update(tied, nnx.filter_state(params, lambda path, _: path[0] != "logits_dense"))
   params["logits_dense"]["kernel"].set_value(params["token_embedder"]["embedding"].get_value().T)
   nnx.update(untied, params)
   tied_logits = forward(tied, tokens, positions, None)
@@ -198,10 +172,10 @@ def test_tied_and_untied_logits():
 
 def test_final_logits_soft_cap_bounds_logits():
   tokens, positions, _ = inputs()
-  model = model_creation.get_model(config_of(final_logits_soft_cap=2.0, logits_via_embedding=True))
+  model = build(final_logits_soft_cap=2.0, logits_via_embedding=True)
   logits = np.asarray(forward(model, tokens, positions, None))
   assert np.abs(logits).max() <= 2.0
-  uncapped = model_creation.get_model(config_of(logits_via_embedding=True))
+  uncapped = build(logits_via_embedding=True)
   uncapped_logits = np.asarray(forward(uncapped, tokens, positions, None))
   assert np.abs(uncapped_logits).max() > 2.0
   np.testing.assert_allclose(logits, 2.0 * np.tanh(uncapped_logits / 2.0), atol=1e-5)
@@ -209,8 +183,8 @@ def test_final_logits_soft_cap_bounds_logits():
 
 def test_qk_norm_adds_params_and_changes_output():
   tokens, positions, _ = inputs()
-  plain = model_creation.get_model(config_of())
-  normed = model_creation.get_model(config_of(use_qk_norm=True))
+  plain = build()
+  normed = build(use_qk_norm=True)
   attn = nnx.state(normed, nnx.Param)["decoder"]["layers"]["self_attention"]
   assert attn["query_norm"]["scale"].get_value().shape == (16, 2)
   assert not np.allclose(forward(plain, tokens, positions, None), forward(normed, tokens, positions, None), atol=1e-3)
@@ -219,12 +193,9 @@ def test_qk_norm_adds_params_and_changes_output():
 @pytest.mark.parametrize("logits_dot_in_fp32", [False, True])
 def test_bf16_runs_and_tracks_f32(logits_dot_in_fp32):
   tokens, positions, segments = inputs(packed=True)
-  f32 = model_creation.get_model(config_of())
-  bf16 = model_creation.get_model(
-      config_of(dtype="bfloat16", weight_dtype="bfloat16", logits_dot_in_fp32=logits_dot_in_fp32)
-  )
+  f32 = build()
+  bf16 = build(dtype="bfloat16", weight_dtype="bfloat16", logits_dot_in_fp32=logits_dot_in_fp32)
   assert {p.dtype for p in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
-  nnx.update(bf16, jax.tree.map(lambda p: p.astype(jnp.bfloat16), nnx.state(f32, nnx.Param)))
   logits = forward(bf16, tokens, positions, segments)
   assert logits.dtype == jnp.float32  # cast_logits_to_fp32
   ref = forward(f32, tokens, positions, segments)
@@ -237,14 +208,16 @@ def test_bf16_runs_and_tracks_f32(logits_dot_in_fp32):
 def test_dropout_only_when_training_and_same_for_scan_and_unrolled():
   kw = dict(dropout_rate=0.3)
   tokens, positions, segments = inputs(packed=True)
-  scanned = model_creation.get_model(config_of(**kw))
-  unrolled = unrolled_copy(scanned, **kw)
+  scanned = build(**kw)
+  unrolled = build(scan_layers=False, **kw)
   eval_logits = forward(scanned, tokens, positions, segments)
   np.testing.assert_allclose(eval_logits, forward(unrolled, tokens, positions, segments), atol=1e-5)
 
-  def train_logits(model, seed):
-    return model(tokens, positions, segments, deterministic=False, rngs=nnx.Rngs(dropout=seed))
+  @nnx.jit
+  def train_logits_from_key(model, key):
+    return model(tokens, positions, segments, deterministic=False, rngs=nnx.Rngs(dropout=key))
 
+  train_logits = lambda model, seed: train_logits_from_key(model, jax.random.key(seed))
   a, b, c = train_logits(scanned, 0), train_logits(scanned, 0), train_logits(scanned, 1)
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c) and not np.allclose(a, eval_logits)
@@ -257,7 +230,7 @@ def test_dropout_only_when_training_and_same_for_scan_and_unrolled():
 
 def test_scan_layout_round_trips_states_and_pure_dicts():
   config = config_of()
-  state = nnx.state(model_creation.get_model(config), nnx.Param)
+  state = nnx.state(build(), nnx.Param)
   unscanned = scan_layout.scanned_to_unscanned(state, config.param_scan_axis)
   layer0 = unscanned["decoder"]["layers"][0]["self_attention"]["query"]["kernel"]
   assert layer0.get_value().shape == (64, 4, 16)

@@ -39,12 +39,20 @@ def losses(history):
 
 def run_subprocess(args, devices, tmp_path):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "MaxText.train", "MaxText/configs/base.yml", f"base_output_directory={tmp_path}", *TINY, *args]
+  cmd = [
+      sys.executable,
+      "-m",
+      "MaxText.train",
+      "MaxText/configs/base.yml",
+      f"base_output_directory={tmp_path}",
+      *TINY,
+      *args,
+  ]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
 def read_jsonl(path):
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+  return [json.loads(line) for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def test_sharded_runs_match_single_device(tmp_path):
@@ -58,7 +66,10 @@ def test_sharded_runs_match_single_device(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   reference = np.array([r["learning/loss"] for r in read_jsonl(ref_file)])
   assert len(reference) == 5
-  for mesh_args in (["ici_fsdp_parallelism=8"], ["ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"]):
+  for mesh_args in (
+      ["ici_fsdp_parallelism=8"],
+      ["ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"],
+  ):
     config = make_config(tmp_path, "steps=5", "per_device_batch_size=1", "enable_checkpointing=false", *mesh_args)
     np.testing.assert_allclose(losses(train.train(config)), reference, rtol=1e-5)
 
@@ -73,7 +84,9 @@ def test_scan_and_unrolled_train_identically(tmp_path):
 def test_gradient_accumulation_equals_large_batch(tmp_path):
   common = ["steps=3", "enable_checkpointing=false"]
   big = losses(train.train(make_config(tmp_path, *common, "per_device_batch_size=4")))
-  accumulated = losses(train.train(make_config(tmp_path, *common, "per_device_batch_size=1", "gradient_accumulation_steps=4")))
+  accumulated = losses(
+      train.train(make_config(tmp_path, *common, "per_device_batch_size=1", "gradient_accumulation_steps=4"))
+  )
   np.testing.assert_allclose(accumulated, big, rtol=1e-5)
 
 
@@ -120,7 +133,10 @@ def test_params_are_sharded_by_the_rules(tmp_path):
   mesh = sharding.create_mesh(config)
   setup = train.TrainSetup(config, mesh)
   state = setup.init_state()
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+  flat = {
+      "/".join(str(getattr(k, "key", k)) for k in path): leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+  }
   sharded = {name: leaf.sharding.spec for name, leaf in flat.items()}
   # Every matrix is split over fsdp (embed axis) and most over tensor as well.
   matrices = {n: s for n, s in sharded.items() if "kernel" in n or "embedding" in n}
@@ -164,7 +180,13 @@ def test_tflops_formula_matches_hand_count(tmp_path):
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
-  common = ["run_name=c", "per_device_batch_size=1", "checkpoint_period=2", "learning_rate_schedule_steps=6", "async_checkpointing=false"]
+  common = [
+      "run_name=c",
+      "per_device_batch_size=1",
+      "checkpoint_period=2",
+      "learning_rate_schedule_steps=6",
+      "async_checkpointing=false",
+  ]
   train.train(make_config(tmp_path, "steps=4", *common))
   ckpt = tmp_path / "c" / "checkpoints"
   assert sorted(os.listdir(ckpt)) == ["2", "4"]
@@ -183,7 +205,9 @@ def test_nan_loss_stops_and_keeps_checkpoints(tmp_path):
   # Resume the run with a learning rate that overflows the parameters at once.
   proc = run_subprocess([*args, "steps=6", "learning_rate=1e30"], 8, tmp_path)
   assert proc.returncode == 3
-  assert re.search(r"ERROR: (loss is (nan|inf) at step|parameters became non-finite in step) 2\b", proc.stderr), proc.stderr[-2000:]
+  assert re.search(
+      r"ERROR: (loss is (nan|inf) at step|parameters became non-finite in step) 2\b", proc.stderr
+  ), proc.stderr[-2000:]
   assert sorted(int(s) for s in os.listdir(tmp_path / "nan" / "checkpoints") if s.isdigit()) == [1, 2]
   # What was written is still a valid, finite checkpoint.
   config = make_config(tmp_path, *args)
@@ -231,7 +255,16 @@ def test_metrics_file_tensorboard_and_eval(tmp_path):
 def test_load_parameters_path_starts_fresh_from_params(tmp_path):
   common = ["per_device_batch_size=1", "learning_rate_schedule_steps=4"]
   train.train(make_config(tmp_path, "run_name=src", "steps=2", "checkpoint_period=2", *common))
-  history = train.train(make_config(tmp_path, "run_name=dst", "steps=1", f"load_parameters_path={tmp_path}/src/checkpoints/2", "enable_checkpointing=false", *common))
+  history = train.train(
+      make_config(
+          tmp_path,
+          "run_name=dst",
+          "steps=1",
+          f"load_parameters_path={tmp_path}/src/checkpoints/2",
+          "enable_checkpointing=false",
+          *common,
+      )
+  )
   fresh = train.train(make_config(tmp_path, "run_name=fresh", "steps=1", "enable_checkpointing=false", *common))
   assert history[0]["step"] == 0
   assert history[0]["learning/loss"] < fresh[0]["learning/loss"]  # it started from trained weights
@@ -257,14 +290,23 @@ def test_param_only_export_roundtrips_layouts_and_dtype(tmp_path):
   common = ["per_device_batch_size=1", "learning_rate_schedule_steps=4"]
   train.train(make_config(tmp_path, "run_name=exp", "steps=2", "checkpoint_period=2", *common))
   out = generate_param_only_checkpoint.export(
-      make_config(tmp_path, "run_name=exp", "scan_layers=false", "weight_dtype=bfloat16", f"param_checkpoint_output_path={tmp_path}/p", *common)
+      make_config(
+          tmp_path,
+          "run_name=exp",
+          "scan_layers=false",
+          "weight_dtype=bfloat16",
+          f"param_checkpoint_output_path={tmp_path}/p",
+          *common,
+      )
   )
   assert checkpointing._layers_are_unscanned(checkpointing.stored_params_tree(out))
   # The unscanned bf16 export loads into a scanned f32 model and matches the run's own params to bf16 precision.
   config = make_config(tmp_path, "run_name=exp", *common)
   setup = train.TrainSetup(config, sharding.create_mesh(config))
   exported = checkpointing.load_params(out, setup.abstract_state["params"], setup.param_shardings)
-  original = checkpointing.load_params(f"{tmp_path}/exp/checkpoints/2", setup.abstract_state["params"], setup.param_shardings)
+  original = checkpointing.load_params(
+      f"{tmp_path}/exp/checkpoints/2", setup.abstract_state["params"], setup.param_shardings
+  )
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(original)):
     assert a.dtype == b.dtype == np.float32
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2, atol=1e-2)

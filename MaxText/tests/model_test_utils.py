@@ -1,0 +1,60 @@
+"""Helpers for model tests: configs by keyword, and models filled with numpy-random params.
+
+Filling params from numpy avoids compiling jax's RNG for every test model (seconds per param shape on a small CPU),
+and seeding by parameter path gives every config with the same parameter tree the same values.
+"""
+
+import functools
+import zlib
+
+import numpy as np
+from flax import nnx
+
+from MaxText import pyconfig
+from MaxText.layers import model_creation, scan_layout
+
+BASE = str(pyconfig.CONFIGS_DIR / "base.yml")
+
+
+def make_config(model_name="tests/tiny-llama", **kw):
+  return pyconfig.initialize(["", BASE], model_name=model_name, run_name="test", **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_config(items):
+  return make_config(**dict(items))
+
+
+def config_of(**kw):
+  """make_config, cached (pyconfig.initialize is not free and tests ask for the same configs repeatedly)."""
+  return _cached_config(tuple(sorted(kw.items())))
+
+
+def _random_value(path, shape, dtype):
+  rng = np.random.default_rng(zlib.crc32("/".join(map(str, path)).encode()))
+  if path[-1] == "scale":  # norm scales: non-trivial, around 1
+    value = 1.0 + 0.2 * rng.standard_normal(shape)
+  elif path[-1] == "embedding":
+    value = rng.standard_normal(shape)
+  else:  # kernels [in..., (layers,) out...]: roughly unit-variance outputs
+    value = rng.standard_normal(shape) / np.sqrt(shape[0])
+  return value.astype(dtype)
+
+
+def build(**kw) -> nnx.Module:
+  """A model for config_of(**kw) with numpy_params; no jax RNG is compiled."""
+  config = config_of(**kw)
+  model = model_creation.abstract_model(config)
+  scanned_kw = dict(kw, scan_layers=True)
+  abstract = nnx.state(model_creation.abstract_model(config_of(**scanned_kw)), nnx.Param)
+  flat = [
+      (path, var.replace(_random_value(path, var.get_value().shape, var.get_value().dtype)))
+      for path, var in abstract.flat_state()
+  ]
+  params = nnx.State.from_flat_path(flat)
+  if not config.scan_layers:
+    params = scan_layout.scanned_to_unscanned(params, config.param_scan_axis)
+  nnx.update(model, params)
+  if getattr(model, "dropout_rngs", None) is not None:
+    model.dropout_rngs = nnx.Rngs(dropout=config.init_weights_seed)
+  return model
