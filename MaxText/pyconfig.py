@@ -92,7 +92,7 @@ def _resolve_config_path(path: str, relative_to: Optional[pathlib.Path] = None) 
   candidates = [pathlib.Path(path)]
   if relative_to is not None:
     candidates.insert(0, relative_to / path)
-  candidates.append(CONFIGS_DIR / path)
+  candidates += [CONFIGS_DIR / path, PACKAGE_DIR.parent / path]  # bare names; repo-relative paths from anywhere
   for candidate in candidates:
     if candidate.is_file():
       return candidate.resolve()

@@ -1,0 +1,121 @@
+"""Training throughput and MFU of a config on this machine, against its measured matmul ceiling.
+
+  python3 benchmarks/train_benchmark.py [--steps 10] [--warmup 2] [CONFIG] [key=value ...]
+
+Defaults to llama-small (vocab 32000, emb 512, 8 layers, 8 heads x 64, mlp 1408) at seq 512 and global batch 8
+on synthetic data. Prints the median step time over `--steps` steps after `--warmup`, tokens/s, TFLOP/s per
+device (analytic, as the train loop counts them) and MFU against both the device's data-sheet peak (if known)
+and the f32/bf16 matmul ceiling measured in this same process.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from MaxText import metrics, pyconfig, sharding, train
+
+LLAMA_SMALL = [
+    "model_name=llama-small",
+    "max_target_length=512",
+    "max_prefill_predict_length=64",
+    "dataset_type=synthetic",
+    "enable_checkpointing=false",
+    "enable_tensorboard=false",
+    "write_metrics_to_run_dir=false",
+    "save_config_to_output=false",
+    "log_config=false",
+]
+
+
+def matmul_ceiling_tflops(dtype, n: int = 2048, repeats: int = 10) -> float:
+  """Median TFLOP/s of one n x n x n matmul on device 0: the practical ceiling for dense model math."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def run(config, steps: int, warmup: int) -> dict:
+  mesh = sharding.create_mesh(config)
+  setup = train.TrainSetup(config, mesh)
+  from MaxText import input_pipeline  # pylint: disable=import-outside-toplevel
+
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    data, _ = input_pipeline.create_data_iterators(config, mesh)
+    batch = next(data)
+    step_fn, _, _ = train.compile_train_step(setup, batch)
+    state = setup.init_state()
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    times = []
+    for i in range(warmup + steps):
+      start = time.perf_counter()
+      state, m = compiled(state, batch)
+      jax.block_until_ready(m)
+      if i >= warmup:
+        times.append(time.perf_counter() - start)
+  step_time = statistics.median(times)
+  tflops_per_device = metrics.training_tflops_per_device(config)[0]
+  return {
+      "compile_seconds": compile_seconds,
+      "step_seconds": step_time,
+      "tokens_per_sec": config.global_batch_size_to_train_on * config.max_target_length / step_time,
+      "tflops_per_sec_per_device": tflops_per_device / step_time,
+      "loss": float(m["learning/loss"]),
+      "memory": compiled.memory_analysis(),
+  }
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("config", nargs="?", default="MaxText/configs/base.yml")
+  parser.add_argument("overrides", nargs="*")
+  args = parser.parse_args(argv)
+  n_dev = jax.device_count()
+  batch = (
+      [f"per_device_batch_size={8 / n_dev}"]
+      if not any(o.startswith("per_device_batch_size=") for o in args.overrides)
+      else []
+  )
+  config = pyconfig.initialize_or_exit(["", args.config, *LLAMA_SMALL, *batch, *args.overrides])
+  ceilings = {d: matmul_ceiling_tflops(jnp.dtype(d)) for d in ("float32", "bfloat16")}
+  result = run(config, args.steps, args.warmup)
+  peak = metrics.device_peak_tflops(config)
+  ceiling = ceilings[config.dtype.name] if config.dtype.name in ceilings else ceilings["float32"]
+  mem = result["memory"]
+  print(f"device: {jax.devices()[0].device_kind} x {n_dev}, dtype {config.dtype.name}, remat {config.remat_policy}")
+  print(
+      f"matmul ceiling (measured, 2048^3): f32 {ceilings['float32']:.4f} TFLOP/s, bf16 {ceilings['bfloat16']:.4f} TFLOP/s"
+  )
+  print(
+      f"compile: {result['compile_seconds']:.1f} s; median step: {result['step_seconds']:.3f} s over {args.steps} steps"
+  )
+  print(f"tokens/s: {result['tokens_per_sec']:.1f}; TFLOP/s/device: {result['tflops_per_sec_per_device']:.4f}")
+  print(
+      f"MFU vs measured {config.dtype.name} matmul ceiling (f32 ceiling for f32 runs): {100 * result['tflops_per_sec_per_device'] / ceiling:.1f}%"
+  )
+  print(f"MFU vs measured f32 ceiling: {100 * result['tflops_per_sec_per_device'] / ceilings['float32']:.1f}%")
+  if peak:
+    print(f"MFU vs data-sheet peak {peak} TFLOP/s: {100 * result['tflops_per_sec_per_device'] / peak:.1f}%")
+  if mem is not None:
+    print(
+        f"memory per device: args {mem.argument_size_in_bytes / 2**20:.1f} MiB, temps {mem.temp_size_in_bytes / 2**20:.1f} MiB"
+    )
+  print(f"final loss {result['loss']:.3f}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
