@@ -111,9 +111,8 @@ def main(argv):
     print(f"MFU vs data-sheet peak {peak} TFLOP/s: {100 * result['tflops_per_sec_per_device'] / peak:.1f}%")
   if mem is not None:
     mib = 2**20
-    print(
-        f"memory per device: args {mem.argument_size_in_bytes / mib:.1f} MiB, temps {mem.temp_size_in_bytes / mib:.1f} MiB"
-    )
+    args_mib, temps_mib = mem.argument_size_in_bytes / mib, mem.temp_size_in_bytes / mib
+    print(f"memory per device: args {args_mib:.1f} MiB, temps {temps_mib:.1f} MiB")
   print(f"final loss {result['loss']:.3f}")
 
 
