@@ -341,13 +341,17 @@ def _loop(config, step_fn, evaluate, manager, metric_logger, state, start_step, 
         raise NaNLossError(f"parameters became non-finite in step {step}; stopping (abort_on_nan_loss=false continues)")
     history.append(metric_logger.log_step(step, host, step_seconds))
 
-  step = start_step
+  done = last_saved = start_step
   for step in range(start_step, config.steps):
     if config.profiler and step == start_step + config.skip_first_n_steps_for_profiler:
       jax.profiler.start_trace(os.path.join(config.run_dir, "profile"))
       profiling = True
     if batch is None:
-      batch = next(train_iter)
+      try:
+        batch = next(train_iter)
+      except StopIteration:
+        logger.info("Training data exhausted after %d steps (num_epoch=%d); stopping early", done, config.num_epoch)
+        break
     state, device_metrics = step_fn(state, batch)
     batch = None
     if pending is not None:
@@ -363,10 +367,13 @@ def _loop(config, step_fn, evaluate, manager, metric_logger, state, start_step, 
       flush(pending)  # never checkpoint a state produced by a NaN step
       pending = None
       checkpointing.save(manager, done, state, train_iter)
+      last_saved = done
     if config.eval_interval > 0 and done % config.eval_interval == 0:
       _run_eval(config, evaluate, state["params"], eval_iter, done, metric_logger)
   if pending is not None:
     flush(pending)
+  if manager is not None and done != last_saved:
+    checkpointing.save(manager, done, state, train_iter)
   if profiling:
     jax.profiler.stop_trace()
   return history

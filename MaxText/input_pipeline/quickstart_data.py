@@ -48,10 +48,9 @@ def build(force: bool = False) -> tuple[pathlib.Path, pathlib.Path]:
 
 def build_if_default(pattern: str) -> None:
   """Builds the corpus when `pattern` names one of its files and that file is missing (first use)."""
-  path = pathlib.Path(file_sources.resolve_path(pattern))
-  if not path.is_absolute():
-    path = pathlib.Path.cwd() / path
-  if path.resolve() in (TRAIN_FILE, EVAL_FILE) and not path.exists():
+  path = pathlib.Path(pattern)
+  candidates = [path] if path.is_absolute() else [pathlib.Path.cwd() / path, file_sources.REPO_ROOT / path]
+  if any(c.resolve() in (TRAIN_FILE, EVAL_FILE) and not c.exists() for c in candidates):
     build()
 
 

@@ -10,6 +10,7 @@ grain, tfds and hf differ only in how they open their records as a random-access
 
 import dataclasses
 import functools
+import gc
 import logging
 import weakref
 from typing import Any, Optional, Sequence
@@ -106,6 +107,24 @@ def _mark_absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
+class _IteratorBox:
+  """Owns a grain iterator so it can be closed and released when its user goes away or at exit.
+
+  Releasing it while the interpreter is still intact matters: grain iterators close themselves again in
+  `__del__`, which fails noisily once interpreter teardown has cleared module globals.
+  """
+
+  def __init__(self, it):
+    self.it = it
+
+  def close(self):
+    it, self.it = self.it, None
+    if it is not None:
+      it.close()
+      del it
+      gc.collect()
+
+
 class TextBatchIterator(distributed_batch.BatchIterator):
   """Global batches from a local grain pipeline; checkpointable, rewindable.
 
@@ -121,13 +140,15 @@ class TextBatchIterator(distributed_batch.BatchIterator):
     self._train = train
     self._pad_id = pad_id
     self._length = share.global_shape[1]
-    self._it = iter(dataset)
-    # Stop grain's prefetch threads / worker processes when this iterator goes away (or at exit, before
-    # interpreter teardown would make their cleanup fail noisily).
-    weakref.finalize(self, self._it.close)
+    self._box = _IteratorBox(iter(dataset))
+    weakref.finalize(self, self._box.close)
     self._initial = self._it.get_state()
     self._exhausted = False
     self._peeked: Optional[dict] = self._first_batch()
+
+  @property
+  def _it(self):
+    return self._box.it
 
   def _first_batch(self):
     try:

@@ -33,8 +33,20 @@ def get_model(config, rngs: nnx.Rngs | None = None) -> Transformer:
 
 
 def abstract_model(config) -> Transformer:
-  """The Transformer with jax.ShapeDtypeStruct values: shapes, dtypes and logical names, no memory or compute."""
-  return nnx.eval_shape(lambda: _construct(config, default_rngs(config)))
+  """The Transformer with jax.ShapeDtypeStruct values: shapes, dtypes and logical names, no memory or compute.
+
+  jax.eval_shape rather than nnx.eval_shape: under an active mesh the latter turns the *logical* names into
+  shardings and fails; here values carry no sharding, wherever this is called.
+  """
+  graphdef = None
+
+  def init():
+    nonlocal graphdef
+    graphdef, state = nnx.split(_construct(config, default_rngs(config)))
+    return state
+
+  state = jax.eval_shape(init)
+  return nnx.merge(graphdef, state)
 
 
 def model_shardings(config, mesh: jax.sharding.Mesh):

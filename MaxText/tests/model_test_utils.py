@@ -7,6 +7,8 @@ and seeding by parameter path gives every config with the same parameter tree th
 import functools
 import zlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -58,3 +60,42 @@ def build(**kw) -> nnx.Module:
   if getattr(model, "dropout_rngs", None) is not None:
     model.dropout_rngs = nnx.Rngs(dropout=config.init_weights_seed)
   return model
+
+
+B, S = 2, 24
+
+
+def inputs(seed=0, packed=False):
+  tokens = np.random.default_rng(seed).integers(0, 256, (B, S)).astype(np.int32)
+  if not packed:
+    return tokens, np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(), None
+  # Row 0: segments of 9 and 11 tokens then 4 padding; row 1: one full segment.
+  segments = np.array([[1] * 9 + [2] * 11 + [0] * 4, [1] * S], np.int32)
+  positions = np.array([list(range(9)) + list(range(11)) + list(range(4)), list(range(S))], np.int32)
+  return tokens, positions, segments
+
+
+@nnx.jit(static_argnames=("deterministic",))
+def forward(model, tokens, positions, segment_ids, deterministic=True):
+  return model(tokens, positions, segment_ids, deterministic=deterministic)
+
+
+def loss_fn(model, tokens, positions, segment_ids):
+  logits = model(tokens, positions, segment_ids)
+  targets = jnp.roll(tokens, -1, axis=1)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1)), logits
+
+
+_loss_logits_grad = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))
+
+
+def loss_and_grad(model, tokens, positions, segment_ids):
+  """(loss, grads); logits via loss_logits_and_grad. One compile per model config."""
+  (loss, _), grads = _loss_logits_grad(model, tokens, positions, segment_ids)
+  return loss, grads
+
+
+def loss_logits_and_grad(model, tokens, positions, segment_ids):
+  (loss, logits), grads = _loss_logits_grad(model, tokens, positions, segment_ids)
+  return loss, logits, grads

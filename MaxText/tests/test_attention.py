@@ -2,7 +2,6 @@
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -124,7 +123,9 @@ def test_rope_matches_numpy_reference(rope_type, theta, min_ts):
   x = _rng_normal(6, (2, 5, 3, head_dim))
   positions = np.array([[0, 1, 2, 700, 9000], [4, 3, 2, 1, 0]], np.int32)
   # float32 angles at position 9000 are good to ~5e-4 rad (the same in every f32 implementation).
-  np.testing.assert_allclose(rope(jnp.asarray(x), jnp.asarray(positions)), _rotate_complex(x, positions, freqs), atol=2e-3)
+  np.testing.assert_allclose(
+      rope(jnp.asarray(x), jnp.asarray(positions)), _rotate_complex(x, positions, freqs), atol=2e-3
+  )
 
 
 def test_rope_linear_scales_positions():

@@ -9,7 +9,8 @@ import pytest
 
 from MaxText import pyconfig, sharding
 from MaxText.config_schema import ConfigError
-from MaxText.input_pipeline import create_data_iterators, distributed_batch, documents, grain_pipeline, packing
+from MaxText.input_pipeline import create_data_iterators, distributed_batch, documents, file_sources, grain_pipeline
+from MaxText.input_pipeline import packing
 from MaxText.input_pipeline import synthetic, text_pipeline
 from MaxText.input_pipeline import tokenizer as tokenizers
 
@@ -96,7 +97,8 @@ def write_parquet(path, docs):
 
 
 def write_arrayrecord(path, records):
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel,no-name-in-module
+  from array_record.python.array_record_module import ArrayRecordWriter
 
   writer = ArrayRecordWriter(str(path), "group_size:1")
   for record in records:
@@ -212,6 +214,13 @@ def test_rows_and_batch_shift():
   assert batch["targets_segmentation"][0].tolist() == [1, 1, 0, 2, 0, 0]
   assert batch["targets"][1].tolist() == [2, 3, 4, 5, 6, 0]
   assert not batch["inputs_segmentation"][2].any()  # padding row added to fill the batch
+
+
+def test_record_to_text_and_mixture_syntax():
+  assert documents.ToText(["title", "text"]).map({"title": b"T", "text": "body", "n": 1}) == "T\nbody"
+  assert documents.ToText(["text"]).map("raw line") == "raw line"
+  parsed = file_sources.parse_mixture("gs://b/x-*.jsonl:0.5; /data/y.parquet ;c:2", "grain_train_files")
+  assert parsed == [("gs://b/x-*.jsonl", 0.5), ("/data/y.parquet", 1.0), ("c", 2.0)]
 
 
 # ------------------------------------------------------------------------------------------------ each dataset_type
