@@ -27,7 +27,9 @@ class Embed(nnx.Module):
     self.dtype = dtype
     init = nnx.initializers.normal(stddev=1.0)
     self.embedding = nnx.Param(
-        init(rngs.params(), (num_embeddings, features), weight_dtype), out_sharding=("vocab", "embed")
+        init(rngs.params(), (num_embeddings, features), weight_dtype),
+        out_sharding=("vocab", "embed"),
+        eager_sharding=False,
     )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:

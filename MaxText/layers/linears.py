@@ -64,10 +64,12 @@ class DenseGeneral(nnx.Module):
         1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out))
     )
     shape = self.in_features + self.out_features
-    self.kernel = nnx.Param(init(rngs.params(), shape, weight_dtype), out_sharding=kernel_axes)
+    # Params carry logical names only (eager_sharding=False, here and in every layer): placement comes from jit
+    # out_shardings via sharding.state_shardings, so a module builds the same with or without a mesh.
+    self.kernel = nnx.Param(init(rngs.params(), shape, weight_dtype), out_sharding=kernel_axes, eager_sharding=False)
     if use_bias:
       names = bias_axes if bias_axes is not None else kernel_axes[n_in:]
-      self.bias = nnx.Param(jnp.zeros(self.out_features, weight_dtype), out_sharding=names)
+      self.bias = nnx.Param(jnp.zeros(self.out_features, weight_dtype), out_sharding=names, eager_sharding=False)
     else:
       self.bias = None
 

@@ -22,7 +22,7 @@ def default_rngs(config) -> nnx.Rngs:
 
 
 def _construct(config, rngs: nnx.Rngs) -> Transformer:
-  # Eager sharding off: placement is decided by jit out_shardings (or not at all), never at construction.
+  # Params already opt out of eager sharding one by one; the context also covers variables flax transforms create.
   with nnx.use_eager_sharding(False):
     return Transformer(config, rngs)
 

@@ -23,7 +23,7 @@ class RMSNorm(nnx.Module):
   ):
     self.epsilon = epsilon
     self.dtype = dtype
-    self.scale = nnx.Param(jnp.ones((num_features,), weight_dtype), out_sharding=scale_names)
+    self.scale = nnx.Param(jnp.ones((num_features,), weight_dtype), out_sharding=scale_names, eager_sharding=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)

@@ -162,6 +162,9 @@ def test_params_have_logical_names_and_shard_on_8_devices():
   names = {path: tuple(v.get_metadata()["out_sharding"]) for path, v in abstract.flat_state()}
   assert names == EXPECTED_NAMES
   mesh = sharding.create_mesh(config)
+  with sharding.use_mesh(mesh, config.logical_axis_rules):  # abstract init must not depend on the active mesh
+    inside = nnx.state(model_creation.abstract_model(config), nnx.Param)
+  assert jax.tree.structure(inside) == jax.tree.structure(abstract)
   model = model_creation.create_sharded_model(config, mesh)
   params = nnx.state(model, nnx.Param)
   for path, var in params.flat_state():
