@@ -64,16 +64,23 @@ class DecoderStack(nnx.Module):
     self.param_scan_axis = config.param_scan_axis
     self.remat_policy = config.remat_policy
     remat_policy(self.remat_policy)  # validate early
-    if self.scan_layers:
 
+    def make_stacked(out_axes, metadata):
       @nnx.split_rngs(splits=self.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=scan_axes(self.param_scan_axis), transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make_stacked(rngs):
+      @nnx.vmap(in_axes=(0,), out_axes=out_axes, transform_metadata=metadata)
+      def make(rngs):
         return layer_cls(config, rngs=rngs)
 
-      self.layers = make_stacked(rngs)
+      return make(rngs)
+
+    if self.scan_layers:
+      self.layers = make_stacked(scan_axes(self.param_scan_axis), {nnx.PARTITION_NAME: "layers"})
     else:
-      self.layers = nnx.List([layer_cls(config, rngs=rngs) for _ in range(self.num_layers)])
+      # Built stacked and then split, so a seed gives the same weights in either layout.
+      graphdef, stacked = nnx.split(make_stacked(0, {}))
+      self.layers = nnx.List(
+          [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked)) for i in range(self.num_layers)]
+      )
 
   def __call__(
       self,
