@@ -2,6 +2,8 @@
 
 import logging
 import os
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -70,7 +72,36 @@ def setup(raw: dict[str, Any]) -> None:
         process_id=raw["process_id"] if raw["process_id"] >= 0 else None,
     )
   logger.info("Starting jax.distributed: %s", kwargs)
-  jax.distributed.initialize(**kwargs)
+  _initialize_with_deadline(kwargs)
+
+
+def _initialize_with_deadline(kwargs: dict[str, Any]):
+  """jax.distributed.initialize, but a process that never joins gives a clear message instead of a C++ abort.
+
+  JAX aborts the whole process (SIGABRT, a stack trace) when its deadline passes; a watchdog thread with the
+  configured timeout speaks first and exits, and JAX's own deadline is set a little later.
+  """
+  timeout = kwargs["initialization_timeout"]
+  where = kwargs.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "the cluster's coordinator")
+
+  def give_up():
+    print(
+        f"ERROR: jax.distributed: not all {kwargs.get('num_processes') or ''} processes joined {where} within"
+        f" {timeout} s (this is process {kwargs.get('process_id', '?')}). Start every process with the same"
+        " coordinator_address and num_processes and a distinct process_id in 0..num_processes-1, or raise"
+        " jax_distributed_initialization_timeout.",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(1)  # pylint: disable=protected-access
+
+  watchdog = threading.Timer(timeout, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(**{**kwargs, "initialization_timeout": timeout + 30})
+  finally:
+    watchdog.cancel()
 
 
 def detect_hardware(requested: str) -> str:

@@ -8,7 +8,10 @@ stalls the device queue.
 
 import logging
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from MaxText import checkpointing, input_pipeline, metrics, optimizers, pyconfig, sharding
 from MaxText.config_schema import ConfigError
@@ -27,6 +31,44 @@ logger = logging.getLogger("MaxText")
 
 class NaNLossError(RuntimeError):
   """The loss became NaN/Inf; the message names the step."""
+
+
+class StopRequest:
+  """SIGTERM/SIGINT: finish the current step, checkpoint, and exit 0 so the run can resume.
+
+  With several processes every one must stop after the same step, so the decision comes from JAX's
+  preemption sync point (the coordination service catches SIGTERM on any host and agrees on a step);
+  a single process uses a plain signal handler for SIGTERM and SIGINT.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, _frame):
+    if self.signum is not None:  # a second signal: stop now, as the default handler would
+      raise KeyboardInterrupt
+    self.signum = signum
+    logger.warning("Received %s: finishing the current step and saving a checkpoint", signal.Signals(signum).name)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = self.signum or signal.SIGTERM
+        return True
+      return False
+    return self.signum is not None
 
 
 # ----------------------------------------------------------------------------- state
@@ -90,6 +132,7 @@ class TrainSetup:
         "opt_state": _opt_state_shardings(abstract_opt, self.param_shardings, mesh),
     }
     self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+    self.state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
 
   def init_state(self):
     config = self.config
@@ -213,6 +256,19 @@ def _check_output_dir(config):
     raise ConfigError(f"base_output_directory: cannot write to {config.run_dir}: {e.strerror or e}") from None
 
 
+def _check_free_space(config, state_bytes: int):
+  """A checkpoint that cannot fit would fail mid-run: say so before training starts."""
+  if not config.enable_checkpointing or config.base_output_directory.startswith("gs://"):
+    return
+  free = shutil.disk_usage(config.run_dir).free
+  need = state_bytes // max(jax.process_count(), 1)
+  if free < need:
+    raise ConfigError(
+        f"base_output_directory: {config.run_dir} has {free / 2**30:.2f} GiB free, but one checkpoint of this"
+        f" run needs about {need / 2**30:.2f} GiB"
+    )
+
+
 def _write_config(config):
   if config.save_config_to_output and jax.process_index() == 0 and not config.base_output_directory.startswith("gs://"):
     with open(os.path.join(config.run_dir, "config.yml"), "w", encoding="utf-8") as f:
@@ -291,7 +347,8 @@ def train(config) -> list[dict[str, Any]]:
   mesh = sharding.create_mesh(config)
   logger.info("Mesh: %s on %d %s devices", dict(mesh.shape), config.num_devices, config.hardware)
   history: list[dict[str, Any]] = []
-  setup = TrainSetup(config, mesh)  # outside use_mesh: nnx.eval_shape would apply logical names as mesh axes
+  setup = TrainSetup(config, mesh)
+  _check_free_space(config, setup.state_bytes)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     train_iter, eval_iter = input_pipeline.create_data_iterators(config, mesh)
     manager = checkpointing.create_manager(config)
@@ -307,10 +364,9 @@ def train(config) -> list[dict[str, Any]]:
     compiled = step_fn.lower(state, first_batch).compile()
     _log_startup(config, setup, tflops, compiled)
     metric_logger = metrics.MetricLogger(config, tflops[0])
+    loop = TrainLoop(config, compiled, evaluate, manager, metric_logger, train_iter, eval_iter)
     try:
-      history = _loop(
-          config, compiled, evaluate, manager, metric_logger, state, start_step, first_batch, train_iter, eval_iter
-      )
+      history = loop.run(state, start_step, first_batch)
     finally:
       metric_logger.close()
       if manager is not None:
@@ -319,70 +375,98 @@ def train(config) -> list[dict[str, Any]]:
   return history
 
 
-def _loop(config, step_fn, evaluate, manager, metric_logger, state, start_step, first_batch, train_iter, eval_iter):
-  history = []
-  pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not yet fetched
-  last_time = time.perf_counter()
-  profiling = False
-  batch = first_batch
+class TrainLoop:
+  """Runs compiled steps, logs metrics one step late, checkpoints, evaluates, and honours stop requests."""
 
-  def flush(pending):
-    nonlocal last_time
-    step, device_metrics = pending
+  def __init__(self, config, step_fn, evaluate, manager, metric_logger, train_iter, eval_iter):
+    self.config, self.step_fn, self.evaluate = config, step_fn, evaluate
+    self.manager, self.metric_logger = manager, metric_logger
+    self.train_iter, self.eval_iter = train_iter, eval_iter
+    self.history: list[dict[str, Any]] = []
+    self.pending: Optional[tuple[int, Any]] = None  # (step, device metrics) not fetched yet
+    self.last_time = time.perf_counter()
+    self.done = self.last_saved = 0
+    self.profiling = False
+
+  def flush(self):
+    """Fetches the pending step's metrics (waiting for that step only), checks them and logs them."""
+    if self.pending is None:
+      return
+    (step, device_metrics), self.pending = self.pending, None
     host = jax.device_get(device_metrics)
     now = time.perf_counter()
-    step_seconds, last_time = now - last_time, now
-    if config.abort_on_nan_loss:
+    step_seconds, self.last_time = now - self.last_time, now
+    if self.config.abort_on_nan_loss:
+      hint = "stopping (abort_on_nan_loss=false continues)"
       if not np.isfinite(host["learning/loss"]):
-        raise NaNLossError(
-            f"loss is {host['learning/loss']} at step {step}; stopping (abort_on_nan_loss=false continues)"
-        )
+        raise NaNLossError(f"loss is {host['learning/loss']} at step {step}; {hint}")
       if not np.isfinite(host["learning/param_norm"]):  # a finite loss can still yield an overflowing update
-        raise NaNLossError(f"parameters became non-finite in step {step}; stopping (abort_on_nan_loss=false continues)")
-    history.append(metric_logger.log_step(step, host, step_seconds))
+        raise NaNLossError(f"parameters became non-finite in step {step}; {hint}")
+    self.history.append(self.metric_logger.log_step(step, host, step_seconds))
 
-  done = last_saved = start_step
-  for step in range(start_step, config.steps):
-    if config.profiler and step == start_step + config.skip_first_n_steps_for_profiler:
-      jax.profiler.start_trace(os.path.join(config.run_dir, "profile"))
-      profiling = True
-    if batch is None:
-      try:
-        batch = next(train_iter)
-      except StopIteration:
-        logger.info("Training data exhausted after %d steps (num_epoch=%d); stopping early", done, config.num_epoch)
-        break
-    state, device_metrics = step_fn(state, batch)
-    batch = None
-    if pending is not None:
-      flush(pending)
-    pending = (step, device_metrics)
-    if profiling and step + 1 == start_step + config.skip_first_n_steps_for_profiler + config.profiler_steps:
+  def save(self, state):
+    if self.manager is not None and self.done != self.last_saved:
+      self.flush()  # never checkpoint a state produced by a NaN step
+      checkpointing.save(self.manager, self.done, state, self.train_iter)
+      self.last_saved = self.done
+
+  def _profile(self, step: int, state, start_step: int):
+    first = start_step + self.config.skip_first_n_steps_for_profiler
+    if self.config.profiler and step == first:
+      jax.profiler.start_trace(os.path.join(self.config.run_dir, "profile"))
+      self.profiling = True
+    elif self.profiling and step == first + self.config.profiler_steps:
       jax.block_until_ready(state)
       jax.profiler.stop_trace()
-      profiling = False
-      logger.info("Wrote profile to %s/profile", config.run_dir)
-    done = step + 1
-    if manager is not None and (done % config.checkpoint_period == 0 or done == config.steps):
-      flush(pending)  # never checkpoint a state produced by a NaN step
-      pending = None
-      checkpointing.save(manager, done, state, train_iter)
-      last_saved = done
-    if config.eval_interval > 0 and done % config.eval_interval == 0:
-      _run_eval(config, evaluate, state["params"], eval_iter, done, metric_logger)
-  if pending is not None:
-    flush(pending)
-  if manager is not None and done != last_saved:
-    checkpointing.save(manager, done, state, train_iter)
-  if profiling:
-    jax.profiler.stop_trace()
-  return history
+      self.profiling = False
+      logger.info("Wrote profile to %s/profile", self.config.run_dir)
+
+  def run(self, state, start_step: int, batch):
+    config = self.config
+    self.done = self.last_saved = start_step
+    stop = StopRequest()
+    with stop:
+      for step in range(start_step, config.steps):
+        self._profile(step, state, start_step)
+        if batch is None:
+          try:
+            batch = next(self.train_iter)
+          except StopIteration:
+            logger.info("Training data exhausted after %d steps (num_epoch=%d); stopping", self.done, config.num_epoch)
+            break
+        state, device_metrics = self.step_fn(state, batch)
+        batch = None
+        self.flush()
+        self.pending = (step, device_metrics)
+        self.done = step + 1
+        if self.done % config.checkpoint_period == 0:
+          self.save(state)
+        if config.eval_interval > 0 and self.done % config.eval_interval == 0:
+          _run_eval(config, self.evaluate, state["params"], self.eval_iter, self.done, self.metric_logger)
+        if stop.should_stop(step):
+          break
+    self.flush()
+    self.save(state)
+    if self.profiling:
+      jax.profiler.stop_trace()
+    if stop.signum is not None:
+      where = f"{config.checkpoint_dir}/{self.done}" if self.manager is not None else "none (enable_checkpointing=false)"
+      logger.warning(
+          "Stopped by %s after step %d; checkpoint: %s. Run again with run_name=%s to resume.",
+          signal.Signals(stop.signum).name,
+          self.done,
+          where,
+          config.run_name,
+      )
+    return self.history
 
 
 def main(argv: Sequence[str]):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
   config = pyconfig.initialize_or_exit(argv)
+  if config.process_index != 0:  # one process speaks for the job
+    logging.getLogger("MaxText").setLevel(max(logging.WARNING, logging.getLogger("MaxText").level))
   try:
     train(config)
   except (ConfigError, checkpointing.CheckpointMismatchError, FileNotFoundError) as e:
