@@ -310,3 +310,17 @@ def test_param_only_export_roundtrips_layouts_and_dtype(tmp_path):
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(original)):
     assert a.dtype == b.dtype == np.float32
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2, atol=1e-2)
+
+
+def test_profiler_writes_an_xplane_trace(tmp_path):
+  config = make_config(
+      tmp_path,
+      "run_name=prof",
+      "steps=5",
+      "per_device_batch_size=1",
+      "profiler=xplane",
+      "profiler_steps=2",
+      "enable_checkpointing=false",
+  )
+  train.train(config)
+  assert list((tmp_path / "prof" / "profile").rglob("*.xplane.pb"))
