@@ -2,13 +2,14 @@
 
   python3 benchmarks/train_benchmark.py [--steps 10] [--warmup 2] [CONFIG] [key=value ...]
 
-Defaults to llama-small (vocab 32000, emb 512, 8 layers, 8 heads x 64, mlp 1408) at seq 512 and global batch 8
-on synthetic data. Prints the median step time over `--steps` steps after `--warmup`, tokens/s, TFLOP/s per
+Defaults to configs/cpu/llama-small.yml (vocab 32000, emb 512, 8 layers, 8 heads x 64, mlp 1408, seq 512, global
+batch 8, f32, remat none) on synthetic data. Prints the median step time over `--steps` steps after `--warmup`, tokens/s, TFLOP/s per
 device (analytic, as the train loop counts them) and MFU against both the device's data-sheet peak (if known)
 and the f32/bf16 matmul ceiling measured in this same process.
 """
 
 import argparse
+import pathlib
 import statistics
 import sys
 import time
@@ -18,10 +19,9 @@ import jax.numpy as jnp
 
 from MaxText import metrics, pyconfig, sharding, train
 
-LLAMA_SMALL = [
-    "model_name=llama-small",
-    "max_target_length=512",
-    "max_prefill_predict_length=64",
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+QUIET = [
     "dataset_type=synthetic",
     "enable_checkpointing=false",
     "enable_tensorboard=false",
@@ -81,7 +81,7 @@ def main(argv):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("config", nargs="?", default="MaxText/configs/base.yml")
+  parser.add_argument("config", nargs="?", default=str(REPO / "configs" / "cpu" / "llama-small.yml"))
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args(argv)
   n_dev = jax.device_count()
@@ -90,7 +90,7 @@ def main(argv):
       if not any(o.startswith("per_device_batch_size=") for o in args.overrides)
       else []
   )
-  config = pyconfig.initialize_or_exit(["", args.config, *LLAMA_SMALL, *batch, *args.overrides])
+  config = pyconfig.initialize_or_exit(["", args.config, *QUIET, *batch, *args.overrides])
   ceilings = {d: matmul_ceiling_tflops(jnp.dtype(d)) for d in ("float32", "bfloat16")}
   result = run(config, args.steps, args.warmup)
   peak = metrics.device_peak_tflops(config)
