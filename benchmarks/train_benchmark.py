@@ -2,10 +2,10 @@
 
   python3 benchmarks/train_benchmark.py [--steps 10] [--warmup 2] [CONFIG] [key=value ...]
 
-Defaults to configs/cpu/llama-small.yml (vocab 32000, emb 512, 8 layers, 8 heads x 64, mlp 1408, seq 512, global
-batch 8, f32, remat none) on synthetic data. Prints the median step time over `--steps` steps after `--warmup`, tokens/s, TFLOP/s per
-device (analytic, as the train loop counts them) and MFU against both the device's data-sheet peak (if known)
-and the f32/bf16 matmul ceiling measured in this same process.
+Defaults to configs/cpu/llama-small.yml (vocab 32000, emb 512, 8 layers, 8 heads x 64, mlp 1408, seq 512,
+global batch 8, f32, remat none) on synthetic data. Prints the median step time over `--steps` steps after
+`--warmup`, tokens/s, TFLOP/s per device (analytic, as the train loop counts them) and MFU against both the
+device's data-sheet peak (if known) and the f32/bf16 matmul ceiling measured in this same process.
 """
 
 import argparse
