@@ -31,9 +31,11 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
   def restore(self, directory: epath.Path, args: "DataIteratorRestore"):  # pylint: disable=arguments-differ
     path = self._file(directory)
-    if not path.exists():
-      raise FileNotFoundError(f"{path}: no data-iterator state for this process (was the process count changed?)")
-    args.item.set_state(json.loads(path.read_text()))
+    if path.exists():
+      state = json.loads(path.read_text())
+    else:  # written by a different process count: merge what every process saved
+      state = _merge_iterator_states([json.loads(f.read_text()) for f in sorted(directory.glob("process_*.json"))], path)
+    args.item.set_state(state)
     return args.item
 
   def metadata(self, directory: epath.Path):
@@ -44,6 +46,17 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
   def close(self):
     pass
+
+
+def _merge_iterator_states(states: list, missing: epath.Path):
+  """One state from those of another process count: identical states (e.g. a step counter) or disjoint streams."""
+  if not states:
+    raise FileNotFoundError(f"{missing}: no data-iterator state in this checkpoint")
+  if all(s == states[0] for s in states):
+    return states[0]
+  if all(isinstance(s, dict) and set(s) == {"streams"} for s in states):
+    return {"streams": {k: v for s in states for k, v in s["streams"].items()}}
+  raise ValueError(f"{missing}: the data-iterator states of {len(states)} processes cannot be merged for this process")
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)

@@ -55,8 +55,10 @@ def main(argv):
       real += int(np.count_nonzero(np.asarray(batch["inputs_segmentation"])))
   tokens = config.global_batch_size_to_load * config.max_target_length
   median = statistics.median(times)
+  streams = config.data_streams or config.global_batch_size_to_load
   print(
       f"dataset_type={config.dataset_type} seq={config.max_target_length} global_batch={config.global_batch_size_to_load}"
+      f" data_streams={streams} grain_worker_count={config.grain_worker_count}"
   )
   print(f"setup (first batch included): {setup_s:.2f} s")
   print(f"median batch time: {median * 1e3:.2f} ms over {batches} batches")

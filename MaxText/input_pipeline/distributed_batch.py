@@ -2,7 +2,8 @@
 
 Every pipeline produces only this process's share of a step's batch. The share is derived from the batch
 sharding rather than assumed to be `global / process_count`: when the batch dimension is not split over every
-device, several processes hold the same rows, and they must then read the same data shard.
+device, several processes hold the same rows. Pipelines key their data on these global row indices, never on
+the process index, so the global batch is the same whatever the process and device count.
 """
 
 import dataclasses
@@ -32,15 +33,11 @@ class ProcessShare:
     sharding: NamedSharding of a [global_batch, max_target_length] batch array.
     global_shape: (global_batch_size_to_load, max_target_length).
     rows: global row indices this process supplies, ascending (the order make_array_from_process_local_data expects).
-    shard_index: which distinct data shard this process reads (processes holding the same rows share an index).
-    shard_count: how many distinct data shards the global batch is split into.
   """
 
   sharding: NamedSharding
   global_shape: tuple[int, int]
   rows: np.ndarray
-  shard_index: int
-  shard_count: int
 
   @property
   def local_batch(self) -> int:
@@ -48,23 +45,16 @@ class ProcessShare:
 
 
 def process_share(config, mesh: Mesh, process_index: int | None = None) -> ProcessShare:
-  """Works out the rows (and data shard) of `process_index` (default: this process) for the config's batch."""
+  """Works out the rows of `process_index` (default: this process) for the config's batch."""
   shape = (config.global_batch_size_to_load, config.max_target_length)
   batch_sharding = maxtext_sharding.data_sharding(config, mesh, shape)
   by_process: dict[int, set] = {}
   for device, index in batch_sharding.devices_indices_map(shape).items():
     start, stop, _ = index[0].indices(shape[0])
     by_process.setdefault(device.process_index, set()).update(range(start, stop))
-  blocks = sorted({tuple(sorted(rows)) for rows in by_process.values()})
   me = jax.process_index() if process_index is None else process_index
-  mine = tuple(sorted(by_process[me]))
-  return ProcessShare(
-      sharding=batch_sharding,
-      global_shape=shape,
-      rows=np.asarray(mine, dtype=np.int64),
-      shard_index=blocks.index(mine),
-      shard_count=len(blocks),
-  )
+  rows = np.asarray(sorted(by_process[me]), dtype=np.int64)
+  return ProcessShare(sharding=batch_sharding, global_shape=shape, rows=rows)
 
 
 def to_global(share: ProcessShare, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from MaxText.config_schema import ConfigError
 from MaxText.input_pipeline import packing
 from MaxText.input_pipeline import tokenizer as tokenizers
 
@@ -28,9 +29,18 @@ class PipelineOptions:
   seed: int
   num_epoch: int
   worker_count: int
+  streams: int
+  rows_per_stream: int
 
   @classmethod
   def from_config(cls, config) -> "PipelineOptions":
+    rows = config.global_batch_size_to_load
+    streams = config.data_streams or rows
+    if rows % streams:
+      raise ConfigError(
+          f"data_streams: {streams} does not divide the global batch of {rows} rows; use a divisor of it, or 0 for"
+          " one stream per row"
+      )
     return cls(
         tokenizer=tokenizers.TokenizerSpec.from_config(config),
         columns=tuple(config.train_data_columns),
@@ -43,6 +53,8 @@ class PipelineOptions:
         seed=config.data_shuffle_seed,
         num_epoch=config.num_epoch,
         worker_count=config.grain_worker_count,
+        streams=streams,
+        rows_per_stream=rows // streams,
     )
 
 

@@ -51,7 +51,8 @@ def source(config, files_spec: str, files_key: str, split: str, split_key: str) 
   if missing:
     raise ConfigError(f"train_data_columns: {missing} not in {label} (its columns: {sorted(dataset.column_names)})")
   dataset = dataset.select_columns(list(config.train_data_columns))
-  return text_pipeline.DocumentSource(name=label, key=files_key, dataset=grain.MapDataset.source(dataset))
+  parts = text_pipeline.RecordParts(grain.MapDataset.source(dataset))
+  return text_pipeline.DocumentSource(name=label, key=files_key, part=parts)
 
 
 def train_sources(config):

@@ -5,7 +5,8 @@ A row holds one or more documents back to back: `segmentation` numbers them 1, 2
 same document; the last token of each document has no target and is masked like padding.
 
 The packer is first-fit over a bounded set of open rows and keeps its open rows in its checkpoint state, so a
-resumed run emits exactly the rows the uninterrupted run would have.
+resumed run emits exactly the rows the uninterrupted run would have. Documents are tuples: never changed once
+placed, so a state snapshot can share them instead of copying every token.
 """
 
 import collections
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-Row = list[list[int]]  # the documents in one row, in order
+Row = list[tuple[int, ...]]  # the documents in one row, in order
 
 
 def split_document(tokens: Sequence[int], length: int, mode: str) -> list[list[int]]:
@@ -46,8 +47,9 @@ class FirstFitPacker:
     self.open: list[Row] = []
     self._fill: list[int] = []
 
-  def add(self, doc: list[int]) -> list[Row]:
-    """Places one document; returns the rows completed by doing so (zero or one)."""
+  def add(self, doc: Sequence[int]) -> list[Row]:
+    """Places one document; returns the rows completed by doing so (zero, one or two)."""
+    doc = tuple(doc)
     if not 0 < len(doc) <= self.length:
       raise ValueError(f"document of {len(doc)} tokens does not fit rows of {self.length}")
     for i, fill in enumerate(self._fill):
@@ -74,10 +76,10 @@ class FirstFitPacker:
     return self.open.pop(i)
 
   def get_state(self) -> list[Row]:
-    return [[list(doc) for doc in row] for row in self.open]
+    return [list(row) for row in self.open]
 
-  def set_state(self, state: list[Row]) -> None:
-    self.open = [[list(doc) for doc in row] for row in state]
+  def set_state(self, state: Sequence[Sequence[Sequence[int]]]) -> None:
+    self.open = [[tuple(doc) for doc in row] for row in state]
     self._fill = [sum(len(doc) for doc in row) for row in self.open]
 
 
@@ -118,11 +120,6 @@ def make_batch(rows: Sequence[dict[str, np.ndarray]], batch_rows: int, pad_id: i
   }
 
 
-def empty_batch(batch_rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """An all-padding batch (every weight zero): what a process feeds once its share of the data is used up."""
-  return make_batch([row_arrays([], length, pad_id)], batch_rows, pad_id)
-
-
 class _PackIterator(grain.DatasetIterator):
   """Iterator of PackIterDataset; state = parent position + open rows + rows waiting to be returned."""
 
@@ -143,21 +140,21 @@ class _PackIterator(grain.DatasetIterator):
         self._flushed = True
         self._ready.extend(self._packer.flush())
         continue
-      self._ready.extend(self._packer.add(list(doc)))
+      self._ready.extend(self._packer.add(doc))
     return row_arrays(self._ready.popleft(), self._packer.length, self._pad_id)
 
   def get_state(self) -> dict[str, Any]:
     return {
         "parent": self._parent.get_state(),
         "open": self._packer.get_state(),
-        "ready": [[list(doc) for doc in row] for row in self._ready],
+        "ready": [list(row) for row in self._ready],
         "flushed": self._flushed,
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self._packer.set_state(state["open"])
-    self._ready = collections.deque(state["ready"])
+    self._ready = collections.deque([tuple(doc) for doc in row] for row in state["ready"])
     self._flushed = state["flushed"]
 
 

@@ -41,9 +41,8 @@ def source(name: str, split: str, config, name_key: str, split_key: str) -> text
         " with file_format=array_record"
     ) from None
   label = f"{builder.name}[{split}]"
-  return text_pipeline.DocumentSource(
-      name=label, key=name_key or "dataset_path", dataset=grain.MapDataset.source(records)
-  )
+  parts = text_pipeline.RecordParts(grain.MapDataset.source(records))
+  return text_pipeline.DocumentSource(name=label, key=name_key or "dataset_path", part=parts)
 
 
 def train_sources(config):

@@ -11,7 +11,7 @@ from MaxText import pyconfig, sharding
 from MaxText.config_schema import ConfigError
 from MaxText.input_pipeline import create_data_iterators, distributed_batch, documents, file_sources, grain_pipeline
 from MaxText.input_pipeline import packing
-from MaxText.input_pipeline import synthetic, text_pipeline
+from MaxText.input_pipeline import synthetic
 from MaxText.input_pipeline import tokenizer as tokenizers
 
 LENGTH = 32
@@ -172,7 +172,7 @@ def test_synthetic_rows_do_not_depend_on_the_process_split():
 def test_process_share_covers_every_row_once():
   config = pyconfig.initialize(["", "base.yml"], dataset_type="synthetic", per_device_batch_size=2)
   share = distributed_batch.process_share(config, sharding.create_mesh(config))
-  assert share.local_batch == 16 and share.shard_count == 1 and list(share.rows) == list(range(16))
+  assert share.local_batch == 16 and list(share.rows) == list(range(16))
   assert share.sharding.spec[0] is not None  # the batch really is split over the devices
 
 
@@ -201,7 +201,7 @@ def test_first_fit_packer():
   # 4+5 share a row, 3 opens a second, 6 joins it; 10 fits nowhere with both rows open, so the fullest (first)
   # row goes out and 10, a full row, right after it; 2 opens a row; 1 fills [3, 6]; 2 is flushed at the end.
   assert lengths == [[4, 5], [10], [3, 6, 1], [2]]
-  assert emitted[0][0] == [400, 401, 402, 403]
+  assert emitted[0][0] == (400, 401, 402, 403)
 
 
 def test_rows_and_batch_shift():
@@ -370,36 +370,125 @@ def test_resume_with_worker_processes(tok_path, data):
   _assert_resumes(config, skip=2, then=2)
 
 
-def test_epochs_and_end_of_data(tok_path, data):
+def test_epochs_and_end_of_data(tok_path, data, tmp_path):
   one = make_config(tok_path, grain_train_files=data["jsonl"], packing=False, long_document_mode="truncate")
   train, _ = iterators(one)
   seen = [d for b in train for d in doc_ids(host(b), tok_path)]  # ends with StopIteration (single process)
-  # Each document is one row; the last partial batch is dropped.
-  assert len(seen) == len(set(seen)) == 120 // 8 * 8
+  # Each document is one row; each of the 8 streams (one per row) holds 15 of them.
+  assert len(seen) == len(set(seen)) == 120
   two = make_config(tok_path, grain_train_files=data["jsonl"], packing=False, long_document_mode="truncate", num_epoch=2)
   seen2 = [d for b in iterators(two)[0] for d in doc_ids(host(b), tok_path)]
   assert len(seen2) == 240 and seen2[:120] != seen2[120:] and sorted(seen2[:120]) == sorted(seen2[120:])
+  # 100 documents: streams 0-3 hold 13, streams 4-7 hold 12; their rows of the 13th batch are padding.
+  odd = make_config(
+      tok_path,
+      grain_train_files=write_jsonl(tmp_path / "odd.jsonl", make_docs(100)),
+      packing=False,
+      long_document_mode="truncate",
+  )
+  batches = [host(b) for b in iterators(odd)[0]]
+  assert len(batches) == 13 and len({d for b in batches for d in doc_ids(b, tok_path)}) == 100
+  last = batches[-1]["inputs_segmentation"]
+  assert last[:4, 0].all() and not last[4:].any()
 
 
-def test_process_shards_are_disjoint_and_cover_the_data(tok_path, data):
+@pytest.fixture(name="simulate")
+def _simulate(monkeypatch):
+  """Builds the train iterator of a process that holds the given rows of the global batch.
+
+  Such an iterator yields just those rows, as numpy: once this fixture has built one, no iterator in the test
+  assembles global arrays any more.
+  """
+
+  def build(config, rows, **overrides):
+    config = make_config(config.tokenizer_path, **{**_overrides(config), **overrides})
+    share = distributed_batch.ProcessShare(None, (config.global_batch_size_to_load, LENGTH), np.asarray(rows))
+    monkeypatch.setattr(distributed_batch, "process_share", lambda *_: share)
+    monkeypatch.setattr(distributed_batch, "to_global", lambda _, local: local)
+    return iterators(config)[0]
+
+  return build
+
+
+def _overrides(config):
+  keys = ("grain_train_files", "num_epoch", "data_streams", "packing", "long_document_mode", "grain_worker_count")
+  return {k: getattr(config, k) for k in keys}
+
+
+def _assert_same(a, b):
+  for key in distributed_batch.BATCH_KEYS:
+    assert np.array_equal(a[key], b[key]), key
+
+
+def _blocks(processes):
+  per = 8 // processes
+  return [range(p * per, (p + 1) * per) for p in range(processes)]
+
+
+@pytest.mark.parametrize("streams", [0, 4])
+def test_global_batch_does_not_depend_on_the_process_count(tok_path, data, simulate, streams):
+  """1 process x 8 devices gives the same global batches as 2 or 8 processes, also after each resumes."""
+  config = make_config(tok_path, grain_train_files=data["jsonl"], num_epoch=3, data_streams=streams)
+  reference = take(iterators(config)[0], 8)  # real global arrays over 8 devices
+  for processes in (2, 8):  # with data_streams=4, 8 processes each feed half a stream
+    its = [simulate(config, rows) for rows in _blocks(processes)]
+    first = [take(it, 4) for it in its]
+    states = [json.loads(json.dumps(it.get_state())) for it in its]  # what each process checkpoints
+    resumed = []
+    for rows, state in zip(_blocks(processes), states):
+      it = simulate(config, rows)
+      it.set_state(state)
+      resumed.append(take(it, 4))
+    for step in range(8):
+      parts = [f[step] if step < 4 else r[step - 4] for f, r in zip(first, resumed)]
+      _assert_same({k: np.concatenate([p[k] for p in parts]) for k in distributed_batch.BATCH_KEYS}, reference[step])
+  # Elastic: the states of 8 processes, merged, resume a 1-process run at the same place.
+  merged = {"streams": {k: v for state in states for k, v in state["streams"].items()}}
+  whole = simulate(config, range(8))
+  whole.set_state(merged)
+  for got, expected in zip(take(whole, 4), reference[4:]):
+    _assert_same(got, expected)
+
+
+def test_worker_count_does_not_change_the_data(tok_path, data, simulate):
+  config = make_config(tok_path, grain_train_files=data["jsonl"], num_epoch=3)
+  reference = take(simulate(config, range(4, 8)), 7)
+  workers = simulate(config, range(4, 8), grain_worker_count=3)  # streams 4, 5, 6, 7 over 3 workers
+  for got, expected in zip(take(workers, 3), reference):
+    _assert_same(got, expected)
+  # A state saved with workers resumes without them, and the other way round; reset rewinds a resumed iterator.
+  inline = simulate(config, range(4, 8))
+  inline.set_state(json.loads(json.dumps(workers.get_state())))
+  for got, expected in zip(take(inline, 3), reference[3:6]):
+    _assert_same(got, expected)
+  workers.set_state(inline.get_state())
+  _assert_same(take(workers, 1)[0], reference[6])
+  workers.reset()
+  _assert_same(take(workers, 1)[0], reference[0])
+
+
+def test_process_shares_are_disjoint_and_cover_the_data(tok_path, data, simulate):
   config = make_config(tok_path, grain_train_files=data["jsonl"], packing=False, long_document_mode="truncate")
-  options = documents.PipelineOptions.from_config(config)
-  per_process = []
-  for index in range(2):
-    share = distributed_batch.ProcessShare(None, (2, LENGTH), np.array([index]), index, 2)
-    sources = grain_pipeline.sources_from_files(data["jsonl"], "grain_train_files", config)
-    ds = text_pipeline.build_dataset(sources, options, share, pad_id=0, train=True)
-    per_process.append([d for b in ds for d in doc_ids(b, tok_path)])
-  assert not set(per_process[0]) & set(per_process[1])
-  assert sorted(per_process[0] + per_process[1], key=lambda s: int(s[3:])) == [f"doc{i}" for i in range(120)]
+  seen = []
+  for rows in _blocks(2):
+    # One real process: the iterator stops at the end of the data.
+    seen.append([int(d[3:]) for b in simulate(config, rows) for d in doc_ids(b, tok_path)])
+  # Stream k (row k) reads every 8th record from the k-th: process 0 never touches the records of rows 4-7.
+  assert {i % 8 for i in seen[0]} == {0, 1, 2, 3} and {i % 8 for i in seen[1]} == {4, 5, 6, 7}
+  assert sorted(seen[0] + seen[1]) == list(range(120))
 
 
-def test_file_level_sharding_reads_only_own_files(tok_path, data):
+def test_file_level_split_opens_only_own_files(tok_path, data):
   config = make_config(tok_path, grain_train_files=data["text"])
-  shards = [grain_pipeline.sources_from_files(data["text"], "k", config, i, 3)[0] for i in range(3)]
-  assert all(s.presharded for s in shards)
-  texts = [set(s.dataset) for s in shards]
-  assert not texts[0] & texts[1] and len(texts[0] | texts[1] | texts[2]) == 120
+  source = grain_pipeline.sources_from_files(data["text"], "grain_train_files", config)[0]
+  # Three files over three streams: stream i reads file i (documents i, i+3, ...), whole, and no other.
+  assert [list(source.part(i, 3)) for i in range(3)] == [data["docs"][i::3] for i in range(3)]
+  assert sorted(source.dataset) == sorted(data["docs"])
+
+
+def test_data_streams_must_divide_the_batch(tok_path, data):
+  with pytest.raises(ConfigError, match="data_streams: 3 does not divide the global batch of 8 rows"):
+    iterators(make_config(tok_path, grain_train_files=data["jsonl"], data_streams=3))
 
 
 def test_weighted_mixture(tok_path, tmp_path):
@@ -574,3 +663,9 @@ def test_two_processes_read_disjoint_shares(tok_path, data, tmp_path):
     seen.append(doc_ids(batches, tok_path))
   # 60 documents each; 7 steps of 4 rows per process reads 28 of them.
   assert len(seen[0]) == len(seen[1]) == 28 and not set(seen[0]) & set(seen[1])
+  # And together they are exactly the batches of one process with 8 devices.
+  config = make_config(tok_path, grain_train_files=data["jsonl"], packing=False, long_document_mode="truncate")
+  for step, expected in enumerate(take(iterators(config)[0], 7)):
+    for p in range(2):
+      rows = real[p]["batches"][step]["rows"]
+      assert np.array_equal(np.array(real[p]["batches"][step]["inputs"]), expected["inputs"][rows])

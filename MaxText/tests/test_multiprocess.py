@@ -148,3 +148,23 @@ def test_config_keys_start_multiprocess_only_when_asked():
   # One process (the default) never calls jax.distributed; pyconfig still reports the single process.
   config = pyconfig.initialize(["", "base.yml", *TINY])
   assert config.process_count == 1 and config.process_index == 0
+
+
+def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
+  """Elastic restart: a run checkpointed by 2 processes continues on 1 with the same data and losses."""
+  common = [*GRAIN, "per_device_batch_size=1", "learning_rate_schedule_steps=8", "checkpoint_period=4"]
+  straight = losses(train.train(make_config(tmp_path, "run_name=straight", "steps=8", *common)))
+  cmd = [
+      sys.executable,
+      "-m",
+      "MaxText.launch_local",
+      "num_processes=2",
+      "devices_per_process=4",
+      "--",
+      *_train_cmd(tmp_path, "run_name=elastic", "steps=4", *common)[3:],
+  ]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  resumed = losses(train.train(make_config(tmp_path, "run_name=elastic", "steps=8", *common)))
+  assert len(resumed) == 4
+  np.testing.assert_allclose(resumed, straight[4:], rtol=1e-5)
