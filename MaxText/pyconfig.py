@@ -267,6 +267,11 @@ def _derive(values: dict, model_keys: set) -> dict:
         f"max_prefill_predict_length: {v['max_prefill_predict_length']} exceeds"
         f" max_target_length {v['max_target_length']}"
     )
+  if 0 < v["trainable_position_size"] < v["max_target_length"]:
+    raise ConfigError(
+        f"max_target_length: {v['max_target_length']} exceeds the {v['trainable_position_size']} learned positions"
+        " (trainable_position_size)"
+    )
   if v["load_parameters_path"] and v["load_full_state_path"]:
     raise ConfigError("load_parameters_path: set either load_parameters_path or load_full_state_path, not both")
 

@@ -1,8 +1,10 @@
 """Multi-head attention with grouped/multi-query key-value heads, RoPE, packed-sequence and sliding-window masks.
 
 The module is split into steps a KV cache slots between without rewriting any of them:
-`project_qkv` -> `position_qk` (QK norm, RoPE) -> [cache update: later] -> `attend` (the core) -> `out_projection`.
+`project_qkv` -> `position_qk` (QK norm, RoPE) -> [KV cache update] -> `attend` (the core) -> `out_projection`.
 The core takes explicit query/key indices and segment ids, so a cache only has to supply its own key indices.
+model_mode "prefill" attends like training and fills the cache; "autoregressive" appends to it and attends over it
+(`init_cache` creates the cache first, see MaxText.inference.kvcache).
 """
 
 import logging
@@ -13,7 +15,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from MaxText import sharding
-from MaxText.layers.embeddings import RotaryEmbedding
+from MaxText.inference.kvcache import KVCache
+from MaxText.layers.embeddings import RotaryEmbedding, apply_rope
 from MaxText.layers.linears import DenseGeneral
 from MaxText.layers.normalizations import RMSNorm
 
@@ -37,42 +40,56 @@ def attention_mask(
     q_index: jax.Array,
     kv_index: jax.Array,
     sliding_window_size: int = 0,
+    window_active: bool | jax.Array = True,
 ) -> jax.Array:
   """Boolean [batch, q_len, kv_len]: causal, same segment, and (if set) within the last `sliding_window_size` tokens.
 
   Indices are token offsets in the row (not RoPE positions, which restart per packed segment). Padding (segment 0)
-  attends only to padding, so no row is empty and the softmax never sees an all-masked row.
+  attends only to padding, so no row is empty and the softmax never sees an all-masked row. `window_active` may be
+  a traced bool (a scanned layer that is local or global depending on its index).
   """
   q_index, kv_index = q_index[:, :, None], kv_index[:, None, :]
   mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_index <= q_index)
-  if sliding_window_size > 0:
-    mask &= q_index - kv_index < sliding_window_size
+  if sliding_window_size > 0 and window_active is not False:
+    in_window = q_index - kv_index < sliding_window_size
+    if window_active is not True:
+      in_window |= ~jnp.asarray(window_active)
+    mask &= in_window
   return mask
 
 
 def dot_product_attention(
     query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
+    key: jax.Array | tuple[jax.Array, ...],
+    value: jax.Array | tuple[jax.Array, ...],
     mask: jax.Array,
     *,
     scale: float,
     attn_logits_soft_cap: float = 0.0,
     float32_qk_product: bool = True,
     float32_logits: bool = True,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
   """Reference attention in plain einsums. query [B,S,Hq,D], key/value [B,T,Hkv,D], mask [B,S,T] -> [B,S,Hq,D].
 
-  Query heads are grouped onto their kv head by reshaping (no repeat of K/V in memory).
+  Query heads are grouped onto their kv head by reshaping (no repeat of K/V in memory). `kv_heads_first`: key/value
+  are [B,Hkv,T,D] (the KV cache's layout), so both einsums are plain batched matmuls over (B, Hkv) and XLA never
+  transposes the cache (on CPU that made a decode step's attention ~10x faster). key/value may be tuples of parts
+  (a KV cache and the new tokens) attended as one sequence, concatenated along T, without building the
+  concatenation; the mask then covers the parts' tokens in order.
   """
+  keys = tuple(key) if isinstance(key, (tuple, list)) else (key,)
+  values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
   b, s, num_q, d = query.shape
-  num_kv = key.shape[2]
+  t_axis = 2 if kv_heads_first else 1
+  num_kv = keys[0].shape[3 - t_axis]
+  kv = "bktd" if kv_heads_first else "btkd"
   if num_q % num_kv:
     raise ValueError(f"{num_q} query heads are not a multiple of {num_kv} kv heads")
   if float32_qk_product:
-    query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+    query, keys = query.astype(jnp.float32), tuple(k.astype(jnp.float32) for k in keys)
   grouped = query.reshape(b, s, num_kv, num_q // num_kv, d)
-  logits = jnp.einsum("bskgd,btkd->bkgst", grouped, key)
+  logits = jnp.concatenate([jnp.einsum(f"bskgd,{kv}->bkgst", grouped, k) for k in keys], axis=-1)
   if float32_logits:
     logits = logits.astype(jnp.float32)
   logits = logits * jnp.asarray(scale, logits.dtype)
@@ -80,8 +97,16 @@ def dot_product_attention(
     logits = attn_logits_soft_cap * jnp.tanh(logits / attn_logits_soft_cap)
   big_negative = jnp.asarray(0.7 * jnp.finfo(logits.dtype).min, logits.dtype)
   logits = jnp.where(mask[:, None, None, :, :], logits, big_negative)
-  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, value)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out, start = None, 0
+  for v in values:
+    p = probs[..., start : start + v.shape[t_axis]].astype(v.dtype)
+    start += v.shape[t_axis]
+    if kv_heads_first:
+      part = jnp.einsum("bkgst,bktd->bkgsd", p, v).transpose(0, 3, 1, 2, 4)
+    else:
+      part = jnp.einsum("bkgst,btkd->bskgd", p, v)
+    out = part if out is None else out + part
   return out.reshape(b, s, num_q, d)
 
 
@@ -121,7 +146,9 @@ def autoselected_attention(
 class Attention(nnx.Module):
   """Self-attention of one decoder layer: q/k/v/o projections, optional QK RMSNorm, RoPE, masked attention core.
 
-  Settings come from the config; keyword overrides let a family vary them per layer (e.g. local/global windows).
+  Settings come from the config; keyword overrides let a family vary them per layer. With `sliding_window_pattern`
+  the layer's index (passed at call time, traced inside a scanned stack) picks local (sliding window, and the local
+  RoPE when `local_rope_max_timescale` is set) or global attention, so every layer keeps the same parameters.
   """
 
   def __init__(self, config, *, rngs: nnx.Rngs, sliding_window_size: int | None = None):
@@ -132,22 +159,43 @@ class Attention(nnx.Module):
     if self.attention_kind not in ATTENTION_KINDS:
       raise ValueError(f"attention={self.attention_kind!r} is not one of {ATTENTION_KINDS}")
     self.sliding_window_size = config.sliding_window_size if sliding_window_size is None else sliding_window_size
+    self.sliding_window_pattern = config.sliding_window_pattern
     self.attn_logits_soft_cap = config.attn_logits_soft_cap
     self.float32_qk_product = config.float32_qk_product
     self.float32_logits = config.float32_logits
-    self.scale = head_dim**-0.5
-    kw = dict(rngs=rngs, dtype=config.dtype, weight_dtype=config.weight_dtype)
+    self.scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
+    kw = dict(rngs=rngs, dtype=config.dtype, weight_dtype=config.weight_dtype, use_bias=config.use_bias)
     self.query = DenseGeneral(emb, (self.num_query_heads, head_dim), kernel_axes=("embed", "q_heads", "kv"), **kw)
     self.key = DenseGeneral(emb, (self.num_kv_heads, head_dim), kernel_axes=("embed", "kv_heads", "kv"), **kw)
     self.value = DenseGeneral(emb, (self.num_kv_heads, head_dim), kernel_axes=("embed", "kv_heads", "kv"), **kw)
     self.out = DenseGeneral((self.num_query_heads, head_dim), emb, kernel_axes=("heads", "kv", "embed"), **kw)
     if config.use_qk_norm:
-      norm_kw = dict(epsilon=config.normalization_layer_epsilon, dtype=config.dtype, weight_dtype=config.weight_dtype)
+      norm_kw = dict(
+          epsilon=config.normalization_layer_epsilon,
+          dtype=config.dtype,
+          weight_dtype=config.weight_dtype,
+          scale_offset=config.normalization_scale_offset,
+      )
       self.query_norm = RMSNorm(head_dim, **norm_kw)
       self.key_norm = RMSNorm(head_dim, **norm_kw)
     else:
       self.query_norm = self.key_norm = None
     self.rope = RotaryEmbedding.from_config(config, head_dim)
+    self.local_rope = RotaryEmbedding.local_from_config(config, head_dim)
+    self.quantize_kvcache = config.quantize_kvcache
+    self.kv_cache = nnx.data(None)  # a KVCache once init_cache runs (prefill/autoregressive)
+
+  def init_cache(self, batch: int, length: int, stack: tuple[int, ...] = ()):
+    """An empty KV cache of `batch` rows x `length` tokens (with leading `stack` dims inside a scanned stack)."""
+    self.kv_cache = KVCache(
+        batch,
+        length,
+        self.num_kv_heads,
+        self.head_dim,
+        dtype=self.dtype,
+        quantize=self.quantize_kvcache,
+        stack=stack,
+    )
 
   def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     q_names = _BATCH_LEN + ("activation_heads", "activation_kv")
@@ -157,11 +205,29 @@ class Attention(nnx.Module):
     value = sharding.with_logical_constraint(checkpoint_name(self.value(x), "value_proj"), kv_names)
     return query, key, value
 
-  def position_qk(self, query: jax.Array, key: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """QK norm (per head, before rotation) then RoPE at each token's position."""
+  def is_local(self, layer_index: int | jax.Array) -> bool | jax.Array:
+    """Whether the layer at `layer_index` attends within the sliding window (a traced bool for a traced index)."""
+    if self.sliding_window_size <= 0:
+      return False
+    if self.sliding_window_pattern <= 0:
+      return True
+    return (layer_index + 1) % self.sliding_window_pattern != 0
+
+  def _rotate(self, x: jax.Array, positions: jax.Array, local: bool | jax.Array) -> jax.Array:
+    if self.local_rope is None or local is False:
+      return self.rope(x, positions)
+    if local is True:
+      return self.local_rope(x, positions)
+    inv_freq = jnp.where(local, self.local_rope.inv_frequencies(), self.rope.inv_frequencies())
+    return apply_rope(x, positions, inv_freq)
+
+  def position_qk(
+      self, query: jax.Array, key: jax.Array, positions: jax.Array, local: bool | jax.Array = True
+  ) -> tuple[jax.Array, jax.Array]:
+    """QK norm (per head, before rotation) then RoPE at each token's position (the local RoPE in local layers)."""
     if self.query_norm is not None:
       query, key = self.query_norm(query), self.key_norm(key)
-    return self.rope(query, positions), self.rope(key, positions)
+    return self._rotate(query, positions, local), self._rotate(key, positions, local)
 
   def attend(
       self,
@@ -174,20 +240,31 @@ class Attention(nnx.Module):
       q_index: jax.Array,
       kv_index: jax.Array,
       aligned: bool,
+      local: bool | jax.Array = True,
+      kv_heads_first: bool = False,
   ) -> jax.Array:
-    """The attention core. `aligned` means keys are exactly the queries' own sequence (train/prefill)."""
+    """The attention core. `aligned` means keys are exactly the queries' own sequence (train/prefill).
+
+    `local` (see is_local) switches the sliding window on; it only matters when sliding_window_size > 0.
+    `kv_heads_first`: key/value are [B, Hkv, T, D] (a KV cache) rather than [B, T, Hkv, D].
+    """
     if self.attention_kind == "autoselected" and aligned:
       if self.attn_logits_soft_cap > 0:
         _log_once("attention=autoselected: attn_logits_soft_cap needs the dot_product path; using it")
       else:
-        return autoselected_attention(
-            query, key, value, q_segment_ids, scale=self.scale, sliding_window_size=self.sliding_window_size
-        )
+
+        def fused(window):
+          return autoselected_attention(query, key, value, q_segment_ids, scale=self.scale, sliding_window_size=window)
+
+        if isinstance(local, bool):
+          return fused(self.sliding_window_size if local else 0)
+        # The fused kernel needs a static window: compile both and let the traced flag pick one.
+        return jax.lax.cond(local, lambda: fused(self.sliding_window_size), lambda: fused(0))
     if q_segment_ids is None:
       q_segment_ids = jnp.ones(q_index.shape, jnp.int32)
     if kv_segment_ids is None:
       kv_segment_ids = jnp.ones(kv_index.shape, jnp.int32)
-    mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, self.sliding_window_size)
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, self.sliding_window_size, local)
     return dot_product_attention(
         query,
         key,
@@ -197,6 +274,7 @@ class Attention(nnx.Module):
         attn_logits_soft_cap=self.attn_logits_soft_cap,
         float32_qk_product=self.float32_qk_product,
         float32_logits=self.float32_logits,
+        kv_heads_first=kv_heads_first,
     )
 
   def out_projection(self, context: jax.Array) -> jax.Array:
@@ -212,13 +290,21 @@ class Attention(nnx.Module):
       *,
       model_mode: str = "train",
       deterministic: bool = True,  # pylint: disable=unused-argument
+      layer_index: int | jax.Array = 0,
   ) -> jax.Array:
+    """`layer_index` (this layer's place in the stack) picks local or global attention under sliding_window_pattern."""
     if model_mode not in MODEL_MODES:
       raise ValueError(f"model_mode {model_mode!r} is not one of {MODEL_MODES}")
-    if model_mode == "autoregressive":
-      raise NotImplementedError("autoregressive attention needs the KV cache, which is not built yet")
+    if model_mode != "train" and self.kv_cache is None:
+      raise ValueError(f"model_mode {model_mode!r} needs a KV cache: call the model's init_cache first")
     query, key, value = self.project_qkv(x)
-    query, key = self.position_qk(query, key, positions)
+    local = self.is_local(layer_index)
+    query, key = self.position_qk(query, key, positions, local)
+    if model_mode == "autoregressive":
+      return self.out_projection(checkpoint_name(self._attend_cached(query, key, value, local), "context"))
+    if model_mode == "prefill":
+      lengths = x.shape[1] if segment_ids is None else jnp.sum(segment_ids != 0, axis=1)
+      self.kv_cache.prefill(key, value, jnp.broadcast_to(lengths, x.shape[:1]))
     index = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
     context = self.attend(
         query,
@@ -229,5 +315,31 @@ class Attention(nnx.Module):
         q_index=index,
         kv_index=index,
         aligned=True,
+        local=local,
     )
     return self.out_projection(checkpoint_name(context, "context"))
+
+  def _attend_cached(
+      self, query: jax.Array, key: jax.Array, value: jax.Array, local: bool | jax.Array = True
+  ) -> jax.Array:
+    """New tokens (one per row when decoding) attend over their row's cache and themselves, then join the cache.
+
+    The cache is read as it was (its unfilled tail masked out) and the new keys/values are attended as a second
+    part, so the cache write can happen in place after the read; the sliding window counts from each row's own
+    position.
+    """
+    view = self.kv_cache.attention_view(key, value)
+    context = self.attend(
+        query,
+        view.keys,
+        view.values,
+        q_segment_ids=None,
+        kv_segment_ids=view.kv_segment_ids,
+        q_index=view.q_index,
+        kv_index=view.kv_index,
+        aligned=False,
+        local=local,
+        kv_heads_first=True,
+    )
+    self.kv_cache.append(key, value, after=context)
+    return context

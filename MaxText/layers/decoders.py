@@ -6,6 +6,7 @@ policies, dropout keys, and the logits head.
 """
 
 import importlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from flax import nnx
 from MaxText import sharding
 from MaxText.layers.embeddings import Embed
 from MaxText.layers.linears import DenseGeneral
-from MaxText.layers.normalizations import RMSNorm
+from MaxText.layers.normalizations import create_norm
 
 LAYERS_PATH = ("decoder", "layers")  # where the layer stack sits in the model's state
 
@@ -93,29 +94,53 @@ class DecoderStack(nnx.Module):
       dropout_rng: jax.Array | None,
   ) -> jax.Array:
     layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers)
-
-    def apply(layer, y, rng):
-      return layer(y, positions, segment_ids, deterministic=deterministic, model_mode=model_mode, dropout_rng=rng)
-
     policy = remat_policy(self.remat_policy)
-    if self.remat_policy != "none":
+
+    # Each layer is told its index (`layer_index`): families with a local/global attention pattern need it.
+    def layer_fn(layer_index):
+      def apply(layer, y, rng):
+        return layer(
+            y,
+            positions,
+            segment_ids,
+            deterministic=deterministic,
+            model_mode=model_mode,
+            dropout_rng=rng,
+            layer_index=layer_index,
+        )
+
+      if self.remat_policy == "none":
+        return apply
       # Inside scan, CSE across iterations cannot happen, so prevent_cse only costs speed there.
-      apply = nnx.remat(apply, policy=policy, prevent_cse=not self.scan_layers)
+      return nnx.remat(apply, policy=policy, prevent_cse=not self.scan_layers)
 
     if not self.scan_layers:
       for i, layer in enumerate(self.layers):
-        x = apply(layer, x, None if layer_rngs is None else layer_rngs[i])
+        # A static index: each unrolled layer compiles just its own kind of attention.
+        x = layer_fn(i)(layer, x, None if layer_rngs is None else layer_rngs[i])
       return x
 
     @nnx.scan(
-        in_axes=(scan_axes(self.param_scan_axis), nnx.Carry, 0),
+        in_axes=(scan_axes(self.param_scan_axis), nnx.Carry, 0, 0),
         out_axes=nnx.Carry,
         transform_metadata={nnx.PARTITION_NAME: "layers"},
     )
-    def step(layer, y, rng):
-      return apply(layer, y, rng)
+    def step(layer, y, rng, layer_index):
+      return layer_fn(layer_index)(layer, y, rng)
 
-    return step(self.layers, x, layer_rngs)
+    return step(self.layers, x, layer_rngs, jnp.arange(self.num_layers, dtype=jnp.int32))
+
+  def init_cache(self, batch: int, length: int):
+    """Gives every module of the layers that has `init_cache` (attention) an empty KV cache of [batch, length].
+
+    In the scanned stack the cache gets the stacked layer count as a leading dim (scan_axes() stacks it on axis 0).
+    """
+    for layer in [self.layers] if self.scan_layers else list(self.layers):
+      stack = ()
+      if self.scan_layers:
+        stack = (jax.tree.leaves(nnx.state(layer, nnx.Param))[0].shape[self.param_scan_axis],)
+      for module in [m for _, m in nnx.iter_modules(layer) if m is not layer and hasattr(m, "init_cache")]:
+        module.init_cache(batch, length, stack)
 
 
 class Transformer(nnx.Module):
@@ -135,11 +160,20 @@ class Transformer(nnx.Module):
     kw = dict(dtype=config.dtype, weight_dtype=config.weight_dtype)
     self.token_embedder = Embed(config.vocab_size, config.emb_dim, rngs=rngs, **kw)
     self.decoder = DecoderStack(config, rngs=rngs)
-    self.decoder_norm = RMSNorm(config.emb_dim, epsilon=config.normalization_layer_epsilon, **kw)
+    self.decoder_norm = create_norm(config, config.emb_dim)
     if self.logits_via_embedding:
       self.logits_dense = None
     else:
       self.logits_dense = DenseGeneral(config.emb_dim, config.vocab_size, kernel_axes=("embed", "vocab"), rngs=rngs, **kw)
+    # Gemma scales token embeddings (in the activation dtype, as its reference does); GPT-3 adds learned positions.
+    self.embedding_scale = math.sqrt(config.emb_dim) if config.scale_embedding_by_sqrt_dim else None
+    if config.trainable_position_size > 0:
+      # Positions past the table embed as NaN (jnp.take's fill), so an overlong sequence fails loudly.
+      self.position_embedder = Embed(
+          config.trainable_position_size, config.emb_dim, rngs=rngs, axes=(None, "embed"), **kw
+      )
+    else:
+      self.position_embedder = None
     self.uses_dropout = config.dropout_rate > 0 and config.enable_dropout
     # A stream of its own, so training can reseed it (nnx.reseed) or pass `rngs=` per step.
     self.dropout_rngs = nnx.Rngs(dropout=rngs.dropout()) if self.uses_dropout else None
@@ -153,17 +187,34 @@ class Transformer(nnx.Module):
       deterministic: bool = True,
       model_mode: str = "train",
       rngs: nnx.Rngs | None = None,
+      logits_at: jax.Array | None = None,
   ) -> jax.Array:
+    """`logits_at` [batch] (decode): logits only at that token of each row, [batch, 1, vocab]."""
     dropout_rng = None
     if self.uses_dropout and not deterministic:
       dropout_rng = (rngs if rngs is not None else self.dropout_rngs).dropout()
     x = sharding.with_logical_constraint(
-        self.token_embedder(tokens), ("activation_batch", "activation_length", "activation_embed")
+        self.embed(tokens, positions), ("activation_batch", "activation_length", "activation_embed")
     )
     x = self.decoder(
         x, positions, segment_ids, deterministic=deterministic, model_mode=model_mode, dropout_rng=dropout_rng
     )
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     return self.logits(self.decoder_norm(x))
+
+  def init_cache(self, batch: int, length: int):
+    """Empty KV caches for model_mode "prefill"/"autoregressive": `batch` rows of up to `length` tokens."""
+    self.decoder.init_cache(batch, length)
+
+  def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Input embeddings [batch, seq, embed]: token embeddings (scaled for Gemma), plus learned positions (GPT-3)."""
+    x = self.token_embedder(tokens)
+    if self.embedding_scale is not None:
+      x = x * jnp.asarray(self.embedding_scale, x.dtype)
+    if self.position_embedder is not None:
+      x = x + self.position_embedder(positions)
+    return x
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Output head on the final-normed hidden states [batch, seq, embed]."""

@@ -8,11 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-ROPE_TYPES = ("default", "llama3.1", "linear")
+ROPE_TYPES = ("default", "llama3.1", "linear", "none")
 
 
 class Embed(nnx.Module):
-  """Token embedding table [vocab, embed]; `attend` reuses it as the output projection for tied logits."""
+  """Embedding table [vocab, embed]; `attend` reuses it as the output projection for tied logits.
+
+  Also the learned position table (GPT-3), with `axes` naming its rows other than "vocab".
+  """
 
   def __init__(
       self,
@@ -22,13 +25,14 @@ class Embed(nnx.Module):
       rngs: nnx.Rngs,
       dtype: jnp.dtype = jnp.float32,
       weight_dtype: jnp.dtype = jnp.float32,
+      axes: tuple[str | None, str | None] = ("vocab", "embed"),
   ):
     self.num_embeddings = num_embeddings
     self.dtype = dtype
     init = nnx.initializers.normal(stddev=1.0)
     self.embedding = nnx.Param(
         init(rngs.params(), (num_embeddings, features), weight_dtype),
-        out_sharding=("vocab", "embed"),
+        out_sharding=axes,
         eager_sharding=False,
     )
 
@@ -55,6 +59,7 @@ def rope_inv_frequencies(
   """Rotation frequencies (radians per position) of the head_dim/2 dimension pairs, as float32.
 
   default: 1 / timescale_i with timescales spaced geometrically from min_timescale to max_timescale (theta).
+  none: all zeros, so the rotation is the identity (models without RoPE).
   linear: positions divided by `scaling_factor` (same as dividing every frequency).
   llama3.1: frequencies whose wavelength exceeds original_max_position_embeddings / low_freq_factor are divided by
   `scaling_factor`, those shorter than original / high_freq_factor are kept, and the band between is interpolated.
@@ -63,7 +68,9 @@ def rope_inv_frequencies(
     raise ValueError(f"rope_type {rope_type!r} is not one of {ROPE_TYPES}")
   fraction = 2.0 * np.arange(head_dim // 2, dtype=np.float64) / head_dim
   inv_freq = 1.0 / (min_timescale * (max_timescale / min_timescale) ** fraction)
-  if rope_type == "linear":
+  if rope_type == "none":
+    inv_freq = np.zeros_like(inv_freq)
+  elif rope_type == "linear":
     inv_freq = inv_freq / scaling_factor
   elif rope_type == "llama3.1":
     wavelen = 2.0 * math.pi / inv_freq
@@ -118,9 +125,18 @@ class RotaryEmbedding:
         original_max_position_embeddings=config.rope_original_max_position_embeddings,
     )
 
+  @classmethod
+  def local_from_config(cls, config, head_dim: int) -> "RotaryEmbedding | None":
+    """The sliding-window layers' own RoPE (`local_rope_max_timescale`, unscaled), or None when they share it."""
+    if config.local_rope_max_timescale <= 0:
+      return None
+    return cls(head_dim=head_dim, min_timescale=config.rope_min_timescale, max_timescale=config.local_rope_max_timescale)
+
   def inv_frequencies(self) -> np.ndarray:
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     return rope_inv_frequencies(fields.pop("head_dim"), **fields)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    if self.rope_type == "none":
+      return x
     return apply_rope(x, positions, self.inv_frequencies())

@@ -86,8 +86,9 @@ class DenseGeneral(nnx.Module):
 class MlpBlock(nnx.Module):
   """Feed-forward block: one input projection per activation, multiplied together, then the output projection.
 
-  `activations=("silu", "linear")` is SwiGLU (Llama); a single activation is a plain MLP. Projections are named
-  `wi_0, wi_1, ...` (or `wi` when there is one) and `wo`, the names checkpoint converters and remat policies use.
+  `activations=("silu", "linear")` is SwiGLU (Llama), `("gelu_tanh", "linear")` GeGLU (Gemma); a single activation
+  is a plain MLP (GPT-3, with `use_bias`). Projections are named `wi_0, wi_1, ...` (or `wi` when there is one) and
+  `wo`, the names checkpoint converters and remat policies use.
   """
 
   def __init__(
@@ -99,9 +100,10 @@ class MlpBlock(nnx.Module):
       rngs: nnx.Rngs,
       dtype: jnp.dtype = jnp.float32,
       weight_dtype: jnp.dtype = jnp.float32,
+      use_bias: bool = False,
   ):
     self.activation_names = tuple(activations)
-    kw = dict(rngs=rngs, dtype=dtype, weight_dtype=weight_dtype)
+    kw = dict(rngs=rngs, dtype=dtype, weight_dtype=weight_dtype, use_bias=use_bias)
     if len(self.activation_names) == 1:
       self.wi = DenseGeneral(emb_dim, mlp_dim, kernel_axes=("embed", "mlp"), **kw)
     else:

@@ -1,4 +1,4 @@
-"""Normalization layers."""
+"""Normalization layers: RMSNorm and LayerNorm, and the config's choice between them."""
 
 import jax
 import jax.numpy as jnp
@@ -6,10 +6,11 @@ from flax import nnx
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square norm over the last axis with a learned scale.
+  """Root-mean-square norm over the last axis with a learned scale, applied as (scale_offset + scale).
 
   The statistics and the scaling run in float32 whatever `dtype` is: in bfloat16 the mean of squares loses enough
-  precision to shift the output visibly.
+  precision to shift the output visibly. `scale_offset=1` is Gemma's (1 + scale) with scales initialized at 0, so
+  a checkpoint stores the same numbers its source model does.
   """
 
   def __init__(
@@ -20,12 +21,60 @@ class RMSNorm(nnx.Module):
       dtype: jnp.dtype = jnp.float32,
       weight_dtype: jnp.dtype = jnp.float32,
       scale_names: tuple[str, ...] = ("norm",),
+      scale_offset: float = 0.0,
   ):
     self.epsilon = epsilon
     self.dtype = dtype
-    self.scale = nnx.Param(jnp.ones((num_features,), weight_dtype), out_sharding=scale_names, eager_sharding=False)
+    self.scale_offset = scale_offset
+    init = jnp.full((num_features,), 1.0 - scale_offset, weight_dtype)
+    self.scale = nnx.Param(init, out_sharding=scale_names, eager_sharding=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    return (y * (self.scale_offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """Mean-and-variance norm over the last axis with a learned scale (plus `scale_offset`) and bias, in float32."""
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      epsilon: float = 1e-5,
+      dtype: jnp.dtype = jnp.float32,
+      weight_dtype: jnp.dtype = jnp.float32,
+      scale_names: tuple[str, ...] = ("norm",),
+      scale_offset: float = 0.0,
+  ):
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.scale_offset = scale_offset
+    init = jnp.full((num_features,), 1.0 - scale_offset, weight_dtype)
+    self.scale = nnx.Param(init, out_sharding=scale_names, eager_sharding=False)
+    self.bias = nnx.Param(jnp.zeros((num_features,), weight_dtype), out_sharding=scale_names, eager_sharding=False)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * (self.scale_offset + self.scale[...].astype(jnp.float32)) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+
+
+def create_norm(config, num_features: int) -> RMSNorm | LayerNorm:
+  """The model norm the config asks for (`normalization_type`, epsilon, scale offset, dtypes)."""
+  if config.normalization_type not in NORMS:
+    raise ValueError(f"normalization_type {config.normalization_type!r} is not one of {sorted(NORMS)}")
+  return NORMS[config.normalization_type](
+      num_features,
+      epsilon=config.normalization_layer_epsilon,
+      dtype=config.dtype,
+      weight_dtype=config.weight_dtype,
+      scale_offset=config.normalization_scale_offset,
+  )

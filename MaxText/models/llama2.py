@@ -2,6 +2,8 @@
 
 Every Llama generation shares this layer; generations differ only by config keys (GQA head counts, `rope_type`,
 `rope_max_timescale`, vocab), which the model ymls set.
+Other families reuse it where they differ only in config (Qwen 3: QK norm; Gemma: (1 + scale) norms and GeGLU;
+GPT-3: LayerNorm, biases, learned positions). The Hugging Face mapping (LlamaForCausalLM) is at the end.
 """
 
 import jax
@@ -10,7 +12,8 @@ from flax import nnx
 from MaxText import sharding
 from MaxText.layers.attentions import Attention
 from MaxText.layers.linears import MlpBlock
-from MaxText.layers.normalizations import RMSNorm
+from MaxText.layers.normalizations import create_norm
+from MaxText.utils.ckpt_conversion import weight_mapping
 
 _EMBED_NAMES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -19,10 +22,9 @@ class LlamaDecoderLayer(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x)); dropout (when training) on each branch before the residual add."""
 
   def __init__(self, config, *, rngs: nnx.Rngs):
-    norm_kw = dict(epsilon=config.normalization_layer_epsilon, dtype=config.dtype, weight_dtype=config.weight_dtype)
-    self.pre_self_attention_layer_norm = RMSNorm(config.emb_dim, **norm_kw)
+    self.pre_self_attention_layer_norm = create_norm(config, config.emb_dim)
     self.self_attention = Attention(config, rngs=rngs)
-    self.post_self_attention_layer_norm = RMSNorm(config.emb_dim, **norm_kw)
+    self.post_self_attention_layer_norm = create_norm(config, config.emb_dim)
     self.mlp = MlpBlock(
         config.emb_dim,
         config.mlp_dim,
@@ -30,6 +32,7 @@ class LlamaDecoderLayer(nnx.Module):
         rngs=rngs,
         dtype=config.dtype,
         weight_dtype=config.weight_dtype,
+        use_bias=config.use_bias,
     )
     self.dropout = nnx.Dropout(config.dropout_rate if config.enable_dropout else 0.0)
 
@@ -42,12 +45,15 @@ class LlamaDecoderLayer(nnx.Module):
       deterministic: bool = True,
       model_mode: str = "train",
       dropout_rng: jax.Array | None = None,
+      layer_index: int | jax.Array = 0,
   ) -> jax.Array:
     attn_rng = mlp_rng = None
     if dropout_rng is not None:
       attn_rng, mlp_rng = jax.random.split(dropout_rng)
     h = self.pre_self_attention_layer_norm(x)
-    h = self.self_attention(h, positions, segment_ids, model_mode=model_mode, deterministic=deterministic)
+    h = self.self_attention(
+        h, positions, segment_ids, model_mode=model_mode, deterministic=deterministic, layer_index=layer_index
+    )
     x = x + self.dropout(h, deterministic=deterministic, rngs=attn_rng)
     x = sharding.with_logical_constraint(x, _EMBED_NAMES)
     h = self.mlp(self.post_self_attention_layer_norm(x))
@@ -57,3 +63,20 @@ class LlamaDecoderLayer(nnx.Module):
 
 # The name the shared decoder stack looks up in every family module.
 DecoderLayer = LlamaDecoderLayer
+
+# ---------------------------------------------------------------- Hugging Face (LlamaForCausalLM)
+
+HF_ARCHITECTURES = ("LlamaForCausalLM",)
+HF_MODEL_TYPE = "llama"
+
+
+def config_from_hf(hf: weight_mapping.HFConfig) -> dict:
+  return weight_mapping.llama_config(hf)
+
+
+def hf_config(config) -> dict:
+  return weight_mapping.llama_hf_config(config)
+
+
+def hf_weights(config) -> list[weight_mapping.Rule]:
+  return weight_mapping.embeddings_and_head(config) + weight_mapping.llama_layer(config)

@@ -1,0 +1,85 @@
+"""Finding and loading the parameters to decode with, with errors that name the cause.
+
+Sources, in order: `load_parameters_path`, `load_full_state_path` (a params-only checkpoint or a training step
+directory), else the newest committed checkpoint of `run_name`. Scanned or unscanned layouts load into either.
+"""
+
+import logging
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from MaxText import checkpointing
+from MaxText.config_schema import ConfigError
+from MaxText.layers import scan_layout
+
+logger = logging.getLogger("MaxText")
+
+
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
+  """`{checkpoint_dir}/{step}` of the newest committed step, or None; reads only (creates nothing)."""
+  if not epath.Path(checkpoint_dir).exists():
+    return None
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(epath.Path(checkpoint_dir), options=options) as manager:
+    step = manager.latest_step()
+  return None if step is None else f"{checkpoint_dir}/{step}"
+
+
+def checkpoint_source(config) -> tuple[str, str]:
+  """(config key that names the source, path) of the parameters to load; ConfigError when there are none."""
+  for key in ("load_parameters_path", "load_full_state_path"):
+    path = getattr(config, key)
+    if path:
+      if not epath.Path(path).exists():
+        raise ConfigError(f"{key}: no checkpoint at {path}")
+      return key, path
+  path = latest_checkpoint(config.checkpoint_dir)
+  if path is None:
+    raise ConfigError(
+        f"run_name: no checkpoint found for run {config.run_name!r} in {config.checkpoint_dir}"
+        " (set load_parameters_path, or the run_name of a run that saved checkpoints)"
+    )
+  return "run_name", path
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _unscanned(tree) -> bool:
+  """True when decoder/layers holds one subtree per layer (keys 0, 1, ...) instead of stacked arrays."""
+  layers = tree.get("decoder", {}).get("layers", {})
+  return bool(layers) and all(str(k).isdigit() for k in layers)
+
+
+def shape_mismatches(path: str, abstract_params, param_scan_axis: int) -> list[str]:
+  """Differences between a checkpoint's parameter tree and the config's (compared in the checkpoint's layout)."""
+  stored = checkpointing.stored_params_tree(path)
+  want = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
+  stored_unscanned, want_unscanned = _unscanned(stored), _unscanned(want)
+  if stored_unscanned and not want_unscanned:
+    want = scan_layout.scanned_to_unscanned(want, param_scan_axis)
+  elif want_unscanned and not stored_unscanned:
+    want = scan_layout.unscanned_to_scanned(want, param_scan_axis)
+  have, need = _shapes(stored), _shapes(want)
+  problems = [f"{k}: checkpoint {have[k]} vs config {need[k]}" for k in sorted(need) if k in have and have[k] != need[k]]
+  problems += [f"{k}: missing from the checkpoint" for k in sorted(set(need) - set(have))]
+  problems += [f"{k}: in the checkpoint but not in the model" for k in sorted(set(have) - set(need))]
+  return problems
+
+
+def load_params(config, abstract_params, param_shardings):
+  """The params pure dict, placed with `param_shardings`; ConfigError for a missing or mismatched checkpoint."""
+  key, path = checkpoint_source(config)
+  try:
+    problems = shape_mismatches(path, abstract_params, config.param_scan_axis)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"{key}: cannot read a checkpoint at {path}: {e}") from None
+  if problems:
+    shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+    raise ConfigError(f"{key}: the checkpoint at {path} does not match this config's model: {shown}")
+  logger.info("Loading parameters from %s", path)
+  return checkpointing.load_params(path, abstract_params, param_shardings, config.param_scan_axis)

@@ -1,0 +1,133 @@
+"""MaxText params checkpoint -> Hugging Face directory (config.json + safetensors) that transformers loads.
+
+    python3 -m MaxText.utils.ckpt_conversion.to_huggingface CONFIG load_parameters_path=P hf_output_path=DIR \\
+        [weight_dtype=bfloat16] [key=value ...]
+
+P is a params-only checkpoint (to_maxtext, generate_param_only_checkpoint) or a step directory of a training run,
+scanned or unscanned. Tensors are written in `weight_dtype`, one rule at a time: host memory stays near one
+parameter (stacked over layers when the checkpoint is scanned), plus Orbax's transient copy while reading it.
+A config whose settings the family's Hugging Face model cannot express (say, a soft cap on a Llama) is refused
+rather than exported as a different model.
+"""
+
+import json
+import logging
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from MaxText import pyconfig
+from MaxText.config_schema import ConfigError
+from MaxText.utils.ckpt_conversion import cli, params_io, to_maxtext, weight_mapping
+from MaxText.utils.ckpt_conversion.safetensors_io import SafetensorsWriter
+
+logger = logging.getLogger("MaxText")
+
+TOOL_KEYS = ("hf_output_path",)
+USAGE = "python3 -m MaxText.utils.ckpt_conversion.to_huggingface CONFIG load_parameters_path=P hf_output_path=DIR"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def hf_config_json(config) -> dict[str, Any]:
+  """config.json for the config, after checking transformers would read it back as the same model."""
+  module = weight_mapping.family_for_config(config)
+  fields = module.hf_config(config)
+  _, back = to_maxtext.model_keys({**fields, "architectures": [module.HF_ARCHITECTURES[0]]})
+  differs = [f"{k}={config.get(k)!r} (reads back as {v!r})" for k, v in back.items() if config.get(k) != v]
+  if differs:
+    raise weight_mapping.UnsupportedCheckpointError(
+        f"{module.HF_ARCHITECTURES[0]} cannot express this config: {', '.join(differs)}"
+    )
+  dtype = np.dtype(config.weight_dtype).name
+  return {"architectures": [module.HF_ARCHITECTURES[0]], "model_type": module.HF_MODEL_TYPE, **fields} | {
+      "dtype": dtype,
+      "torch_dtype": dtype,  # the 4.x name
+  }
+
+
+def convert(config, hf_output_path: str, max_shard_bytes: int = 5 * 10**9):
+  """Writes hf_output_path/{config.json, model*.safetensors} (and the tokenizer files, for a huggingface tokenizer)."""
+  start = time.time()
+  if not config.load_parameters_path:
+    raise ConfigError(f"load_parameters_path: required; usage: {USAGE}")
+  module = weight_mapping.family_for_config(config)
+  config_json = hf_config_json(config)
+  reader = params_io.ParamsReader(config.load_parameters_path)
+  rules = module.hf_weights(config)
+  layers = range(config.num_decoder_layers)
+  dtype = np.dtype(config.weight_dtype)
+  entries = [
+      (name, shape, dtype)
+      for rule in rules
+      for i in (layers if rule.per_layer else [None])
+      for name, shape in zip(rule.hf_names(i), rule.hf_shapes)
+  ]
+  out = pathlib.Path(hf_output_path)
+  writer = SafetensorsWriter(out, entries, max_shard_bytes)
+  axis = config.param_scan_axis
+  for rule in rules:
+    if not rule.per_layer:
+      _write(writer, rule.hf_names(), rule.to_hf(reader.read(rule.maxtext_paths())), dtype)
+    elif reader.unscanned:
+      for i in layers:
+        _write(writer, rule.hf_names(i), rule.to_hf(reader.read(rule.maxtext_paths(i))), dtype)
+    else:
+      paths = [to_maxtext.layer_free(p) for p in rule.maxtext_paths(0)]
+      stacked = reader.read(paths)
+      for path, shape in zip(paths, [s.shape for s in stacked]):
+        if len(shape) <= axis or shape[axis] != config.num_decoder_layers:
+          raise ValueError(
+              f"{'/'.join(path)}: stored shape {shape} has no {config.num_decoder_layers}-layer axis at"
+              f" param_scan_axis={axis}"
+          )
+      for i in layers:
+        _write(writer, rule.hf_names(i), rule.to_hf([np.take(s, i, axis=axis) for s in stacked]), dtype)
+      del stacked  # before the next rule's read, so two rules' stacks never coexist
+    params_io.release_freed_memory()
+  writer.close()
+  (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+  _copy_tokenizer(config, out)
+  logger.info(
+      "Wrote %s (%d tensors, %s) to %s in %.1fs",
+      config_json["architectures"][0],
+      len(entries),
+      dtype.name,
+      out,
+      time.time() - start,
+  )
+
+
+def _write(writer: SafetensorsWriter, names: list[str], arrays: list[np.ndarray], dtype: np.dtype):
+  for name, array in zip(names, arrays):
+    writer.write(name, array.astype(dtype, copy=False))
+
+
+def _copy_tokenizer(config, out: pathlib.Path):
+  """The Hugging Face tokenizer files next to the config's tokenizer_path, when it names one."""
+  if config.tokenizer_type != "huggingface" or not config.tokenizer_path:
+    return
+  source = pathlib.Path(config.tokenizer_path)
+  source = source if source.is_dir() else source.parent
+  for name in TOKENIZER_FILES:
+    if (source / name).is_file():
+      shutil.copy(source / name, out / name)
+
+
+def main(argv: Sequence[str]):
+  def run():
+    if len(argv) < 2 or "=" in argv[1]:
+      raise ConfigError(f"no config file given; usage: {USAGE}")
+    own, overrides = cli.split_args(argv[2:], TOOL_KEYS)
+    hf_output_path = cli.require(own, "hf_output_path", USAGE)
+    config = pyconfig.initialize(["", argv[1], *overrides], log_config=False)
+    convert(config, hf_output_path)
+
+  cli.run(run)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

@@ -1,0 +1,244 @@
+"""Hugging Face checkpoint -> MaxText config and params checkpoint, streamed tensor by tensor.
+
+    python3 -m MaxText.utils.ckpt_conversion.to_maxtext hf_model_path=DIR output_directory=OUT \\
+        [scan_layers=true|false] [weight_dtype=float32|bfloat16] [key=value ...]
+
+DIR holds config.json and safetensors (one file or shards with model.safetensors.index.json); nothing is downloaded.
+Writes OUT/model.yml (base_config: base.yml plus every model key derived from config.json, so train, decode and
+api.load take it as their config) and OUT/params (an Orbax params checkpoint for load_parameters_path).
+
+Host memory stays near twice the larger of the write batch (`flush_bytes`, 128 MiB) and the largest converted
+array: with scan_layers=true that is one parameter stacked over all layers, with scan_layers=false one layer's
+parameter. Convert big models with scan_layers=false (training and decoding load either layout).
+"""
+
+import json
+import logging
+import pathlib
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+from flax import nnx, traverse_util
+
+from MaxText import pyconfig
+from MaxText.layers import model_creation, scan_layout
+from MaxText.layers.decoders import LAYERS_PATH
+from MaxText.utils.ckpt_conversion import cli, params_io, weight_mapping
+from MaxText.utils.ckpt_conversion.safetensors_io import SafetensorsReader
+
+logger = logging.getLogger("MaxText")
+
+TOOL_KEYS = ("hf_model_path", "output_directory")
+USAGE = "python3 -m MaxText.utils.ckpt_conversion.to_maxtext hf_model_path=DIR output_directory=OUT [key=value ...]"
+
+# The keys that define a model's architecture: model.yml writes every one of them (base.yml's value unless the
+# family's config_from_hf sets it), so the file means the same model whatever base.yml's defaults become.
+MODEL_KEYS = (
+    "decoder_block",
+    "global_parameter_scale",
+    "base_emb_dim",
+    "base_num_query_heads",
+    "base_num_kv_heads",
+    "base_mlp_dim",
+    "base_num_decoder_layers",
+    "head_dim",
+    "vocab_size",
+    "mlp_activations",
+    "normalization_type",
+    "normalization_layer_epsilon",
+    "normalization_scale_offset",
+    "use_bias",
+    "use_qk_norm",
+    "logits_via_embedding",
+    "scale_embedding_by_sqrt_dim",
+    "trainable_position_size",
+    "final_logits_soft_cap",
+    "attn_logits_soft_cap",
+    "query_pre_attn_scalar",
+    "sliding_window_size",
+    "sliding_window_pattern",
+    "rope_type",
+    "rope_max_timescale",
+    "rope_min_timescale",
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_position_embeddings",
+    "local_rope_max_timescale",
+)
+
+
+def base_defaults() -> dict[str, Any]:
+  with open(pyconfig.CONFIGS_DIR / "base.yml", encoding="utf-8") as f:
+    return yaml.safe_load(f)
+
+
+def read_hf_config(hf_model_path: str) -> dict[str, Any]:
+  path = pathlib.Path(hf_model_path) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found (hf_model_path must be a local Hugging Face checkpoint directory)")
+  return json.loads(path.read_text())
+
+
+def model_keys(hf_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+  """(architecture, every MODEL_KEYS value) for a config.json."""
+  architecture = (hf_config.get("architectures") or [None])[0]
+  if architecture is None:
+    raise weight_mapping.UnsupportedCheckpointError(
+        f"config.json names no architectures; supported: {', '.join(weight_mapping.supported_architectures())}"
+    )
+  block, module = weight_mapping.family_for_architecture(architecture)
+  keys = module.config_from_hf(weight_mapping.HFConfig(hf_config, getattr(module, "HF_DEFAULTS", {})))
+  keys["decoder_block"] = block
+  unknown = sorted(set(keys) - set(MODEL_KEYS))
+  if unknown:
+    raise ValueError(f"MaxText/models/{block}.py config_from_hf returned keys outside MODEL_KEYS: {unknown}")
+  defaults = base_defaults()
+  return architecture, {k: keys.get(k, defaults[k]) for k in MODEL_KEYS}
+
+
+def write_model_yml(path: pathlib.Path, hf_model_path: str, architecture: str, keys: dict[str, Any]):
+  lines = [
+      f"# {architecture} from {pathlib.Path(hf_model_path).absolute()} (MaxText.utils.ckpt_conversion.to_maxtext)",
+      f"# Params: load_parameters_path={path.parent.absolute() / 'params'}",
+      "base_config: base.yml",
+  ]
+  lines += [f"{k}: {_yaml_value(v)}" for k, v in keys.items()]
+  positions = keys["trainable_position_size"]
+  defaults = base_defaults()
+  if positions and positions < defaults["max_target_length"]:  # sequences cannot outgrow a learned position table
+    lines.append(f"max_target_length: {positions}")
+    lines.append(f"max_prefill_predict_length: {min(positions, defaults['max_prefill_predict_length'])}")
+  tokenizer = pathlib.Path(hf_model_path).absolute() / "tokenizer.json"
+  if tokenizer.is_file():
+    lines += ['tokenizer_type: "huggingface"', f"tokenizer_path: {json.dumps(str(tokenizer))}"]
+  path.write_text("\n".join(lines) + "\n")
+
+
+def _yaml_value(value: Any) -> str:
+  """JSON spelling, except floats keep a '.' (YAML 1.1 reads 1e-06 as a string)."""
+  text = json.dumps(value)
+  if isinstance(value, float) and "e" in text and "." not in text:
+    text = text.replace("e", ".0e")
+  return text
+
+
+def layer_free(path: tuple) -> tuple:
+  """decoder/layers/<i>/... -> decoder/layers/... (the scanned path)."""
+  n = len(LAYERS_PATH)
+  return path[:n] + path[n + 1 :]
+
+
+def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] = (), flush_bytes: int = 128 * 2**20):
+  """Writes output_directory/{model.yml,params}; returns the MaxText config the params were written for."""
+  start = time.time()
+  architecture, keys = model_keys(read_hf_config(hf_model_path))
+  out = pathlib.Path(output_directory)
+  if (out / "params").exists():  # checked before anything is written
+    raise FileExistsError(f"{out / 'params'} already exists; choose another output_directory or remove it")
+  out.mkdir(parents=True, exist_ok=True)
+  write_model_yml(out / "model.yml", hf_model_path, architecture, keys)
+  config = pyconfig.initialize(["", str(out / "model.yml"), *overrides], log_config=False)
+  module = weight_mapping.family_for_config(config)
+  rules = module.hf_weights(config)
+  reader = SafetensorsReader(hf_model_path)
+  available = {}
+  for name in reader.names():
+    canonical = weight_mapping.tensor_name(module, name)
+    if canonical is not None:
+      available[canonical] = name
+
+  # The model's params (dtype and layout of this config), to check the rules cover exactly them.
+  abstract = nnx.state(model_creation.abstract_model(config), nnx.Param).to_pure_dict()
+  shapes = traverse_util.flatten_dict(abstract)
+  unscanned = traverse_util.flatten_dict(
+      scan_layout.scanned_to_unscanned(abstract, config.param_scan_axis) if config.scan_layers else abstract
+  )
+  consumed = _check_rules(config, rules, reader, available, set(unscanned))
+  layers = range(config.num_decoder_layers)
+  writer = params_io.StreamingParamsWriter(str(out / "params"), flush_bytes=flush_bytes)
+  for rule in rules:
+    if not rule.per_layer:
+      for path, array in zip(rule.maxtext_paths(), rule.to_maxtext([reader.read(available[n]) for n in rule.hf])):
+        writer.add(path, _cast(array, path, shapes))
+      continue
+    if not config.scan_layers:
+      for i in layers:
+        arrays = rule.to_maxtext([reader.read(available[n]) for n in rule.hf_names(i)])
+        for path, array in zip(rule.maxtext_paths(i), arrays):
+          writer.add(path, _cast(array, path, unscanned))
+      continue
+    # Scanned: fill each stacked array layer by layer (no per-layer copies kept around).
+    targets = [shapes[layer_free(path)] for path in rule.maxtext_paths(0)]
+    writer.make_room(sum(t.size * np.dtype(t.dtype).itemsize for t in targets))
+    stacked = {layer_free(p): np.empty(t.shape, t.dtype) for p, t in zip(rule.maxtext_paths(0), targets)}
+    for i in layers:
+      arrays = rule.to_maxtext([reader.read(available[n]) for n in rule.hf_names(i)])
+      for path, array in zip(rule.maxtext_paths(i), arrays):
+        target = stacked[layer_free(path)]
+        index = (slice(None),) * config.param_scan_axis + (i,)
+        target[index] = _cast(array, path, unscanned)
+    for path in list(stacked):
+      writer.add(path, stacked.pop(path))  # the writer's reference is then the only one
+    del arrays
+  writer.finalize()
+  logger.info(
+      "Converted %s (%d tensors, %.2f GB as %s) in %.1fs: config %s, params %s",
+      architecture,
+      len(consumed),
+      writer.written / 1e9,
+      np.dtype(config.weight_dtype).name,
+      time.time() - start,
+      out / "model.yml",
+      out / "params",
+  )
+  return config
+
+
+def _check_rules(config, rules, reader: SafetensorsReader, available: dict[str, str], params: set) -> set[str]:
+  """Checks the rules turn exactly the checkpoint's tensors (shapes included) into exactly the model's params.
+
+  Returns the tensor names used. A tied output head stored anyway (some checkpoints do) is the one tensor left over.
+  """
+  produced, consumed = set(), set()
+  for rule in rules:
+    for i in range(config.num_decoder_layers) if rule.per_layer else [None]:
+      produced.update(rule.maxtext_paths(i))
+      for name, shape in zip(rule.hf_names(i), rule.hf_shapes):
+        if name not in available:
+          raise weight_mapping.UnsupportedCheckpointError(f"tensor {name} not found in the checkpoint")
+        got = reader.tensors[available[name]].shape
+        if got != shape:
+          raise weight_mapping.UnsupportedCheckpointError(f"tensor {name}: shape {got}, config.json implies {shape}")
+        consumed.add(name)
+  if produced != params:
+    raise ValueError(f"{config.decoder_block} mapping does not cover the model: {sorted(produced ^ params)[:8]}")
+  unused = set(available) - consumed - ({"lm_head.weight"} if config.logits_via_embedding else set())
+  if unused:
+    raise weight_mapping.UnsupportedCheckpointError(
+        f"{len(unused)} tensors have no place in the {config.decoder_block} model: {sorted(unused)[:8]}"
+    )
+  return consumed
+
+
+def _cast(array: np.ndarray, path: tuple, abstract: dict) -> np.ndarray:
+  """`array` in the dtype of the model's param at `path`, after checking its shape."""
+  want = abstract[path]
+  if tuple(array.shape) != tuple(want.shape):
+    raise ValueError(f"{'/'.join(map(str, path))}: converted shape {array.shape}, the model has {tuple(want.shape)}")
+  return array.astype(want.dtype, copy=False)
+
+
+def main(argv: Sequence[str]):
+  def run():
+    own, overrides = cli.split_args(argv[1:], TOOL_KEYS)
+    convert(cli.require(own, "hf_model_path", USAGE), cli.require(own, "output_directory", USAGE), overrides)
+
+  cli.run(run)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
