@@ -330,7 +330,10 @@ def _derive(values: dict, model_keys: set) -> dict:
     v["run_name"] = f"{v['model_name'].replace('/', '_')}_{stamp}"
   if "/" in v["run_name"]:
     raise ConfigError(f"run_name: {v['run_name']!r} must not contain '/'")
-  run_dir = f"{v['base_output_directory'].rstrip('/')}/{v['run_name']}"
+  base = v["base_output_directory"].rstrip("/")
+  if "://" not in base:  # Orbax needs absolute paths; a relative one means relative to where the run starts
+    base = os.path.abspath(base or ".")
+  run_dir = f"{base}/{v['run_name']}"
   v["run_dir"] = run_dir
   v["checkpoint_dir"] = f"{run_dir}/checkpoints"
   v["tensorboard_dir"] = f"{run_dir}/tensorboard"

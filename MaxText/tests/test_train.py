@@ -324,3 +324,14 @@ def test_profiler_writes_an_xplane_trace(tmp_path):
   )
   train.train(config)
   assert list((tmp_path / "prof" / "profile").rglob("*.xplane.pb"))
+
+
+def test_relative_output_directory_checkpoints_and_resumes(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  args = ["", "base.yml", "base_output_directory=outputs", "run_name=rel", *TINY, "per_device_batch_size=1", "checkpoint_period=2"]
+  config = pyconfig.initialize([*args, "steps=2"])
+  assert config.checkpoint_dir == str(tmp_path / "outputs" / "rel" / "checkpoints")
+  train.train(config)
+  assert os.listdir(tmp_path / "outputs" / "rel" / "checkpoints") == ["2"]
+  history = train.train(pyconfig.initialize([*args, "steps=3"]))
+  assert [h["step"] for h in history] == [2]
