@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from MaxText import pyconfig, sharding, train
+from MaxText.config_schema import ConfigError
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import loading, offline, sampling
 from MaxText.input_pipeline.tokenizer import Tokenizer, build_tokenizer
@@ -35,9 +36,7 @@ class Model:
     self.config = engine_lib.unrolled_config(config)
     self.mesh = mesh if mesh is not None else sharding.create_mesh(config)
     self._graphdef, self._rest, _, self._param_shardings = train.build_model_skeleton(self.config, self.mesh)
-    self.params = jax.device_put(
-        engine_lib.unrolled_params(params, self.config.param_scan_axis), self._param_shardings
-    )
+    self.params = jax.device_put(engine_lib.unrolled_params(params, self.config.param_scan_axis), self._param_shardings)
     self._engines: dict[engine_lib.EngineDims, engine_lib.Engine] = {}
 
     @jax.jit
@@ -110,15 +109,17 @@ class Model:
       prefill_length = _round_up(longest, 64)
     cache_length = max(self.config.max_target_length, prefill_length, _round_up(longest + max_new_tokens, 64))
     num_slots = min(len(prompts), self.config.micro_batch_size_to_train_on)
+    stop_id = None
+    if stop_on_eos:
+      try:
+        stop_id = self.tokenizer.eos_id
+      except ConfigError as e:
+        raise ValueError(
+            f"stop_on_eos needs the config's tokenizer for its eos id ({e}); or pass stop_on_eos=False"
+        ) from None
     engine = self._engine(num_slots, prefill_length, cache_length)
     return offline.decode_prompts(
-        engine,
-        self.params,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        stop_id=self.tokenizer.eos_id if stop_on_eos else None,
-        seed=seed,
-        sampler=sampler,
+        engine, self.params, prompts, max_new_tokens=max_new_tokens, stop_id=stop_id, seed=seed, sampler=sampler
     )
 
 

@@ -53,7 +53,8 @@ class MaxTextRunner:
     self.prompts = _prompts(config, batch, prompt_length)
     self.batch, self.prompt_length, self.new_tokens = batch, prompt_length, new_tokens
     self.state = self.engine.init_decode_state()
-    self.measure()  # compiles everything
+    for _ in range(2):  # compiles everything, then one warm run
+      self.measure()
 
   def _prefill(self):
     return jax.block_until_ready(self.engine.prefill(self.params, self.prompts, self.prompt_length))
@@ -105,7 +106,8 @@ class HFRunner:
     self.prompts = torch.from_numpy(_prompts(config, batch, prompt_length).astype(np.int64))
     self.mask = torch.ones_like(self.prompts)
     self.batch, self.prompt_length, self.new_tokens = batch, prompt_length, new_tokens
-    self.measure()  # warm up
+    for _ in range(2):  # warm up (torch builds kernels per new shape; the cache grows every step)
+      self.measure()
 
   def _forward(self):
     with self.torch.no_grad():

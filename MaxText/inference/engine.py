@@ -97,17 +97,17 @@ class Engine:
         max_cache_length=max_cache_length or config.max_target_length,
     )
     if self.dims.max_prefill_length > self.dims.max_cache_length:
-      raise ValueError(f"max prefill length {self.dims.max_prefill_length} exceeds the cache length {self.dims}")
+      raise ValueError(
+          f"prefill length {self.dims.max_prefill_length} exceeds the cache length {self.dims.max_cache_length}"
+      )
     self.sampler = sampling.Sampler.from_config(config)
-    self.graphdef, self.rest, self.abstract_params, self.param_shardings = train.build_model_skeleton(
-        config, self.mesh
-    )
+    self.graphdef, self.rest, self.abstract_params, self.param_shardings = train.build_model_skeleton(config, self.mesh)
     abstract_cache = jax.eval_shape(
         lambda p: self._cache_state(self._model(p, self.dims.num_slots, self.dims.max_cache_length)),
         self.abstract_params,
     )
     self.cache_shardings = _pure(sharding.state_shardings(abstract_cache, self.rules, self.mesh))
-    # Where each cached array keeps its batch (slot) axis: after "layers" in a scanned stack, first otherwise.
+    # Where each cached array keeps its batch (slot) axis, from its logical names (insert writes rows along it).
     self._batch_axes = _pure(
         jax.tree.map(
             lambda v: list(v.get_metadata()["out_sharding"]).index(kvcache.BATCH_AXIS_NAME),
@@ -186,9 +186,8 @@ class Engine:
 
   def _step(self, params, state, sampler):
     model = self._with_cache(params, state["cache"])
-    logits = model(
-        state["tokens"][:, None], state["positions"][:, None], None, model_mode="autoregressive"
-    )[:, 0].astype(jnp.float32)
+    tokens, positions = state["tokens"][:, None], state["positions"][:, None]
+    logits = model(tokens, positions, None, model_mode="autoregressive")[:, 0].astype(jnp.float32)
     key, step_key = jax.random.split(state["key"])
     tokens = sampling.sample(logits, step_key, sampler)
     new_state = {
@@ -282,7 +281,5 @@ class Engine:
   def generate_steps(self, params: Params, state: DecodeState, steps: int, *, sampler=None):
     """`steps` decode steps in one device call: (new state, tokens [steps, slots]); donates `state`."""
     with sharding.use_mesh(self.mesh, self.rules):
-      state, tokens, _ = self._generate(
-          params, state, sampler=sampler or self.sampler, steps=steps, with_logits=False
-      )
+      state, tokens, _ = self._generate(params, state, sampler=sampler or self.sampler, steps=steps, with_logits=False)
     return state, tokens

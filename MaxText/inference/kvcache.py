@@ -2,11 +2,12 @@
 
 A cache holds `batch` rows (decode slots) of up to `length` tokens each, and each row's filled length, so rows
 at different points of their sequences step together. Arrays are [batch, kv_heads, length, head_dim]: heads before
-tokens, so attention over the cache is a batched matmul that reads the cache in place. Keys/values are stored in the activation dtype, or as int8
-with one float32 scale per token and head (`quantize_kvcache`), which halves (bf16) or quarters (f32) the cache.
+tokens, so attention over the cache is a batched matmul that reads the cache where it lies. Keys/values are stored
+in the activation dtype, or as int8 with one float32 scale per token and head (`quantize_kvcache`), which halves
+(bf16) or quarters (f32) the cache.
 
-Entries past a row's length are never read: attention masks them causally (key index <= query index), so stale
-values left by an earlier occupant of a slot are harmless and a slot is reused without clearing it.
+Entries past a row's length are never attended (they get segment id 0), so stale values left by an earlier
+occupant of a slot are harmless and a slot is reused without clearing it.
 """
 
 import dataclasses

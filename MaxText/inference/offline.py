@@ -103,8 +103,8 @@ def decode_prompts(
     return len(out) >= budgets[i] or (stop_id is not None and out[-1] == stop_id)
 
   while waiting or any(s is not None for s in slots):
-    for slot in range(len(slots)):
-      if slots[slot] is not None or not waiting:
+    for slot, occupant in enumerate(slots):
+      if occupant is not None or not waiting:
         continue
       i = waiting.popleft()
       ids = prompts[i]

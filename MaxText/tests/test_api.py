@@ -15,7 +15,7 @@ KW = dict(model_name="tests/tiny-mistral", vocab_size=4096, scan_layers=False)  
 def params_dir(tmp_path_factory):
   """A params-only checkpoint of the numpy-random tiny model, saved in the scanned layout."""
   path = tmp_path_factory.mktemp("params") / "ckpt"
-  model = mtu.build(**dict(KW, scan_layers=True))
+  model = mtu.build(**{**KW, "scan_layers": True})
   checkpointing.save_params(str(path), nnx.state(model, nnx.Param).to_pure_dict())
   return path
 
@@ -99,6 +99,12 @@ def test_bad_input(loaded, tmp_path):
     model.generate([1, 2, 3])
   with pytest.raises(ValueError, match="outside"):
     model.generate([[5000]])
+  tiny_vocab = api.Model(
+      mtu.config_of(**{**KW, "vocab_size": 256}),
+      nnx.state(mtu.build(**{**KW, "vocab_size": 256}), nnx.Param).to_pure_dict(),
+  )
+  with pytest.raises(ValueError, match="stop_on_eos=False"):  # the 4096-token tokenizer does not fit vocab 256
+    tiny_vocab.generate([[1, 2]])
   with pytest.raises(ConfigError, match="no checkpoint at"):
     api.load(mtu.BASE, load_parameters_path=str(tmp_path / "missing"), **KW)
   with pytest.raises(ConfigError, match="no checkpoint found for run"):
