@@ -328,7 +328,8 @@ def test_profiler_writes_an_xplane_trace(tmp_path):
 
 def test_relative_output_directory_checkpoints_and_resumes(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  args = ["", "base.yml", "base_output_directory=outputs", "run_name=rel", *TINY, "per_device_batch_size=1", "checkpoint_period=2"]
+  args = ["", "base.yml", "base_output_directory=outputs", "run_name=rel", *TINY, "per_device_batch_size=1"]
+  args.append("checkpoint_period=2")
   config = pyconfig.initialize([*args, "steps=2"])
   assert config.checkpoint_dir == str(tmp_path / "outputs" / "rel" / "checkpoints")
   train.train(config)
