@@ -12,6 +12,9 @@ from MaxText.config_schema import ConfigError
 
 logger = logging.getLogger("MaxText")
 
+# JAX's own join deadline trails the configured timeout by this much, so the watchdog's message comes first.
+JAX_DEADLINE_GRACE_SECONDS = 30
+
 _PLATFORM = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}
 
 # Environment variables by which JAX's own cluster detection (SLURM, Open MPI, TPU pods, ...) knows that
@@ -99,7 +102,7 @@ def _initialize_with_deadline(kwargs: dict[str, Any]):
   watchdog.daemon = True
   watchdog.start()
   try:
-    jax.distributed.initialize(**{**kwargs, "initialization_timeout": timeout + 30})
+    jax.distributed.initialize(**{**kwargs, "initialization_timeout": timeout + JAX_DEADLINE_GRACE_SECONDS})
   finally:
     watchdog.cancel()
 
