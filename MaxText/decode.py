@@ -1,8 +1,9 @@
 """Generates text with a trained model: `python3 -m MaxText.decode MaxText/configs/base.yml run_name=RUN prompt="..."`.
 
 Loads `load_parameters_path` (or `load_full_state_path`, or the newest checkpoint of `run_name`), decodes `prompt`
-or every non-blank line of `prompts_file` through the engine's slots (per_device_batch_size x devices at a time), each until
-EOS or max_target_length, and prints ``Input `<prompt>` -> `<output>` `` per prompt and a throughput summary.
+or every non-blank line of `prompts_file` through the engine's slots (per_device_batch_size x devices at a time),
+each until EOS or max_target_length, and prints ``Input `<prompt>` -> `<output>` `` per prompt and a throughput
+summary.
 Sampling follows `decode_sampling_*`. Bad input (empty or too long prompt, no or mismatched checkpoint) prints one
 `CONFIG ERROR:` line naming the key and exits with code 2.
 """

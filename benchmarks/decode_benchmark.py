@@ -3,7 +3,7 @@
   python3 benchmarks/decode_benchmark.py [--batch-sizes 1 8] [--prompt-length 64] [--new-tokens 64] [--repeats 5]
       [--skip-hf] [CONFIG] [key=value ...]
 
-Defaults to llama-small (vocab 32000, emb 512, 8 layers, 8 heads x 64, mlp 1408), float32, random weights. For each
+Defaults to llama-small (vocab 32000, emb 512, 8 layers, 8 heads x 64, mlp 1408), f32, random weights, greedy. For each
 batch size it reports the median over `--repeats` rounds (ours and HF's interleaved) of:
   prefill tokens/s   prompt tokens / time of one prefill call over the whole batch
   generate tokens/s  new tokens / time of the generate steps (every slot active, one token per slot per step)
@@ -32,6 +32,7 @@ LLAMA_SMALL = [
     "weight_dtype=float32",
     "log_config=false",
     "enable_checkpointing=false",
+    "decode_sampling_strategy=greedy",  # as HF's generate(do_sample=False)
 ]
 
 

@@ -84,6 +84,14 @@ def sample(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
   """One token id per row of logits [batch, vocab] -> int32 [batch]."""
   if sampler.strategy == "greedy" or sampler.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scaled = filtered_logits(logits, sampler)
+  logits = logits.astype(jnp.float32)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(logits.shape[0]))
-  return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+  draw = jax.vmap(jax.random.categorical)
+  if sampler.strategy in ("topk", "composite") and 0 < sampler.top_k < logits.shape[-1]:
+    # Only the k candidates matter: filter and draw among them (sorting the whole vocab every step is slow).
+    values, indices = jax.lax.top_k(logits, sampler.top_k)
+    if sampler.strategy == "composite":
+      values = jnp.where(top_p_mask(values, sampler.top_p), values, -jnp.inf)
+    choice = draw(keys, values / sampler.temperature)
+    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  return draw(keys, filtered_logits(logits, sampler)).astype(jnp.int32)
