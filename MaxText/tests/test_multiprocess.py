@@ -36,21 +36,20 @@ def _train_cmd(tmp_path, *args):
   ]
 
 
+def _train_two_processes(tmp_path, *args):
+  """MaxText.train as 2 local processes x 4 CPU devices (launch_local); fails the test if it fails."""
+  cmd = [sys.executable, "-m", "MaxText.launch_local", "num_processes=2", "devices_per_process=4", "--"]
+  cmd += _train_cmd(tmp_path, *args)[3:]  # drop "python -u -m"
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
 def test_two_processes_match_one_process_on_grain_data(tmp_path):
   common = [*GRAIN, "steps=10", "per_device_batch_size=1", "enable_checkpointing=false"]
   reference = losses(train.train(make_config(tmp_path, "run_name=one", *common)))
   metrics_file = tmp_path / "two.jsonl"
-  cmd = [
-      sys.executable,
-      "-m",
-      "MaxText.launch_local",
-      "num_processes=2",
-      "devices_per_process=4",
-      "--",
-      *_train_cmd(tmp_path, "run_name=two", *common, f"metrics_file={metrics_file}")[3:],
-  ]
-  proc = subprocess.run(cmd, cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _train_two_processes(tmp_path, "run_name=two", *common, f"metrics_file={metrics_file}")
   two = np.array([r["learning/loss"] for r in read_jsonl(metrics_file)])
   assert len(two) == 10  # only process 0 writes metrics
   np.testing.assert_allclose(two, reference, rtol=1e-5, atol=1e-5)
@@ -154,17 +153,7 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
   """Elastic restart: a run checkpointed by 2 processes continues on 1 with the same data and losses."""
   common = [*GRAIN, "per_device_batch_size=1", "learning_rate_schedule_steps=8", "checkpoint_period=4"]
   straight = losses(train.train(make_config(tmp_path, "run_name=straight", "steps=8", *common)))
-  cmd = [
-      sys.executable,
-      "-m",
-      "MaxText.launch_local",
-      "num_processes=2",
-      "devices_per_process=4",
-      "--",
-      *_train_cmd(tmp_path, "run_name=elastic", "steps=4", *common)[3:],
-  ]
-  proc = subprocess.run(cmd, cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _train_two_processes(tmp_path, "run_name=elastic", "steps=4", *common)
   resumed = losses(train.train(make_config(tmp_path, "run_name=elastic", "steps=8", *common)))
   assert len(resumed) == 4
   np.testing.assert_allclose(resumed, straight[4:], rtol=1e-5)
