@@ -182,7 +182,7 @@ def _restore_subtree(path: epath.Path, target: dict):
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
 
 
-def _layers_are_unscanned(tree) -> bool:
+def layers_are_unscanned(tree) -> bool:
   """True when decoder/layers holds one entry per layer (keys 0, 1, ...) rather than stacked arrays."""
   layers = tree.get("decoder", {}).get("layers", {}) if isinstance(tree, dict) else {}
   return bool(layers) and all(str(k).isdigit() for k in layers)
@@ -208,8 +208,8 @@ def load_params(path: str, abstract_params, shardings, param_scan_axis: int = 1)
   from MaxText.layers import scan_layout  # pylint: disable=import-outside-toplevel
 
   items = _items_path(path)
-  stored_unscanned = _layers_are_unscanned(stored_params_tree(path))
-  want_unscanned = _layers_are_unscanned(abstract_params)
+  stored_unscanned = layers_are_unscanned(stored_params_tree(path))
+  want_unscanned = layers_are_unscanned(abstract_params)
   if stored_unscanned == want_unscanned:
     target = {"params": _abstract_with_shardings(abstract_params, shardings)}
     return _restore_subtree(items, target)["params"]

@@ -49,17 +49,11 @@ def _shapes(tree) -> dict[str, tuple]:
   return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def _unscanned(tree) -> bool:
-  """True when decoder/layers holds one subtree per layer (keys 0, 1, ...) instead of stacked arrays."""
-  layers = tree.get("decoder", {}).get("layers", {})
-  return bool(layers) and all(str(k).isdigit() for k in layers)
-
-
 def shape_mismatches(path: str, abstract_params, param_scan_axis: int) -> list[str]:
   """Differences between a checkpoint's parameter tree and the config's (compared in the checkpoint's layout)."""
   stored = checkpointing.stored_params_tree(path)
   want = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
-  stored_unscanned, want_unscanned = _unscanned(stored), _unscanned(want)
+  stored_unscanned, want_unscanned = checkpointing.layers_are_unscanned(stored), checkpointing.layers_are_unscanned(want)
   if stored_unscanned and not want_unscanned:
     want = scan_layout.scanned_to_unscanned(want, param_scan_axis)
   elif want_unscanned and not stored_unscanned:

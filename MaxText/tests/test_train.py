@@ -299,7 +299,7 @@ def test_param_only_export_roundtrips_layouts_and_dtype(tmp_path):
           *common,
       )
   )
-  assert checkpointing._layers_are_unscanned(checkpointing.stored_params_tree(out))
+  assert checkpointing.layers_are_unscanned(checkpointing.stored_params_tree(out))
   # The unscanned bf16 export loads into a scanned f32 model and matches the run's own params to bf16 precision.
   config = make_config(tmp_path, "run_name=exp", *common)
   setup = train.TrainSetup(config, sharding.create_mesh(config))
