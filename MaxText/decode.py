@@ -72,6 +72,10 @@ def run(config) -> offline.DecodeStats:
       engine.dims.max_cache_length,
       " (int8)" if config.quantize_kvcache else "",
   )
+  if config.quantization:
+    stored = config.checkpoint_is_quantized or config.save_quantized_params_path
+    stored = "int8 kernels + scales" if stored else "weights quantized at each call"
+    logger.info("Matmuls quantized: %s (%s)", config.quantization, stored)
   offline.warmup(engine, params, [len(ids) for ids in encoded], engine.sampler)
   stats = offline.DecodeStats()
   outputs = offline.decode_prompts(

@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import jax
 
+from MaxText.layers.decoders import moe_layer_flags
+
 logger = logging.getLogger("MaxText")
 
 # Dense bf16 peak TFLOP/s per device, from vendor data sheets; MFU is reported against these.
@@ -25,6 +27,32 @@ _PEAK_TFLOPS = {
     "TPU v6 lite": 918.0,
     "TPU v6e": 918.0,
 }
+
+
+# Peak HBM bandwidth GB/s per device (data sheets): the roofline of memory-bound decoding. More specific names first.
+_HBM_GBPS = {
+    "H100 PCIe": 2000.0,
+    "H100": 3350.0,
+    "H200": 4800.0,
+    "B200": 8000.0,
+    "A100": 2039.0,
+    "L4": 300.0,
+    "TPU v4": 1200.0,
+    "TPU v5 lite": 819.0,
+    "TPU v5e": 819.0,
+    "TPU v5p": 2765.0,
+    "TPU v5": 2765.0,
+    "TPU v6 lite": 1640.0,
+    "TPU v6e": 1640.0,
+}
+
+
+def device_hbm_gbps(device_kind: str) -> Optional[float]:
+  """Data-sheet HBM bandwidth (GB/s) of a device kind, or None when unknown (e.g. a CPU)."""
+  for name, gbps in _HBM_GBPS.items():
+    if name.lower() in device_kind.lower():
+      return gbps
+  return None
 
 
 def device_peak_tflops(config) -> Optional[float]:
@@ -45,18 +73,50 @@ def training_tflops_per_device(config) -> tuple[float, float, float]:
   the weighted sum count half of the full square. Remat recomputation is not counted (model FLOPs).
   """
   tokens = config.global_batch_size_to_train_on * config.max_target_length
-  emb, hd = config.emb_dim, config.head_dim
-  q, kv = config.num_query_heads, config.num_kv_heads
+  emb = config.emb_dim
   mlp = 2 * tokens * emb * config.mlp_dim * (len(config.mlp_activations) + 1)
-  qkv = 2 * tokens * emb * (q + 2 * kv) * hd
-  out = 2 * tokens * q * hd * emb
+  num_moe = sum(moe_layer_flags(config))
+  projections, attention = _attention_flops_per_layer(config, tokens)
   logits = 2 * tokens * emb * config.vocab_size
-  weights = (mlp + qkv + out) * config.num_decoder_layers + logits
-  # QK^T and AV: 2 matmuls x 2 FLOPs x S^2 x heads x head_dim per sequence, halved for the causal mask.
-  attention = 2 * 2 * tokens * config.max_target_length * q * hd / 2 * config.num_decoder_layers
+  weights = mlp * (config.num_decoder_layers - num_moe) + _moe_flops_per_layer(config, tokens) * num_moe
+  weights += projections * config.num_decoder_layers + logits
+  attention *= config.num_decoder_layers
   weights_tflops = 3 * weights / 1e12 / config.num_devices
   attention_tflops = 3 * attention / 1e12 / config.num_devices
   return weights_tflops + attention_tflops, weights_tflops, attention_tflops
+
+
+def _moe_flops_per_layer(config, tokens: int) -> float:
+  """Forward FLOPs of one MoE layer: the router, the k active routed experts and the shared experts per token.
+
+  Capacity padding and dropped tokens are not counted (model FLOPs of the tokens actually routed).
+  """
+  emb, gated = config.emb_dim, len(config.mlp_activations) + 1
+  router = 2 * tokens * emb * config.num_experts
+  active = config.num_experts_per_tok + config.shared_experts
+  return router + 2 * tokens * emb * config.moe_mlp_dim * gated * active
+
+
+def _attention_flops_per_layer(config, tokens: int) -> tuple[float, float]:
+  """Forward FLOPs of one layer's attention: (weight matmuls, QK^T + AV with the causal half counted).
+
+  QK^T and AV are 2 FLOPs x S^2 x heads x (query/key dim resp. value dim) per sequence, halved for the causal mask.
+  MLA (attention_type: mla) counts its low-rank projections and its expanded heads (the training formulation).
+  """
+  emb, heads, seq = config.emb_dim, config.num_query_heads, config.max_target_length
+  if config.attention_type == "mla":
+    qk_dim, v_dim = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+    if config.q_lora_rank > 0:
+      query = emb * config.q_lora_rank + config.q_lora_rank * heads * qk_dim
+    else:
+      query = emb * heads * qk_dim
+    latent = emb * (config.kv_lora_rank + config.qk_rope_head_dim)
+    expand = config.kv_lora_rank * heads * (config.qk_nope_head_dim + v_dim)
+    projections = 2 * tokens * (query + latent + expand + heads * v_dim * emb)
+    return projections, 2 * tokens * seq * heads * (qk_dim + v_dim) / 2
+  hd, kv = config.head_dim, config.num_kv_heads
+  projections = 2 * tokens * emb * (heads + 2 * kv) * hd + 2 * tokens * heads * hd * emb
+  return projections, 2 * 2 * tokens * seq * heads * hd / 2
 
 
 class MetricLogger:
@@ -110,6 +170,10 @@ class MetricLogger:
     )
     if "perf/mfu" in record:
       line += f", MFU: {100 * record['perf/mfu']:.2f}%"
+    if "learning/moe_lb_loss" in record:
+      line += f", moe_lb_loss: {record['learning/moe_lb_loss']:.4f}"
+    if "learning/moe_max_load_ratio" in record:
+      line += f", moe_max_load_ratio: {record['learning/moe_max_load_ratio']:.2f}"
     print(line, flush=True)
     self.write(step, record)
     return record

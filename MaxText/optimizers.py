@@ -1,6 +1,9 @@
 """Learning-rate schedules and the optax chain: clip -> AdamW(schedule)."""
 
+import jax
 import optax
+
+from MaxText.layers import moe
 
 
 def create_learning_rate_schedule(config) -> optax.Schedule:
@@ -30,6 +33,11 @@ def create_learning_rate_schedule(config) -> optax.Schedule:
   return optax.join_schedules([warmup_fn, after], [warmup])
 
 
+def _weight_decay_mask(params):
+  """Weight decay everywhere except the MoE routing bias: it gets no gradient, so decay alone would erode it."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: not moe.is_routing_bias(path), params)
+
+
 def create_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = create_learning_rate_schedule(config)
   adamw = optax.adamw(
@@ -40,6 +48,7 @@ def create_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedu
       eps_root=config.adam_eps_root,
       weight_decay=config.adam_weight_decay,
       mu_dtype=config.mu_dtype,
+      mask=_weight_decay_mask,
   )
   if config.gradient_clipping_threshold > 0:
     return optax.chain(optax.clip_by_global_norm(config.gradient_clipping_threshold), adamw), schedule

@@ -239,6 +239,29 @@ def _validate_mesh_keys(values: dict):
       raise ConfigError(f"data_sharding: mesh axes {bad} are not in mesh_axes")
 
 
+def _check_moe(v: dict):
+  """Mixture-of-experts keys that contradict each other (MaxText/layers/moe.py)."""
+  if v["num_experts"] == 1:
+    return  # a dense model: the other MoE keys are unused
+  if v["num_experts_per_tok"] > v["num_experts"]:
+    raise ConfigError(f"num_experts_per_tok: {v['num_experts_per_tok']} exceeds num_experts={v['num_experts']}")
+  groups, keep = v["n_routing_groups"], v["topk_routing_group"]
+  if groups != -1:
+    if groups < 1 or v["num_experts"] % groups:
+      raise ConfigError(f"n_routing_groups: {groups} must divide num_experts={v['num_experts']} (or be -1 = off)")
+    if not 1 <= keep <= groups:
+      raise ConfigError(f"topk_routing_group: {keep} must be in 1..n_routing_groups={groups}")
+    if keep * (v["num_experts"] // groups) < v["num_experts_per_tok"]:
+      raise ConfigError(
+          f"topk_routing_group: {keep} groups of {v['num_experts'] // groups} experts cannot supply"
+          f" num_experts_per_tok={v['num_experts_per_tok']}"
+      )
+  if v["routed_bias_update_rate"] > 0 and not v["routed_bias"]:
+    raise ConfigError("routed_bias_update_rate: > 0 needs routed_bias: true (it updates the routing bias)")
+  if v["moe_input_scaled_by_router"] and v["num_experts_per_tok"] != 1:
+    raise ConfigError("moe_input_scaled_by_router: needs num_experts_per_tok=1 (Llama 4 routes a token to one expert)")
+
+
 def _derive(values: dict, model_keys: set) -> dict:
   """Adds derived values; raises ConfigError for inconsistent settings."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -259,6 +282,7 @@ def _derive(values: dict, model_keys: set) -> dict:
     raise ConfigError(f"head_dim: {v['head_dim']} must be even for rotary embeddings")
   if not v["mlp_activations"] or any(a not in ACTIVATIONS for a in v["mlp_activations"]):
     raise ConfigError(f"mlp_activations: {v['mlp_activations']} must be a non-empty list from {list(ACTIVATIONS)}")
+  _check_moe(v)
   if not (PACKAGE_DIR / "models" / f"{v['decoder_block']}.py").is_file():
     blocks = sorted(p.stem for p in (PACKAGE_DIR / "models").glob("*.py") if not p.stem.startswith("_"))
     raise ConfigError(f"decoder_block: no family file models/{v['decoder_block']}.py; available: {blocks}")

@@ -24,7 +24,8 @@ from jax.experimental import multihost_utils
 
 from MaxText import checkpointing, input_pipeline, metrics, optimizers, pyconfig, sharding
 from MaxText.config_schema import ConfigError
-from MaxText.layers import model_creation
+from MaxText.layers import model_creation, moe
+from MaxText.layers.decoders import moe_layer_flags
 
 logger = logging.getLogger("MaxText")
 
@@ -117,6 +118,7 @@ class TrainSetup:
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
+    self.has_moe = any(moe_layer_flags(config))
     self.graphdef, self.rest, abstract_params, self.param_shardings = build_model_skeleton(config, mesh)
     self.tx, self.schedule = optimizers.create_optimizer(config)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
@@ -162,10 +164,15 @@ def cross_entropy(logits, targets, z_loss_multiplier: float):
   return log_z - target_logit + z_loss, z_loss
 
 
-def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool):
-  """(sum of masked per-token loss, aux) for one (micro) batch; the caller divides by total weights."""
+def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool, aux_losses: bool = True):
+  """(sum of masked per-token loss, aux) for one (micro) batch; the caller divides by total weights.
+
+  With `aux_losses`, the MoE load-balancing loss (times load_balance_loss_weight) joins the loss, weighted by the
+  micro-batch's token count so that after the division it is the token-weighted mean over micro-batches.
+  """
   config = setup.config
-  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
+  # copy=True: fresh non-param Variables, which the model may write while traced (the MoE load-balancing loss).
+  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest, copy=True)
   logits = model(
       batch["inputs"],
       batch["inputs_position"],
@@ -176,7 +183,14 @@ def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool
   per_token, z_loss = cross_entropy(logits, batch["targets"], config.z_loss_multiplier)
   mask = (batch["targets_segmentation"] != 0).astype(jnp.float32)
   aux = {"total_weights": mask.sum(), "z_loss_sum": (z_loss * mask).sum()}
-  return (per_token * mask).sum(), aux
+  total = (per_token * mask).sum()
+  if setup.has_moe:
+    lb_sum = moe.lb_loss(model) * aux["total_weights"]
+    aux["moe_lb_loss_sum"] = lb_sum
+    aux["moe_expert_load"] = moe.expert_loads(model)  # summed over micro-batches by train_step
+    if aux_losses and config.load_balance_loss_weight > 0:
+      total = total + config.load_balance_loss_weight * lb_sum
+  return total, aux
 
 
 def train_step(setup: TrainSetup, state, batch):
@@ -200,11 +214,18 @@ def train_step(setup: TrainSetup, state, batch):
 
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
     zeros_a = {"total_weights": jnp.zeros(()), "z_loss_sum": jnp.zeros(())}
+    if setup.has_moe:
+      zeros_a["moe_lb_loss_sum"] = jnp.zeros(())
+      zeros_a["moe_expert_load"] = jax.tree.map(jnp.zeros_like, setup.rest.filter(moe.MoeExpertLoad).to_pure_dict())
     (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros_a, zeros_g), (jnp.arange(ga), micro))
   weights = jnp.maximum(aux["total_weights"], 1.0)
   grads = jax.tree.map(lambda g, p: (g / weights).astype(p.dtype), grads, state["params"])
   updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  if setup.has_moe:  # aux-loss-free balancing: the router bias moves by its own rule, never by the optimizer
+    params = moe.update_routing_bias(
+        state["params"], params, aux["moe_expert_load"], config.routed_bias_update_rate, config.param_scan_axis
+    )
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
   step_metrics = {
       "learning/loss": loss_sum / weights,
@@ -214,11 +235,14 @@ def train_step(setup: TrainSetup, state, batch):
       "learning/param_norm": optax.global_norm(params),
       "learning/current_learning_rate": setup.schedule(state["step"]),
   }
+  if setup.has_moe:
+    step_metrics["learning/moe_lb_loss"] = aux["moe_lb_loss_sum"] / weights
+    step_metrics["learning/moe_max_load_ratio"] = moe.max_load_ratio(aux["moe_expert_load"])
   return new_state, step_metrics
 
 
 def eval_step(setup: TrainSetup, params, batch):
-  loss_sum, aux = loss_sums(setup, params, batch, None, deterministic=True)
+  loss_sum, aux = loss_sums(setup, params, batch, None, deterministic=True, aux_losses=False)
   return {"eval/loss_sum": loss_sum, "eval/total_weights": aux["total_weights"]}
 
 
@@ -341,6 +365,9 @@ def _log_startup(config, setup: TrainSetup, tflops, compiled):
 
 def train(config) -> list[dict[str, Any]]:
   """Runs the training loop; returns each logged step's metrics (host floats)."""
+  if config.checkpoint_is_quantized or config.save_quantized_params_path:
+    key = "checkpoint_is_quantized" if config.checkpoint_is_quantized else "save_quantized_params_path"
+    raise ConfigError(f"{key}: a decode key (int8 params cannot be trained); train with quantization=... alone")
   _check_output_dir(config)
   pyconfig.log_config(config)
   _write_config(config)

@@ -45,35 +45,51 @@ def matmul_ceiling_tflops(dtype, n: int = 2048, repeats: int = 10) -> float:
   return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def run(config, steps: int, warmup: int) -> dict:
-  mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
-  from MaxText import input_pipeline  # pylint: disable=import-outside-toplevel
+class MaxTextTrainRunner:
+  """The compiled train step of a config on synthetic data, its state kept between measurements."""
 
-  with sharding.use_mesh(mesh, config.logical_axis_rules):
-    data, _ = input_pipeline.create_data_iterators(config, mesh)
-    batch = next(data)
-    step_fn, _, _ = train.compile_train_step(setup, batch)
-    state = setup.init_state()
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - start
-    times = []
-    for i in range(warmup + steps):
+  def __init__(self, config):
+    from MaxText import input_pipeline  # pylint: disable=import-outside-toplevel
+
+    self.config = config
+    self.mesh = sharding.create_mesh(config)
+    setup = train.TrainSetup(config, self.mesh)
+    with sharding.use_mesh(self.mesh, config.logical_axis_rules):
+      data, _ = input_pipeline.create_data_iterators(config, self.mesh)
+      self.batch = next(data)
+      step_fn, _, _ = train.compile_train_step(setup, self.batch)
+      self.state = setup.init_state()
       start = time.perf_counter()
-      state, m = compiled(state, batch)
-      jax.block_until_ready(m)
-      if i >= warmup:
+      self.compiled = step_fn.lower(self.state, self.batch).compile()
+      self.compile_seconds = time.perf_counter() - start
+    self.tokens_per_step = config.global_batch_size_to_train_on * config.max_target_length
+    self.loss = float("nan")
+
+  def measure(self, steps: int) -> list[float]:
+    """Seconds of each of `steps` training steps (each waits for its own result)."""
+    times = []
+    with sharding.use_mesh(self.mesh, self.config.logical_axis_rules):
+      for _ in range(steps):
+        start = time.perf_counter()
+        self.state, m = self.compiled(self.state, self.batch)
+        jax.block_until_ready(m)
         times.append(time.perf_counter() - start)
-  step_time = statistics.median(times)
+        self.loss = float(m["learning/loss"])
+    return times
+
+
+def run(config, steps: int, warmup: int) -> dict:
+  runner = MaxTextTrainRunner(config)
+  runner.measure(warmup)
+  step_time = statistics.median(runner.measure(steps))
   tflops_per_device = metrics.training_tflops_per_device(config)[0]
   return {
-      "compile_seconds": compile_seconds,
+      "compile_seconds": runner.compile_seconds,
       "step_seconds": step_time,
-      "tokens_per_sec": config.global_batch_size_to_train_on * config.max_target_length / step_time,
+      "tokens_per_sec": runner.tokens_per_step / step_time,
       "tflops_per_sec_per_device": tflops_per_device / step_time,
-      "loss": float(m["learning/loss"]),
-      "memory": compiled.memory_analysis(),
+      "loss": runner.loss,
+      "memory": runner.compiled.memory_analysis(),
   }
 
 

@@ -6,6 +6,9 @@ tokens, so attention over the cache is a batched matmul that reads the cache whe
 in the activation dtype, or as int8 with one float32 scale per token and head (`quantize_kvcache`), which halves
 (bf16) or quarters (f32) the cache.
 
+A keys-only cache (`store_values=False`) holds one array per token: Multi-head Latent Attention caches its
+compressed latent plus rope key there and reads its values as a slice of it (MaxText/layers/mla.py).
+
 Entries past a row's length are never attended (they get segment id 0), so stale values left by an earlier
 occupant of a slot are harmless and a slot is reused without clearing it.
 """
@@ -49,10 +52,11 @@ def _write_rows(cache: jax.Array, update: jax.Array, start: jax.Array) -> jax.Ar
 @dataclasses.dataclass(frozen=True)
 class AttentionView:
   """Inputs of attention for new tokens over a cache: two key/value parts (cache [batch, kv_heads, length, head_dim],
-  new tokens [batch, kv_heads, S, head_dim]) with indices and segment ids over both parts, in that order."""
+  new tokens [batch, kv_heads, S, head_dim]) with indices and segment ids over both parts, in that order.
+  `values` is None for a keys-only cache."""
 
   keys: tuple[jax.Array, jax.Array]
-  values: tuple[jax.Array, jax.Array]
+  values: tuple[jax.Array, jax.Array] | None
   q_index: jax.Array
   kv_index: jax.Array
   kv_segment_ids: jax.Array
@@ -75,6 +79,7 @@ class KVCache(nnx.Module):
       dtype,
       quantize: bool = False,
       stack: tuple[int, ...] = (),
+      store_values: bool = True,
   ):
     lead = ("layers",) * len(stack)
     shape = tuple(stack) + (batch, num_kv_heads, length, head_dim)
@@ -85,40 +90,42 @@ class KVCache(nnx.Module):
     self.quantized = quantize
     self.dtype = dtype
     store = jnp.int8 if quantize else dtype
+    self.store_values = store_values
     self.key = var(jnp.zeros(shape, store), KV_NAMES)
-    self.value = var(jnp.zeros(shape, store), KV_NAMES)
+    self.value = var(jnp.zeros(shape, store), KV_NAMES) if store_values else None
     if quantize:
       self.key_scale = var(jnp.ones(shape[:-1] + (1,), jnp.float32), KV_NAMES)
-      self.value_scale = var(jnp.ones(shape[:-1] + (1,), jnp.float32), KV_NAMES)
+      self.value_scale = var(jnp.ones(shape[:-1] + (1,), jnp.float32), KV_NAMES) if store_values else None
     self.lengths = var(jnp.zeros(tuple(stack) + (batch,), jnp.int32), LENGTH_NAMES)
 
-  def _store(self, key: jax.Array, value: jax.Array, start: jax.Array):
-    updates = {"key": key, "value": value}
+  def _store(self, key: jax.Array, value: jax.Array | None, start: jax.Array):
+    updates = {"key": key, "value": value} if self.store_values else {"key": key}
     if self.quantized:
-      (updates["key"], updates["key_scale"]), (updates["value"], updates["value_scale"]) = (
-          quantize_int8(key),
-          quantize_int8(value),
-      )
+      for name in list(updates):
+        updates[name], updates[f"{name}_scale"] = quantize_int8(updates[name])
     for name, update in updates.items():
       cache = getattr(self, name)
       cache[...] = _write_rows(cache[...], update.astype(cache.dtype), start)
 
-  def keys_values(self) -> tuple[jax.Array, jax.Array]:
-    """The whole cache [batch, kv_heads, length, head_dim] in the compute dtype."""
-    if self.quantized:
-      return (
-          dequantize_int8(self.key[...], self.key_scale[...], self.dtype),
-          dequantize_int8(self.value[...], self.value_scale[...], self.dtype),
-      )
-    return self.key[...], self.value[...]
+  def keys_values(self) -> tuple[jax.Array, jax.Array | None]:
+    """The whole cache [batch, kv_heads, length, head_dim] in the compute dtype (values None when keys-only)."""
 
-  def prefill(self, key: jax.Array, value: jax.Array, lengths: jax.Array):
+    def read(name):
+      if not self.store_values and name == "value":
+        return None
+      if self.quantized:
+        return dequantize_int8(getattr(self, name)[...], getattr(self, f"{name}_scale")[...], self.dtype)
+      return getattr(self, name)[...]
+
+    return read("key"), read("value")
+
+  def prefill(self, key: jax.Array, value: jax.Array | None, lengths: jax.Array):
     """Starts every row afresh with a prompt's keys/values [batch, S, kv_heads, head_dim]; `lengths` [batch] counts
     its real tokens."""
     self._store(key, value, jnp.zeros(key.shape[:1], jnp.int32))
     self.lengths[...] = lengths.astype(jnp.int32)
 
-  def attention_view(self, key: jax.Array, value: jax.Array) -> AttentionView:
+  def attention_view(self, key: jax.Array, value: jax.Array | None) -> AttentionView:
     """What S new tokens [batch, S, kv_heads, head_dim] attend to: the cache as it is, then themselves.
 
     Cached entries at or past a row's length are given segment 0 (the new tokens have 1), which masks them out.
@@ -133,13 +140,13 @@ class KVCache(nnx.Module):
     heads_first = lambda x: jnp.swapaxes(x, 1, 2).astype(self.dtype)
     return AttentionView(
         keys=(cached_keys, heads_first(key)),
-        values=(cached_values, heads_first(value)),
+        values=None if value is None else (cached_values, heads_first(value)),
         q_index=q_index,
         kv_index=jnp.concatenate([cached_index, q_index], axis=1),
         kv_segment_ids=jnp.concatenate([filled, jnp.ones((batch, new), jnp.int32)], axis=1),
     )
 
-  def append(self, key: jax.Array, value: jax.Array, *, after: jax.Array | None = None):
+  def append(self, key: jax.Array, value: jax.Array | None, *, after: jax.Array | None = None):
     """Writes S new tokens [batch, S, kv_heads, head_dim] after each row's filled part.
 
     `after`: a result computed from the cache as it was (the attention output). Making the write depend on it lets
@@ -148,7 +155,8 @@ class KVCache(nnx.Module):
     """
     if after is not None:
       tie = jnp.zeros((), jnp.float32) * after.reshape(-1)[0].astype(jnp.float32)
-      key, value = key + tie.astype(key.dtype), value + tie.astype(value.dtype)
+      key = key + tie.astype(key.dtype)
+      value = None if value is None else value + tie.astype(value.dtype)
     start = self.lengths[...]
     self._store(key, value, start)
     self.lengths[...] = start + key.shape[1]

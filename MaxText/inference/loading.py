@@ -12,7 +12,7 @@ from etils import epath
 
 from MaxText import checkpointing
 from MaxText.config_schema import ConfigError
-from MaxText.layers import scan_layout
+from MaxText.layers import quantization, scan_layout
 
 logger = logging.getLogger("MaxText")
 
@@ -66,7 +66,33 @@ def shape_mismatches(path: str, abstract_params, param_scan_axis: int) -> list[s
 
 
 def load_params(config, abstract_params, param_shardings):
-  """The params pure dict, placed with `param_shardings`; ConfigError for a missing or mismatched checkpoint."""
+  """The params pure dict, placed with `param_shardings`; ConfigError for a missing or mismatched checkpoint.
+
+  With `save_quantized_params_path` (and a float checkpoint) the float params are loaded, int8-quantized into the
+  layout of `abstract_params` (a model built for a quantized checkpoint) and written there as a params-only checkpoint.
+  """
+  if config.save_quantized_params_path and not config.checkpoint_is_quantized:
+    return _load_and_quantize(config, abstract_params, param_shardings)
+  return _load(config, abstract_params, param_shardings)
+
+
+def _load_and_quantize(config, abstract_params, param_shardings):
+  float_abstract = quantization.float_layout(abstract_params, config.weight_dtype)
+  float_shardings = quantization.float_layout(param_shardings)
+  params = _load(config, float_abstract, float_shardings)
+  params = jax.jit(lambda p: quantization.quantize_params(p, abstract_params), out_shardings=param_shardings)(params)
+  path = config.save_quantized_params_path
+  checkpointing.save_params(path, params)
+  logger.info(
+      "Saved int8-quantized params to %s (%.1f MB, from %.1f MB)",
+      path,
+      quantization.param_bytes(params) / 1e6,
+      quantization.param_bytes(float_abstract) / 1e6,
+  )
+  return params
+
+
+def _load(config, abstract_params, param_shardings):
   key, path = checkpoint_source(config)
   try:
     problems = shape_mismatches(path, abstract_params, config.param_scan_axis)
@@ -74,6 +100,8 @@ def load_params(config, abstract_params, param_shardings):
     raise ConfigError(f"{key}: cannot read a checkpoint at {path}: {e}") from None
   if problems:
     shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+    if any(quantization.SCALE_NAME in p for p in problems):
+      shown += " (int8 checkpoints from save_quantized_params_path load with checkpoint_is_quantized=true)"
     raise ConfigError(f"{key}: the checkpoint at {path} does not match this config's model: {shown}")
   logger.info("Loading parameters from %s", path)
   return checkpointing.load_params(path, abstract_params, param_shardings, config.param_scan_axis)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from MaxText.inference import engine as engine_lib
-from MaxText.inference import sampling
+from MaxText.inference import page_manager, sampling
 
 
 @dataclasses.dataclass
@@ -97,6 +97,10 @@ def decode_prompts(
   slots: list[Optional[int]] = [None] * engine.dims.num_slots  # prompt index per slot
   base_key = jax.random.key(seed)
   state = engine.init_decode_state(seed)
+  pages = None  # attention=paged: pages are taken as sequences grow and returned when they finish
+  if engine.page_spec is not None:
+    spec = engine.page_spec
+    pages = page_manager.PageManager(spec.num_pages, spec.tokens_per_page, spec.max_pages_per_slot, len(slots))
 
   def finished(i: int) -> bool:
     out = outputs[i]
@@ -114,6 +118,9 @@ def decode_prompts(
       first = int(np.asarray(prefix["tokens"])[0])
       outputs[i].append(first)
       if not finished(i):
+        if pages is not None:
+          pages.ensure(slot, len(ids))
+          state = engine.set_page_table(state, pages.table)
         state = engine.insert(prefix, state, slot)
         slots[slot] = i
         jax.block_until_ready(state["positions"])
@@ -123,6 +130,13 @@ def decode_prompts(
     if all(s is None for s in slots):
       continue
     start = time.perf_counter()
+    if pages is not None:  # room for the token each slot writes this step
+      version = pages.version
+      for slot, i in enumerate(slots):
+        if i is not None:
+          pages.ensure(slot, len(prompts[i]) + len(outputs[i]))
+      if pages.version != version:
+        state = engine.set_page_table(state, pages.table)
     state, tokens = engine.generate(params, state, sampler=sampler)
     tokens = np.asarray(tokens)
     stats.generate_seconds += time.perf_counter() - start
@@ -134,4 +148,6 @@ def decode_prompts(
       stats.generate_tokens += 1
       if finished(i):
         slots[slot] = None
+        if pages is not None:
+          pages.release(slot)
   return outputs

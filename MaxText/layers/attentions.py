@@ -1,8 +1,11 @@
-"""Multi-head attention with grouped/multi-query key-value heads, RoPE, packed-sequence and sliding-window masks.
+"""Multi-head attention with grouped/multi-query key-value heads, RoPE, packed-sequence, sliding-window and chunk masks.
 
 The module is split into steps a KV cache slots between without rewriting any of them:
 `project_qkv` -> `position_qk` (QK norm, RoPE) -> [KV cache update] -> `attend` (the core) -> `out_projection`.
 The core takes explicit query/key indices and segment ids, so a cache only has to supply its own key indices.
+Llama 4's per-layer kinds come from the layer index: every `nope_layer_interval`-th layer has no RoPE (and attends
+causally over everything, with optional query temperature tuning); the others rotate, may L2-normalize q/k
+(`use_qk_l2_norm`) and attend within their chunk (`chunk_attn_window_size`).
 model_mode "prefill" attends like training and fills the cache; "autoregressive" appends to it and attends over it
 (`init_cache` creates the cache first, see MaxText.inference.kvcache).
 """
@@ -16,14 +19,18 @@ from jax.ad_checkpoint import checkpoint_name
 
 from MaxText import sharding
 from MaxText.inference.kvcache import KVCache
+from MaxText.inference.paged_attention import PagedKVCache, PageSpec
+from MaxText.layers.attention_kernels import autoselected_attention, check_flash_backend, splash_attention
 from MaxText.layers.embeddings import RotaryEmbedding, apply_rope
 from MaxText.layers.linears import DenseGeneral
+from MaxText.layers.quantization import spec_from_config
 from MaxText.layers.normalizations import RMSNorm
 
 logger = logging.getLogger("MaxText")
 
 MODEL_MODES = ("train", "prefill", "autoregressive")
-ATTENTION_KINDS = ("dot_product", "autoselected")
+# paged: dot_product, and a paged KV cache for decode; flash: the TPU splash kernel (attention_kernels)
+ATTENTION_KINDS = ("dot_product", "autoselected", "flash", "paged")
 _BATCH_LEN = ("activation_batch", "activation_length")
 _LOGGED: set[str] = set()
 
@@ -41,12 +48,19 @@ def attention_mask(
     kv_index: jax.Array,
     sliding_window_size: int = 0,
     window_active: bool | jax.Array = True,
+    *,
+    chunk_size: int = 0,
+    chunk_active: bool | jax.Array = False,
+    q_position: jax.Array | None = None,
+    kv_position: jax.Array | None = None,
 ) -> jax.Array:
-  """Boolean [batch, q_len, kv_len]: causal, same segment, and (if set) within the last `sliding_window_size` tokens.
+  """Boolean [batch, q_len, kv_len]: causal, same segment, and (if set) within the last `sliding_window_size` tokens
+  and within the same chunk of `chunk_size` positions.
 
   Indices are token offsets in the row (not RoPE positions, which restart per packed segment). Padding (segment 0)
-  attends only to padding, so no row is empty and the softmax never sees an all-masked row. `window_active` may be
-  a traced bool (a scanned layer that is local or global depending on its index).
+  attends only to padding, so no row is empty and the softmax never sees an all-masked row. `window_active` and
+  `chunk_active` may be traced bools (a scanned layer whose kind depends on its index). Chunks are aligned on
+  `q_position`/`kv_position` (RoPE positions, so each packed document starts a chunk; default: the indices).
   """
   q_index, kv_index = q_index[:, :, None], kv_index[:, None, :]
   mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_index <= q_index)
@@ -55,7 +69,29 @@ def attention_mask(
     if window_active is not True:
       in_window |= ~jnp.asarray(window_active)
     mask &= in_window
+  if chunk_size > 0 and chunk_active is not False:
+    q_pos = q_index if q_position is None else q_position[:, :, None]
+    kv_pos = kv_index if kv_position is None else kv_position[:, None, :]
+    in_chunk = q_pos // chunk_size == kv_pos // chunk_size
+    if chunk_active is not True:
+      in_chunk |= ~jnp.asarray(chunk_active)
+    mask &= in_chunk
   return mask
+
+
+def l2_norm(x: jax.Array, epsilon: float) -> jax.Array:
+  """x / rms(x) over the last axis, in float32, with no learned scale (Llama 4's QK norm)."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)).astype(x.dtype)
+
+
+def _select(flag: bool | jax.Array, if_true: jax.Array, if_false: jax.Array) -> jax.Array:
+  """if_true where a (possibly traced) per-layer flag holds; a static flag picks without computing a select."""
+  if flag is True:
+    return if_true
+  if flag is False:
+    return if_false
+  return jnp.where(flag, if_true, if_false)
 
 
 def dot_product_attention(
@@ -72,6 +108,7 @@ def dot_product_attention(
 ) -> jax.Array:
   """Reference attention in plain einsums. query [B,S,Hq,D], key/value [B,T,Hkv,D], mask [B,S,T] -> [B,S,Hq,D].
 
+  The value head dim may differ from the query/key one (the output has the value's).
   Query heads are grouped onto their kv head by reshaping (no repeat of K/V in memory). `kv_heads_first`: key/value
   are [B,Hkv,T,D] (the KV cache's layout), so both einsums are plain batched matmuls over (B, Hkv) and XLA never
   transposes the cache (on CPU that made a decode step's attention ~10x faster). key/value may be tuples of parts
@@ -107,40 +144,7 @@ def dot_product_attention(
     else:
       part = jnp.einsum("bkgst,btkd->bskgd", p, v)
     out = part if out is None else out + part
-  return out.reshape(b, s, num_q, d)
-
-
-def autoselected_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    segment_ids: jax.Array | None,
-    *,
-    scale: float,
-    sliding_window_size: int = 0,
-) -> jax.Array:
-  """Self-attention over one aligned sequence through `jax.nn.dot_product_attention` (cuDNN/XLA chosen by JAX).
-
-  Causality and the window are passed as flags (so a fused kernel can skip masked blocks); only the packed-segment
-  mask is an explicit array. Logits are float32 inside JAX's implementation whatever the input dtype.
-  """
-  mask = None
-  if segment_ids is not None:
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
-  _log_once(
-      f"attention=autoselected: jax.nn.dot_product_attention(implementation=None) on backend"
-      f" {jax.default_backend()!r} (jax {jax.__version__} decides between its cuDNN and XLA kernels)"
-  )
-  return jax.nn.dot_product_attention(
-      query,
-      key.astype(query.dtype),
-      value.astype(query.dtype),
-      mask=mask,
-      scale=scale,
-      is_causal=True,
-      local_window_size=(sliding_window_size - 1, 0) if sliding_window_size > 0 else None,
-      implementation=None,
-  )
+  return out.reshape(b, s, num_q, -1)  # values may be narrower than queries/keys (MLA)
 
 
 class Attention(nnx.Module):
@@ -149,6 +153,7 @@ class Attention(nnx.Module):
   Settings come from the config; keyword overrides let a family vary them per layer. With `sliding_window_pattern`
   the layer's index (passed at call time, traced inside a scanned stack) picks local (sliding window, and the local
   RoPE when `local_rope_max_timescale` is set) or global attention, so every layer keeps the same parameters.
+  `nope_layer_interval` picks NoPE layers from the index the same way (see is_nope).
   """
 
   def __init__(self, config, *, rngs: nnx.Rngs, sliding_window_size: int | None = None):
@@ -158,13 +163,23 @@ class Attention(nnx.Module):
     self.attention_kind = config.attention
     if self.attention_kind not in ATTENTION_KINDS:
       raise ValueError(f"attention={self.attention_kind!r} is not one of {ATTENTION_KINDS}")
+    if self.attention_kind == "flash":
+      check_flash_backend(jax.default_backend())
     self.sliding_window_size = config.sliding_window_size if sliding_window_size is None else sliding_window_size
     self.sliding_window_pattern = config.sliding_window_pattern
     self.attn_logits_soft_cap = config.attn_logits_soft_cap
     self.float32_qk_product = config.float32_qk_product
     self.float32_logits = config.float32_logits
     self.scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
+    self.chunk_attn_window_size = config.chunk_attn_window_size
+    self.nope_layer_interval = config.nope_layer_interval
+    self.use_qk_l2_norm = config.use_qk_l2_norm
+    self.qk_l2_norm_epsilon = config.normalization_layer_epsilon
+    self.attn_temperature_tuning = config.attn_temperature_tuning
+    self.attn_temperature_floor_scale = config.attn_temperature_floor_scale
+    self.attn_temperature_scale = config.attn_temperature_scale
     kw = dict(rngs=rngs, dtype=config.dtype, weight_dtype=config.weight_dtype, use_bias=config.use_bias)
+    kw["quant"] = spec_from_config(config)  # None unless `quantization` is set
     self.query = DenseGeneral(emb, (self.num_query_heads, head_dim), kernel_axes=("embed", "q_heads", "kv"), **kw)
     self.key = DenseGeneral(emb, (self.num_kv_heads, head_dim), kernel_axes=("embed", "kv_heads", "kv"), **kw)
     self.value = DenseGeneral(emb, (self.num_kv_heads, head_dim), kernel_axes=("embed", "kv_heads", "kv"), **kw)
@@ -185,8 +200,14 @@ class Attention(nnx.Module):
     self.quantize_kvcache = config.quantize_kvcache
     self.kv_cache = nnx.data(None)  # a KVCache once init_cache runs (prefill/autoregressive)
 
-  def init_cache(self, batch: int, length: int, stack: tuple[int, ...] = ()):
-    """An empty KV cache of `batch` rows x `length` tokens (with leading `stack` dims inside a scanned stack)."""
+  def init_cache(self, batch: int, length: int, stack: tuple[int, ...] = (), paged: PageSpec | None = None):
+    """An empty KV cache of `batch` rows x `length` tokens (with leading `stack` dims inside a scanned stack).
+
+    `paged`: a paged cache (MaxText.inference.paged_attention) of `batch` slots instead; `length` is then unused.
+    """
+    if paged is not None:
+      self.kv_cache = PagedKVCache(batch, paged, self.num_kv_heads, self.head_dim, dtype=self.dtype, stack=stack)
+      return
     self.kv_cache = KVCache(
         batch,
         length,
@@ -213,6 +234,19 @@ class Attention(nnx.Module):
       return True
     return (layer_index + 1) % self.sliding_window_pattern != 0
 
+  def is_nope(self, layer_index: int | jax.Array) -> bool | jax.Array:
+    """Whether the layer at `layer_index` skips RoPE (every `nope_layer_interval`-th layer: N-1, 2N-1, ...)."""
+    if self.nope_layer_interval <= 0:
+      return False
+    return (layer_index + 1) % self.nope_layer_interval == 0
+
+  def is_chunked(self, layer_index: int | jax.Array) -> bool | jax.Array:
+    """Whether the layer attends only within its chunk: every RoPE layer when chunk_attn_window_size > 0."""
+    if self.chunk_attn_window_size <= 0:
+      return False
+    nope = self.is_nope(layer_index)
+    return not nope if isinstance(nope, bool) else ~nope
+
   def _rotate(self, x: jax.Array, positions: jax.Array, local: bool | jax.Array) -> jax.Array:
     if self.local_rope is None or local is False:
       return self.rope(x, positions)
@@ -222,12 +256,31 @@ class Attention(nnx.Module):
     return apply_rope(x, positions, inv_freq)
 
   def position_qk(
-      self, query: jax.Array, key: jax.Array, positions: jax.Array, local: bool | jax.Array = True
+      self,
+      query: jax.Array,
+      key: jax.Array,
+      positions: jax.Array,
+      local: bool | jax.Array = True,
+      nope: bool | jax.Array = False,
   ) -> tuple[jax.Array, jax.Array]:
-    """QK norm (per head, before rotation) then RoPE at each token's position (the local RoPE in local layers)."""
+    """QK norm (per head, before rotation) then RoPE at each token's position (the local RoPE in local layers).
+
+    Llama 4: RoPE layers L2-normalize q and k after the rotation (`use_qk_l2_norm`); NoPE layers (`nope`) keep q and
+    k unrotated and, with `attn_temperature_tuning`, scale the queries up with the position (as transformers does).
+    """
     if self.query_norm is not None:
       query, key = self.query_norm(query), self.key_norm(key)
-    return self._rotate(query, positions, local), self._rotate(key, positions, local)
+    if nope is not True:
+      rotated_q, rotated_k = self._rotate(query, positions, local), self._rotate(key, positions, local)
+      if self.use_qk_l2_norm:
+        rotated_q = l2_norm(rotated_q, self.qk_l2_norm_epsilon)
+        rotated_k = l2_norm(rotated_k, self.qk_l2_norm_epsilon)
+      query, key = _select(nope, query, rotated_q), _select(nope, key, rotated_k)
+    if self.attn_temperature_tuning and nope is not False:
+      steps = jnp.floor((positions.astype(jnp.float32) + 1.0) / self.attn_temperature_floor_scale)
+      scale = _select(nope, jnp.log1p(steps) * self.attn_temperature_scale + 1.0, jnp.ones_like(steps))
+      query = (query.astype(jnp.float32) * scale[:, :, None, None]).astype(query.dtype)
+    return query, key
 
   def attend(
       self,
@@ -242,19 +295,27 @@ class Attention(nnx.Module):
       aligned: bool,
       local: bool | jax.Array = True,
       kv_heads_first: bool = False,
+      chunked: bool | jax.Array = False,
+      q_position: jax.Array | None = None,
+      kv_position: jax.Array | None = None,
   ) -> jax.Array:
     """The attention core. `aligned` means keys are exactly the queries' own sequence (train/prefill).
 
     `local` (see is_local) switches the sliding window on; it only matters when sliding_window_size > 0.
-    `kv_heads_first`: key/value are [B, Hkv, T, D] (a KV cache) rather than [B, T, Hkv, D].
+    `chunked` (see is_chunked) switches the chunk mask on, chunks aligned on q_position/kv_position (default: the
+    indices). `kv_heads_first`: key/value are [B, Hkv, T, D] (a KV cache) rather than [B, T, Hkv, D].
     """
-    if self.attention_kind == "autoselected" and aligned:
+    if self.attention_kind in ("autoselected", "flash") and aligned:
+      kind = self.attention_kind
       if self.attn_logits_soft_cap > 0:
-        _log_once("attention=autoselected: attn_logits_soft_cap needs the dot_product path; using it")
+        _log_once(f"attention={kind}: attn_logits_soft_cap needs the dot_product path; using it")
+      elif self.chunk_attn_window_size > 0 and chunked is not False:
+        _log_once(f"attention={kind}: chunked attention (chunk_attn_window_size) needs the dot_product path")
       else:
+        kernel = splash_attention if kind == "flash" else autoselected_attention
 
         def fused(window):
-          return autoselected_attention(query, key, value, q_segment_ids, scale=self.scale, sliding_window_size=window)
+          return kernel(query, key, value, q_segment_ids, scale=self.scale, sliding_window_size=window)
 
         if isinstance(local, bool):
           return fused(self.sliding_window_size if local else 0)
@@ -264,7 +325,18 @@ class Attention(nnx.Module):
       q_segment_ids = jnp.ones(q_index.shape, jnp.int32)
     if kv_segment_ids is None:
       kv_segment_ids = jnp.ones(kv_index.shape, jnp.int32)
-    mask = attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, self.sliding_window_size, local)
+    mask = attention_mask(
+        q_segment_ids,
+        kv_segment_ids,
+        q_index,
+        kv_index,
+        self.sliding_window_size,
+        local,
+        chunk_size=self.chunk_attn_window_size,
+        chunk_active=chunked,
+        q_position=q_position,
+        kv_position=kv_position,
+    )
     return dot_product_attention(
         query,
         key,
@@ -298,10 +370,10 @@ class Attention(nnx.Module):
     if model_mode != "train" and self.kv_cache is None:
       raise ValueError(f"model_mode {model_mode!r} needs a KV cache: call the model's init_cache first")
     query, key, value = self.project_qkv(x)
-    local = self.is_local(layer_index)
-    query, key = self.position_qk(query, key, positions, local)
+    local, chunked = self.is_local(layer_index), self.is_chunked(layer_index)
+    query, key = self.position_qk(query, key, positions, local, self.is_nope(layer_index))
     if model_mode == "autoregressive":
-      return self.out_projection(checkpoint_name(self._attend_cached(query, key, value, local), "context"))
+      return self.out_projection(checkpoint_name(self._attend_cached(query, key, value, local, chunked), "context"))
     if model_mode == "prefill":
       lengths = x.shape[1] if segment_ids is None else jnp.sum(segment_ids != 0, axis=1)
       self.kv_cache.prefill(key, value, jnp.broadcast_to(lengths, x.shape[:1]))
@@ -316,18 +388,28 @@ class Attention(nnx.Module):
         kv_index=index,
         aligned=True,
         local=local,
+        chunked=chunked,
+        q_position=positions,
+        kv_position=positions,
     )
     return self.out_projection(checkpoint_name(context, "context"))
 
   def _attend_cached(
-      self, query: jax.Array, key: jax.Array, value: jax.Array, local: bool | jax.Array = True
+      self,
+      query: jax.Array,
+      key: jax.Array,
+      value: jax.Array,
+      local: bool | jax.Array = True,
+      chunked: bool | jax.Array = False,
   ) -> jax.Array:
     """New tokens (one per row when decoding) attend over their row's cache and themselves, then join the cache.
 
     The cache is read as it was (its unfilled tail masked out) and the new keys/values are attended as a second
     part, so the cache write can happen in place after the read; the sliding window counts from each row's own
-    position.
+    position, and chunks from the row's start (a cached row holds one sequence, so its indices are its positions).
     """
+    if isinstance(self.kv_cache, PagedKVCache) and self.kv_cache.kernel == "pallas":
+      return self.kv_cache.kernel_attention(query, key, value, scale=self.scale, soft_cap=self.attn_logits_soft_cap)
     view = self.kv_cache.attention_view(key, value)
     context = self.attend(
         query,
@@ -340,6 +422,7 @@ class Attention(nnx.Module):
         aligned=False,
         local=local,
         kv_heads_first=True,
+        chunked=chunked,
     )
     self.kv_cache.append(key, value, after=context)
     return context

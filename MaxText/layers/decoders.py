@@ -5,8 +5,10 @@ owns what every family shares: stacking the layers (nnx.scan over stacked params
 policies, dropout keys, and the logits head.
 """
 
+import dataclasses
 import importlib
 import math
+from typing import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +53,85 @@ def scan_axes(param_scan_axis: int) -> nnx.StateAxes:
   return nnx.StateAxes({nnx.Param: param_scan_axis, ...: 0})
 
 
+def moe_layer_flags(config) -> list[bool]:
+  """Which decoder layers are MoE: i >= first_num_dense_layers and (i + 1) % interleave_moe_layer_step == 0."""
+  if config.num_experts <= 1:
+    return [False] * config.num_decoder_layers
+  return [
+      i >= config.first_num_dense_layers and (i + 1) % config.interleave_moe_layer_step == 0
+      for i in range(config.num_decoder_layers)
+  ]
+
+
+@dataclasses.dataclass(frozen=True)
+class StackLayout:
+  """How layers of different kinds are stacked when scanned: `prefix` alike layers, then blocks of `period` layers.
+
+  Scanned params sit at decoder/layers/<param> when every layer is alike (prefix 0, period 1), else at
+  decoder/layers/prefix/<param> (layers 0..prefix-1) and decoder/layers/block_<r>/<param> (layers
+  prefix + j * period + r, stacked over j).
+  """
+
+  num_layers: int
+  prefix: int = 0
+  period: int = 1
+
+  @property
+  def homogeneous(self) -> bool:
+    return self.prefix == 0 and self.period == 1
+
+  def groups(self) -> list[tuple[str, int, int]]:
+    """(group name, stacked layer count, first layer) in layer order; the single group of a homogeneous stack is ""."""
+    if self.homogeneous:
+      return [("", self.num_layers, 0)]
+    blocks = (self.num_layers - self.prefix) // self.period
+    out = [("prefix", self.prefix, 0)] if self.prefix else []
+    return out + [(f"block_{r}", blocks, self.prefix + r) for r in range(self.period)]
+
+  def locate(self, layer: int) -> tuple[str, int]:
+    """(group name, index in its stack) of a layer."""
+    if self.homogeneous:
+      return "", layer
+    if layer < self.prefix:
+      return "prefix", layer
+    j, r = divmod(layer - self.prefix, self.period)
+    return f"block_{r}", j
+
+  def layer_indices(self, group: str) -> list[int]:
+    if group in ("", "prefix"):
+      return list(range(self.num_layers if group == "" else self.prefix))
+    r = int(group[len("block_") :])
+    return list(range(self.prefix + r, self.num_layers, self.period))
+
+
+def stack_layout(kinds: Sequence[Hashable]) -> StackLayout:
+  """The StackLayout for per-layer kinds: the shortest period, then the shortest alike prefix, that fits them."""
+  n = len(kinds)
+  for period in range(1, n + 1):
+    for prefix in range(0, n - period + 1):
+      if (n - prefix) % period or len(set(kinds[:prefix])) > 1:
+        continue
+      if all(kinds[i] == kinds[prefix + (i - prefix) % period] for i in range(prefix, n)):
+        return StackLayout(n, prefix, period)
+  raise AssertionError("unreachable: one block of all layers always fits")
+
+
+class LayerGroups(nnx.Module):
+  """The scanned stacks of a stack whose layers differ (see StackLayout): attributes prefix, block_0, ..."""
+
+  def __init__(self, groups: dict[str, nnx.Module]):
+    for name, stack in groups.items():
+      setattr(self, name, stack)
+
+
+def _blocks(layer_rngs: jax.Array | None, start: int, period: int) -> jax.Array | None:
+  """Per-layer dropout keys from layer `start` on, as [blocks, period]."""
+  if layer_rngs is None:
+    return None
+  rest = layer_rngs[start:]
+  return rest.reshape((rest.shape[0] // period, period) + rest.shape[1:])
+
+
 class DecoderStack(nnx.Module):
   """num_decoder_layers decoder layers, scanned (one stacked copy of the params) or unrolled (a list).
 
@@ -65,23 +146,34 @@ class DecoderStack(nnx.Module):
     self.param_scan_axis = config.param_scan_axis
     self.remat_policy = config.remat_policy
     remat_policy(self.remat_policy)  # validate early
+    moe_flags = moe_layer_flags(config)
+    self.layout = stack_layout(moe_flags)
 
-    def make_stacked(out_axes, metadata):
-      @nnx.split_rngs(splits=self.num_layers)
+    def make_stacked(n, first, out_axes, metadata):
+      # Families learn whether a layer is MoE only in MoE models, so dense families keep their signature.
+      kwargs = {"use_moe": moe_flags[first]} if config.num_experts > 1 else {}
+
+      @nnx.split_rngs(splits=n)
       @nnx.vmap(in_axes=(0,), out_axes=out_axes, transform_metadata=metadata)
       def make(rngs):
-        return layer_cls(config, rngs=rngs)
+        return layer_cls(config, rngs=rngs, **kwargs)
 
       return make(rngs)
 
+    def make_groups(out_axes, metadata) -> dict[str, nnx.Module]:
+      return {name: make_stacked(n, first, out_axes, metadata) for name, n, first in self.layout.groups()}
+
     if self.scan_layers:
-      self.layers = make_stacked(scan_axes(self.param_scan_axis), {nnx.PARTITION_NAME: "layers"})
+      groups = make_groups(scan_axes(self.param_scan_axis), {nnx.PARTITION_NAME: "layers"})
+      self.layers = groups[""] if self.layout.homogeneous else LayerGroups(groups)
     else:
       # Built stacked and then split, so a seed gives the same weights in either layout.
-      graphdef, stacked = nnx.split(make_stacked(0, {}))
-      self.layers = nnx.List(
-          [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked)) for i in range(self.num_layers)]
-      )
+      layers = [None] * self.num_layers
+      for name, stack in make_groups(0, {}).items():
+        graphdef, stacked = nnx.split(stack)
+        for j, i in enumerate(self.layout.layer_indices(name)):
+          layers[i] = nnx.merge(graphdef, jax.tree.map(lambda x, j=j: x[j], stacked))
+      self.layers = nnx.List(layers)
 
   def __call__(
       self,
@@ -125,22 +217,41 @@ class DecoderStack(nnx.Module):
         out_axes=nnx.Carry,
         transform_metadata={nnx.PARTITION_NAME: "layers"},
     )
-    def step(layer, y, rng, layer_index):
-      return layer_fn(layer_index)(layer, y, rng)
+    def step(layers, y, rngs, layer_indices):
+      # One scan iteration runs a block of consecutive layers (one layer unless dense and MoE layers interleave).
+      for r, layer in enumerate(layers):
+        y = layer_fn(layer_indices[r])(layer, y, None if rngs is None else rngs[r])
+      return y
 
-    return step(self.layers, x, layer_rngs, jnp.arange(self.num_layers, dtype=jnp.int32))
+    indices = jnp.arange(self.num_layers, dtype=jnp.int32)
+    if self.layout.homogeneous:
+      return step([self.layers], x, _blocks(layer_rngs, 0, 1), indices[:, None])
+    p, period = self.layout.prefix, self.layout.period
+    if p:
+      prefix_rngs = None if layer_rngs is None else _blocks(layer_rngs[:p], 0, 1)
+      x = step([self.layers.prefix], x, prefix_rngs, indices[:p, None])
+    blocks = [getattr(self.layers, f"block_{r}") for r in range(period)]
+    return step(blocks, x, _blocks(layer_rngs, p, period), indices[p:].reshape(-1, period))
 
-  def init_cache(self, batch: int, length: int):
+  def init_cache(self, batch: int, length: int, **cache_options):
     """Gives every module of the layers that has `init_cache` (attention) an empty KV cache of [batch, length].
+
+    `cache_options` go to each module's init_cache (e.g. `paged=PageSpec(...)` for the paged cache).
 
     In the scanned stack the cache gets the stacked layer count as a leading dim (scan_axes() stacks it on axis 0).
     """
-    for layer in [self.layers] if self.scan_layers else list(self.layers):
+    if not self.scan_layers:
+      stacks = list(self.layers)
+    elif self.layout.homogeneous:
+      stacks = [self.layers]
+    else:
+      stacks = [getattr(self.layers, name) for name, _, _ in self.layout.groups()]
+    for layer in stacks:
       stack = ()
       if self.scan_layers:
         stack = (jax.tree.leaves(nnx.state(layer, nnx.Param))[0].shape[self.param_scan_axis],)
       for module in [m for _, m in nnx.iter_modules(layer) if m is not layer and hasattr(m, "init_cache")]:
-        module.init_cache(batch, length, stack)
+        module.init_cache(batch, length, stack, **cache_options)
 
 
 class Transformer(nnx.Module):
@@ -203,9 +314,9 @@ class Transformer(nnx.Module):
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     return self.logits(self.decoder_norm(x))
 
-  def init_cache(self, batch: int, length: int):
+  def init_cache(self, batch: int, length: int, **cache_options):
     """Empty KV caches for model_mode "prefill"/"autoregressive": `batch` rows of up to `length` tokens."""
-    self.decoder.init_cache(batch, length)
+    self.decoder.init_cache(batch, length, **cache_options)
 
   def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Input embeddings [batch, seq, embed]: token embeddings (scaled for Gemma), plus learned positions (GPT-3)."""

@@ -8,6 +8,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from MaxText import sharding
+from MaxText.layers import quantization
+from MaxText.layers.quantization import QuantSpec
 
 Shape = int | Sequence[int]
 
@@ -40,6 +42,8 @@ class DenseGeneral(nnx.Module):
 
   The kernel keeps its multi-dimensional shape (e.g. [embed, heads, head_dim]) so each dimension gets its own logical
   axis name and shards independently; it is stored in `weight_dtype` and cast to `dtype` for the matmul.
+  With `quant` the matmul is quantized (layers/quantization.py); with `quant.stored` the kernel is held as int8 plus
+  a per-output-channel `kernel_scale` (decode from a quantized checkpoint).
   """
 
   def __init__(
@@ -53,6 +57,7 @@ class DenseGeneral(nnx.Module):
       weight_dtype: jnp.dtype = jnp.float32,
       use_bias: bool = False,
       bias_axes: tuple[str | None, ...] | None = None,
+      quant: QuantSpec | None = None,
   ):
     self.in_features = _as_tuple(in_features)
     self.out_features = _as_tuple(out_features)
@@ -66,7 +71,15 @@ class DenseGeneral(nnx.Module):
     shape = self.in_features + self.out_features
     # Params carry logical names only (eager_sharding=False, here and in every layer): placement comes from jit
     # out_shardings via sharding.state_shardings, so a module builds the same with or without a mesh.
-    self.kernel = nnx.Param(init(rngs.params(), shape, weight_dtype), out_sharding=kernel_axes, eager_sharding=False)
+    self.quant = quant
+    if quant is not None and quant.stored:
+      self.kernel = nnx.Param(jnp.zeros(shape, jnp.int8), out_sharding=kernel_axes, eager_sharding=False)
+      scale_shape = (1,) * n_in + self.out_features
+      self.kernel_scale = nnx.Param(
+          jnp.ones(scale_shape, jnp.float32), out_sharding=(None,) * n_in + kernel_axes[n_in:], eager_sharding=False
+      )
+    else:
+      self.kernel = nnx.Param(init(rngs.params(), shape, weight_dtype), out_sharding=kernel_axes, eager_sharding=False)
     if use_bias:
       names = bias_axes if bias_axes is not None else kernel_axes[n_in:]
       self.bias = nnx.Param(jnp.zeros(self.out_features, weight_dtype), out_sharding=names, eager_sharding=False)
@@ -77,7 +90,12 @@ class DenseGeneral(nnx.Module):
     dtype = compute_dtype or self.dtype
     n_in = len(self.in_features)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(dtype), self.kernel[...].astype(dtype), (contract, ((), ())))
+    if self.quant is not None and self.quant.stored:
+      y = quantization.stored_dot(x.astype(dtype), self.kernel[...], self.kernel_scale[...], n_in, self.quant)
+    elif self.quant is not None:
+      y = quantization.quantized_dot(x.astype(dtype), self.kernel[...].astype(dtype), n_in, self.quant)
+    else:
+      y = jax.lax.dot_general(x.astype(dtype), self.kernel[...].astype(dtype), (contract, ((), ())))
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
@@ -101,9 +119,10 @@ class MlpBlock(nnx.Module):
       dtype: jnp.dtype = jnp.float32,
       weight_dtype: jnp.dtype = jnp.float32,
       use_bias: bool = False,
+      quant: QuantSpec | None = None,
   ):
     self.activation_names = tuple(activations)
-    kw = dict(rngs=rngs, dtype=dtype, weight_dtype=weight_dtype, use_bias=use_bias)
+    kw = dict(rngs=rngs, dtype=dtype, weight_dtype=weight_dtype, use_bias=use_bias, quant=quant)
     if len(self.activation_names) == 1:
       self.wi = DenseGeneral(emb_dim, mlp_dim, kernel_axes=("embed", "mlp"), **kw)
     else:

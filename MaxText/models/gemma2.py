@@ -10,6 +10,7 @@ from MaxText import sharding
 from MaxText.layers.attentions import Attention
 from MaxText.layers.linears import MlpBlock
 from MaxText.layers.normalizations import create_norm
+from MaxText.layers.quantization import spec_from_config
 from MaxText.models import gemma
 from MaxText.utils.ckpt_conversion import weight_mapping
 
@@ -32,6 +33,7 @@ class Gemma2DecoderLayer(nnx.Module):
         dtype=config.dtype,
         weight_dtype=config.weight_dtype,
         use_bias=config.use_bias,
+        quant=spec_from_config(config),
     )
     self.post_ffw_norm = create_norm(config, config.emb_dim)
     self.dropout = nnx.Dropout(config.dropout_rate if config.enable_dropout else 0.0)

@@ -13,6 +13,7 @@ from MaxText import sharding
 from MaxText.layers.attentions import Attention
 from MaxText.layers.linears import MlpBlock
 from MaxText.layers.normalizations import create_norm
+from MaxText.layers.quantization import spec_from_config
 from MaxText.utils.ckpt_conversion import weight_mapping
 
 _EMBED_NAMES = ("activation_batch", "activation_length", "activation_embed")
@@ -33,6 +34,7 @@ class LlamaDecoderLayer(nnx.Module):
         dtype=config.dtype,
         weight_dtype=config.weight_dtype,
         use_bias=config.use_bias,
+        quant=spec_from_config(config),
     )
     self.dropout = nnx.Dropout(config.dropout_rate if config.enable_dropout else 0.0)
 
@@ -56,9 +58,14 @@ class LlamaDecoderLayer(nnx.Module):
     )
     x = x + self.dropout(h, deterministic=deterministic, rngs=attn_rng)
     x = sharding.with_logical_constraint(x, _EMBED_NAMES)
-    h = self.mlp(self.post_self_attention_layer_norm(x))
+    h = self.feed_forward(self.post_self_attention_layer_norm(x), segment_ids)
     x = x + self.dropout(h, deterministic=deterministic, rngs=mlp_rng)
     return sharding.with_logical_constraint(x, _EMBED_NAMES)
+
+  def feed_forward(self, h: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """The MLP branch (a hook: MoE subclasses also pass `segment_ids`)."""
+    del segment_ids
+    return self.mlp(h)
 
 
 # The name the shared decoder stack looks up in every family module.

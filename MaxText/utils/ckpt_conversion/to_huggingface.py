@@ -22,6 +22,7 @@ import numpy as np
 
 from MaxText import pyconfig
 from MaxText.config_schema import ConfigError
+from MaxText.layers.decoders import moe_layer_flags, stack_layout
 from MaxText.utils.ckpt_conversion import cli, params_io, to_maxtext, weight_mapping
 from MaxText.utils.ckpt_conversion.safetensors_io import SafetensorsWriter
 
@@ -36,14 +37,13 @@ def hf_config_json(config) -> dict[str, Any]:
   """config.json for the config, after checking transformers would read it back as the same model."""
   module = weight_mapping.family_for_config(config)
   fields = module.hf_config(config)
-  _, back = to_maxtext.model_keys({**fields, "architectures": [module.HF_ARCHITECTURES[0]]})
+  architecture, model_type = weight_mapping.hf_architecture(module, config)
+  _, back = to_maxtext.model_keys({**fields, "architectures": [architecture], "model_type": model_type})
   differs = [f"{k}={config.get(k)!r} (reads back as {v!r})" for k, v in back.items() if config.get(k) != v]
   if differs:
-    raise weight_mapping.UnsupportedCheckpointError(
-        f"{module.HF_ARCHITECTURES[0]} cannot express this config: {', '.join(differs)}"
-    )
+    raise weight_mapping.UnsupportedCheckpointError(f"{architecture} cannot express this config: {', '.join(differs)}")
   dtype = np.dtype(config.weight_dtype).name
-  return {"architectures": [module.HF_ARCHITECTURES[0]], "model_type": module.HF_MODEL_TYPE, **fields} | {
+  return {"architectures": [architecture], "model_type": model_type, **fields} | {
       "dtype": dtype,
       "torch_dtype": dtype,  # the 4.x name
   }
@@ -58,12 +58,13 @@ def convert(config, hf_output_path: str, max_shard_bytes: int = 5 * 10**9):
   config_json = hf_config_json(config)
   reader = params_io.ParamsReader(config.load_parameters_path)
   rules = module.hf_weights(config)
-  layers = range(config.num_decoder_layers)
+  num_layers = config.num_decoder_layers
+  layout = stack_layout(moe_layer_flags(config))
   dtype = np.dtype(config.weight_dtype)
   entries = [
       (name, shape, dtype)
       for rule in rules
-      for i in (layers if rule.per_layer else [None])
+      for i in (rule.layer_indices(num_layers) if rule.per_layer else [None])
       for name, shape in zip(rule.hf_names(i), rule.hf_shapes)
   ]
   out = pathlib.Path(hf_output_path)
@@ -73,20 +74,25 @@ def convert(config, hf_output_path: str, max_shard_bytes: int = 5 * 10**9):
     if not rule.per_layer:
       _write(writer, rule.hf_names(), rule.to_hf(reader.read(rule.maxtext_paths())), dtype)
     elif reader.unscanned:
-      for i in layers:
+      for i in rule.layer_indices(num_layers):
         _write(writer, rule.hf_names(i), rule.to_hf(reader.read(rule.maxtext_paths(i))), dtype)
     else:
-      paths = [to_maxtext.layer_free(p) for p in rule.maxtext_paths(0)]
-      stacked = reader.read(paths)
-      for path, shape in zip(paths, [s.shape for s in stacked]):
-        if len(shape) <= axis or shape[axis] != config.num_decoder_layers:
-          raise ValueError(
-              f"{'/'.join(path)}: stored shape {shape} has no {config.num_decoder_layers}-layer axis at"
-              f" param_scan_axis={axis}"
-          )
-      for i in layers:
-        _write(writer, rule.hf_names(i), rule.to_hf([np.take(s, i, axis=axis) for s in stacked]), dtype)
-      del stacked  # before the next rule's read, so two rules' stacks never coexist
+      by_group = {}
+      for i in rule.layer_indices(num_layers):
+        group, j = layout.locate(i)
+        by_group.setdefault(group, []).append((i, j))
+      for group, members in by_group.items():
+        paths = [to_maxtext.layer_free(p, group) for p in rule.maxtext_paths(members[0][0])]
+        stacked = reader.read(paths)
+        count = len(layout.layer_indices(group))
+        for path, shape in zip(paths, [s.shape for s in stacked]):
+          if len(shape) <= axis or shape[axis] != count:
+            raise ValueError(
+                f"{'/'.join(path)}: stored shape {shape} has no {count}-layer axis at param_scan_axis={axis}"
+            )
+        for i, j in members:
+          _write(writer, rule.hf_names(i), rule.to_hf([np.take(s, j, axis=axis) for s in stacked]), dtype)
+        del stacked  # before the next read, so two stacks never coexist
     params_io.release_freed_memory()
   writer.close()
   (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")

@@ -25,7 +25,7 @@ from flax import nnx, traverse_util
 
 from MaxText import pyconfig
 from MaxText.layers import model_creation, scan_layout
-from MaxText.layers.decoders import LAYERS_PATH
+from MaxText.layers.decoders import LAYERS_PATH, moe_layer_flags, stack_layout
 from MaxText.utils.ckpt_conversion import cli, params_io, weight_mapping
 from MaxText.utils.ckpt_conversion.safetensors_io import SafetensorsReader
 
@@ -68,6 +68,38 @@ MODEL_KEYS = (
     "rope_high_freq_factor",
     "rope_original_max_position_embeddings",
     "local_rope_max_timescale",
+    # Llama 4 attention (layers/attentions.py)
+    "chunk_attn_window_size",
+    "nope_layer_interval",
+    "use_qk_l2_norm",
+    "attn_temperature_tuning",
+    "attn_temperature_floor_scale",
+    "attn_temperature_scale",
+    # mixture of experts (layers/moe.py)
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_mlp_dim",
+    "shared_experts",
+    "routed_score_func",
+    "routed_bias",
+    "routed_scaling_factor",
+    "norm_topk_prob",
+    "n_routing_groups",
+    "topk_routing_group",
+    "first_num_dense_layers",
+    "interleave_moe_layer_step",
+    "moe_input_scaled_by_router",
+    # YaRN RoPE (layers/embeddings.py) and Multi-head Latent Attention (layers/mla.py)
+    "rope_yarn_beta_fast",
+    "rope_yarn_beta_slow",
+    "rope_yarn_mscale",
+    "rope_yarn_mscale_all_dim",
+    "attention_type",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
 )
 
 
@@ -126,10 +158,10 @@ def _yaml_value(value: Any) -> str:
   return text
 
 
-def layer_free(path: tuple) -> tuple:
-  """decoder/layers/<i>/... -> decoder/layers/... (the scanned path)."""
+def layer_free(path: tuple, group: str = "") -> tuple:
+  """decoder/layers/<i>/... -> decoder/layers/[<group>/]... (the scanned path; group from StackLayout.locate)."""
   n = len(LAYERS_PATH)
-  return path[:n] + path[n + 1 :]
+  return path[:n] + ((group,) if group else ()) + path[n + 1 :]
 
 
 def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] = (), flush_bytes: int = 128 * 2**20):
@@ -144,7 +176,7 @@ def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] 
   config = pyconfig.initialize(["", str(out / "model.yml"), *overrides], log_config=False)
   module = weight_mapping.family_for_config(config)
   rules = module.hf_weights(config)
-  reader = SafetensorsReader(hf_model_path)
+  reader = getattr(module, "hf_reader", lambda r: r)(SafetensorsReader(hf_model_path))
   available = {}
   for name in reader.names():
     canonical = weight_mapping.tensor_name(module, name)
@@ -158,7 +190,7 @@ def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] 
       scan_layout.scanned_to_unscanned(abstract, config.param_scan_axis) if config.scan_layers else abstract
   )
   consumed = _check_rules(config, rules, reader, available, set(unscanned))
-  layers = range(config.num_decoder_layers)
+  layout = stack_layout(moe_layer_flags(config))
   writer = params_io.StreamingParamsWriter(str(out / "params"), flush_bytes=flush_bytes)
   for rule in rules:
     if not rule.per_layer:
@@ -166,24 +198,30 @@ def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] 
         writer.add(path, _cast(array, path, shapes))
       continue
     if not config.scan_layers:
-      for i in layers:
+      for i in rule.layer_indices(config.num_decoder_layers):
         arrays = rule.to_maxtext([reader.read(available[n]) for n in rule.hf_names(i)])
         for path, array in zip(rule.maxtext_paths(i), arrays):
           writer.add(path, _cast(array, path, unscanned))
       continue
     # Scanned: fill each stacked array layer by layer (no per-layer copies kept around).
-    targets = [shapes[layer_free(path)] for path in rule.maxtext_paths(0)]
-    writer.make_room(sum(t.size * np.dtype(t.dtype).itemsize for t in targets))
-    stacked = {layer_free(p): np.empty(t.shape, t.dtype) for p, t in zip(rule.maxtext_paths(0), targets)}
-    for i in layers:
-      arrays = rule.to_maxtext([reader.read(available[n]) for n in rule.hf_names(i)])
-      for path, array in zip(rule.maxtext_paths(i), arrays):
-        target = stacked[layer_free(path)]
-        index = (slice(None),) * config.param_scan_axis + (i,)
-        target[index] = _cast(array, path, unscanned)
-    for path in list(stacked):
-      writer.add(path, stacked.pop(path))  # the writer's reference is then the only one
-    del arrays
+    by_group = {}
+    for i in rule.layer_indices(config.num_decoder_layers):
+      group, j = layout.locate(i)
+      by_group.setdefault(group, []).append((i, j))
+    for group, members in by_group.items():
+      first = members[0][0]
+      targets = [shapes[layer_free(path, group)] for path in rule.maxtext_paths(first)]
+      writer.make_room(sum(t.size * np.dtype(t.dtype).itemsize for t in targets))
+      stacked = {layer_free(p, group): np.empty(t.shape, t.dtype) for p, t in zip(rule.maxtext_paths(first), targets)}
+      for i, j in members:
+        arrays = rule.to_maxtext([reader.read(available[n]) for n in rule.hf_names(i)])
+        for path, array in zip(rule.maxtext_paths(i), arrays):
+          target = stacked[layer_free(path, group)]
+          index = (slice(None),) * config.param_scan_axis + (j,)
+          target[index] = _cast(array, path, unscanned)
+      for path in list(stacked):
+        writer.add(path, stacked.pop(path))  # the writer's reference is then the only one
+      del arrays
   writer.finalize()
   logger.info(
       "Converted %s (%d tensors, %.2f GB as %s) in %.1fs: config %s, params %s",
@@ -205,7 +243,7 @@ def _check_rules(config, rules, reader: SafetensorsReader, available: dict[str, 
   """
   produced, consumed = set(), set()
   for rule in rules:
-    for i in range(config.num_decoder_layers) if rule.per_layer else [None]:
+    for i in rule.layer_indices(config.num_decoder_layers) if rule.per_layer else [None]:
       produced.update(rule.maxtext_paths(i))
       for name, shape in zip(rule.hf_names(i), rule.hf_shapes):
         if name not in available:

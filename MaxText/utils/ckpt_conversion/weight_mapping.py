@@ -3,14 +3,18 @@
 A family module in MaxText/models/ that converts to and from Hugging Face defines:
   HF_ARCHITECTURES   config.json `architectures` names it reads; the first is the one it writes
   HF_MODEL_TYPE      the `model_type` it writes
+  hf_architecture(config) -> (architecture, model_type)   optional: which one a config is written as
   config_from_hf(hf: HFConfig) -> dict     MaxText model keys for a checkpoint's config.json
   hf_config(config) -> dict                config.json fields for a MaxText config (to_huggingface adds the rest)
   hf_weights(config) -> list[Rule]         every parameter, as rules between MaxText paths and Hugging Face tensors
   hf_tensor_name(name) -> str | None       optional: a checkpoint's tensor name in the family's spelling (None: skip)
+  hf_reader(reader) -> reader              optional: a view of the checkpoint's tensors (names(), tensors[name].shape,
+                                           read(name)), e.g. fused expert tensors as per-expert ones (moe_mapping.py)
 
 Rule paths are MaxText params in the unscanned layout, '/'-joined ("decoder/layers/{i}/mlp/wo/kernel"); "{i}" marks
-a rule applied once per decoder layer, with the same "{i}" in its Hugging Face names. Transforms only transpose,
-reshape, split and concatenate, so HF -> MaxText -> HF reproduces every tensor bit for bit.
+a rule applied once per decoder layer (or per layer in its `layers`), with the same "{i}" in its Hugging Face names.
+Transforms only transpose, reshape, split, stack and concatenate, so HF -> MaxText -> HF reproduces every tensor bit
+for bit.
 """
 
 import dataclasses
@@ -41,10 +45,15 @@ class Rule:
   hf_shapes: tuple[tuple[int, ...], ...]
   to_maxtext: Callable[[Arrays], Arrays]
   to_hf: Callable[[Arrays], Arrays]
+  layers: tuple[int, ...] | None = None  # a per-layer rule's layers (None: every layer), e.g. only the MoE layers
 
   @property
   def per_layer(self) -> bool:
     return any("{i}" in p for p in self.maxtext)
+
+  def layer_indices(self, num_layers: int) -> Sequence[int]:
+    """The layers a per-layer rule applies to."""
+    return range(num_layers) if self.layers is None else self.layers
 
   def maxtext_paths(self, layer: int | None = None) -> list[tuple[str | int, ...]]:
     """Param paths as tuples; the layer index is an int key, as in the unscanned params tree."""
@@ -237,9 +246,32 @@ def rope_keys(params: dict[str, Any], max_position_embeddings: int | None = None
         rope_high_freq_factor=float(params["high_freq_factor"]),
         rope_original_max_position_embeddings=int(original),
     )
+  elif kind == "yarn":
+    keys.update(_yarn_keys(params, max_position_embeddings))
   else:
-    raise UnsupportedCheckpointError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+    raise UnsupportedCheckpointError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3, yarn)")
   return keys
+
+
+def _yarn_keys(params: dict[str, Any], max_position_embeddings: int | None) -> dict[str, Any]:
+  """MaxText keys for a yarn rope dict, read as transformers reads it (factor defaults to max / original length)."""
+  original = params.get("original_max_position_embeddings") or max_position_embeddings
+  if original is None:
+    raise UnsupportedCheckpointError("rope_type yarn needs original_max_position_embeddings")
+  if params.get("attention_factor") is not None:
+    raise UnsupportedCheckpointError("yarn attention_factor is not supported (MaxText derives it from the mscales)")
+  if params.get("truncate", True) is False:
+    raise UnsupportedCheckpointError("yarn truncate=false is not supported")
+  factor = params.get("factor") or (max_position_embeddings / original)
+  return dict(
+      rope_type="yarn",
+      rope_scaling_factor=float(factor),
+      rope_original_max_position_embeddings=int(original),
+      rope_yarn_beta_fast=float(params.get("beta_fast") or 32.0),
+      rope_yarn_beta_slow=float(params.get("beta_slow") or 1.0),
+      rope_yarn_mscale=float(params.get("mscale") or 0.0),
+      rope_yarn_mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+  )
 
 
 def hf_rope(config) -> dict[str, Any]:
@@ -258,6 +290,17 @@ def hf_rope(config) -> dict[str, Any]:
         high_freq_factor=config.rope_high_freq_factor,
         original_max_position_embeddings=config.rope_original_max_position_embeddings,
     )
+  elif rope_type == "yarn":
+    params.update(
+        rope_type="yarn",
+        factor=config.rope_scaling_factor,
+        original_max_position_embeddings=config.rope_original_max_position_embeddings,
+        beta_fast=config.rope_yarn_beta_fast,
+        beta_slow=config.rope_yarn_beta_slow,
+    )
+    for key, value in (("mscale", config.rope_yarn_mscale), ("mscale_all_dim", config.rope_yarn_mscale_all_dim)):
+      if value:  # 0 = unset: transformers then derives the amplitude from the factor alone
+        params[key] = value
   else:
     raise UnsupportedCheckpointError(f"rope_type {rope_type!r} has no Hugging Face spelling")
   return params
@@ -356,6 +399,13 @@ def family_for_config(config) -> ModuleType:
         f"decoder_block {config.decoder_block!r} has no Hugging Face mapping; families with one: {sorted(families)}"
     )
   return families[config.decoder_block]
+
+
+def hf_architecture(module: ModuleType, config) -> tuple[str, str]:
+  """(architecture, model_type) a config is written as: the family's `hf_architecture(config)` where it writes
+  several (DeepSeek V2/V3), else its first HF_ARCHITECTURES entry and HF_MODEL_TYPE."""
+  choose = getattr(module, "hf_architecture", None)
+  return choose(config) if choose is not None else (module.HF_ARCHITECTURES[0], module.HF_MODEL_TYPE)
 
 
 def tensor_name(module: ModuleType, name: str) -> str | None:

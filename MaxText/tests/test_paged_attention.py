@@ -1,0 +1,152 @@
+"""Paged KV cache: logits equal the contiguous cache's, page bookkeeping, Pallas kernel conventions, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from MaxText.config_schema import ConfigError
+from MaxText.inference import engine as engine_lib
+from MaxText.inference import offline, page_manager, paged_attention
+from MaxText.layers.attentions import attention_mask, dot_product_attention
+from MaxText.tests import model_test_utils as mtu
+
+SEQ = 28
+PAGED = {"attention": "paged", "pagedattn_num_pages": 24, "pagedattn_tokens_per_page": 4}
+
+
+def engines(model_name):
+  kw = {"model_name": model_name, "decode_sampling_strategy": "greedy"}
+  model = mtu.build(**kw)
+  contiguous = engine_lib.Engine(mtu.config_of(**kw), num_slots=3)
+  paged = engine_lib.Engine(mtu.config_of(**kw, **PAGED), num_slots=3)
+  return contiguous, paged, contiguous.place_params(nnx.state(model, nnx.Param).to_pure_dict())
+
+
+@pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-gemma3"])
+def test_paged_logits_equal_contiguous(model_name):
+  """Three slots whose pages interleave (each grows a page at a time), teacher-forced; then slot 0 is released and
+  refilled with a new prompt that reuses freed pages while the others go on. Gemma 3: sliding-window local layers
+  (window 8 < sequence) and global layers."""
+  contiguous, paged, params = engines(model_name)
+  toks = np.random.default_rng(0).integers(0, contiguous.config.vocab_size, (4, SEQ)).astype(np.int32)
+  spec = paged.page_spec
+  pages = page_manager.PageManager(spec.num_pages, spec.tokens_per_page, spec.max_pages_per_slot, 3)
+  c_state, p_state = contiguous.init_decode_state(), paged.init_decode_state()
+  lengths = {}
+
+  def start(slot, row, n):
+    padded = np.zeros((contiguous.dims.max_prefill_length,), np.int32)
+    padded[:n] = toks[row, :n]
+    nonlocal c_state, p_state
+    prefix = contiguous.prefill(params, padded, n)
+    c_state = contiguous.insert(prefix, c_state, slot)
+    pages.release(slot)
+    pages.ensure(slot, n)
+    p_state = paged.set_page_table(p_state, pages.table)
+    p_prefix = paged.prefill(params, padded, n)
+    np.testing.assert_array_equal(p_prefix["logits"], prefix["logits"])
+    p_state = paged.insert(p_prefix, p_state, slot)
+    lengths[slot] = (row, n)
+
+  for slot, n in enumerate((3, 9, 16)):
+    start(slot, slot, n)
+  for t in range(10):
+    if t == 5:
+      start(0, 3, 6)  # slot 0 leaves; a new prompt takes its slot and freed pages
+    feed = np.zeros((3,), np.int32)
+    for slot, (row, n) in lengths.items():
+      pages.ensure(slot, n + 1)
+      feed[slot] = toks[row, n]
+      lengths[slot] = (row, n + 1)
+    p_state = paged.set_page_table(p_state, pages.table)
+    c_state["tokens"], p_state["tokens"] = jnp.asarray(feed), jnp.asarray(feed)
+    c_state, _, c_logits = contiguous.generate_with_logits(params, c_state)
+    p_state, _, p_logits = paged.generate_with_logits(params, p_state)
+    np.testing.assert_allclose(np.asarray(p_logits), np.asarray(c_logits), atol=1e-4, rtol=0)
+  held = pages.table[pages.table > 0]
+  assert len(set(held.tolist())) == held.size  # no page is shared by two slots
+  assert not np.all(np.diff(pages.table[1, : pages.held(1)]) == 1)  # slot 1's pages are not one contiguous run
+  # Offline decoding (the decode CLI and the API) allocates and frees pages itself: 5 prompts through 3 slots.
+  prompts = [toks[i % 4, : 3 + 3 * i].tolist() for i in range(5)]
+  assert offline.decode_prompts(paged, params, prompts, max_new_tokens=9) == offline.decode_prompts(
+      contiguous, params, prompts, max_new_tokens=9
+  )
+
+
+def test_page_manager_allocates_reserves_and_frees():
+  pages = page_manager.PageManager(num_pages=6, tokens_per_page=4, max_pages_per_slot=3, num_slots=2)
+  assert pages.capacity == 5 and pages.used == 0
+  pages.ensure(0, 5)  # 2 pages
+  assert pages.held(0) == 2 and page_manager.NULL_PAGE not in pages.table[0, :2]
+  assert pages.table[0, 2] == page_manager.NULL_PAGE
+  assert pages.can_reserve(12) and not pages.can_reserve(13)  # 3 pages per slot at most
+  pages.reserve(1, 12)  # books 3 of the 3 free pages
+  assert pages.available == 0 and not pages.can_reserve(1)
+  with pytest.raises(ValueError, match="out of KV pages"):
+    pages.ensure(0, 9)  # slot 0 may not take pages slot 1 booked
+  pages.ensure(1, 12)
+  assert pages.used == 5
+  pages.release(0)
+  assert pages.used == 3 and pages.held(0) == 0 and not pages.table[0].any()
+  pages.ensure(0, 8)
+  assert sorted(pages.table[pages.table > 0].tolist()) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("soft_cap", [0.0, 5.0])
+def test_pallas_kernel_conventions_match_gathered_attention(soft_cap):
+  """The Pallas GPU kernel (Pallas' interpreter on CPU) with our layout, scaling and soft cap equals the portable
+  gather path, on scattered pages and ragged lengths."""
+  rng = np.random.default_rng(0)
+  heads, kv_heads, dim, num_pages, per_page, batch, per_slot = 4, 2, 16, 14, 4, 3, 4
+  k_pages = jnp.asarray(rng.standard_normal((kv_heads, num_pages, per_page, dim)), jnp.float32)
+  v_pages = jnp.asarray(rng.standard_normal((kv_heads, num_pages, per_page, dim)), jnp.float32)
+  table = jnp.asarray(rng.permutation(np.arange(1, num_pages))[: batch * per_slot].reshape(batch, per_slot))
+  lengths = jnp.array([3, 9, 16], jnp.int32)
+  query = jnp.asarray(rng.standard_normal((batch, heads, dim)), jnp.float32)
+  scale = 0.3
+  kernel = paged_attention.pallas_decode_attention(
+      query, k_pages, v_pages, table, lengths, scale=scale, soft_cap=soft_cap, interpret=True
+  )
+  index = jnp.broadcast_to(jnp.arange(per_slot * per_page), (batch, per_slot * per_page))
+  filled = (index < lengths[:, None]).astype(jnp.int32)
+  mask = attention_mask(jnp.ones((batch, 1), jnp.int32), filled, (lengths - 1)[:, None], index)
+  keys, values = paged_attention.gather_pages(k_pages, table), paged_attention.gather_pages(v_pages, table)
+  reference = dot_product_attention(
+      query[:, None], keys, values, mask, scale=scale, attn_logits_soft_cap=soft_cap, kv_heads_first=True
+  )[:, 0]
+  np.testing.assert_allclose(kernel, reference, atol=1e-5, rtol=0)
+
+
+def test_write_tokens_past_the_table_go_to_scratch_page():
+  pages = jnp.zeros((1, 4, 2, 1))
+  table = jnp.array([[2, 3]], jnp.int32)
+  new = jnp.arange(1, 6, dtype=jnp.float32).reshape(1, 5, 1, 1)  # 5 tokens, the table holds 4
+  out = np.asarray(paged_attention.write_tokens(pages, table, jnp.array([0]), new))[0, :, :, 0]
+  np.testing.assert_array_equal(out[2:], [[1, 2], [3, 4]])
+  assert out[1].sum() == 0 and out[0].sum() != 0  # page 1 untouched; token 5 went to page 0
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"paged_attention_kernel": "pallas"}, "paged_attention_kernel: pallas runs on GPU only"),
+        ({"quantize_kvcache": True}, "quantize_kvcache"),
+        ({"pagedattn_num_pages": 4}, "pagedattn_num_pages: 4 pages"),
+        ({"pagedattn_max_pages_per_slot": 2}, "pagedattn_max_pages_per_slot: 2 pages of 4 tokens"),
+    ],
+)
+def test_config_errors(overrides, match):
+  config = mtu.config_of(model_name="tests/tiny-llama", **{**PAGED, **overrides})
+  with pytest.raises(ConfigError, match=match):
+    paged_attention.page_spec_from_config(config, config.max_target_length)
+
+
+def test_auto_kernel_is_jax_on_cpu_and_without_window_on_gpu():
+  config = mtu.config_of(model_name="tests/tiny-llama", **PAGED)
+  assert paged_attention.page_spec_from_config(config, 32).kernel == "jax"
+  assert paged_attention.page_spec_from_config(config, 32, backend="gpu").kernel == "pallas"
+  windowed = mtu.config_of(model_name="tests/tiny-mistral", **PAGED)
+  assert paged_attention.page_spec_from_config(windowed, 32, backend="gpu").kernel == "jax"
+  assert jax.default_backend() == "cpu"

@@ -1,0 +1,102 @@
+"""MoE layer throughput (forward + backward) against a dense MLP layer with the same active parameters.
+
+  python3 benchmarks/moe_benchmark.py [--tokens 4096] [--emb 512] [--experts 8] [--top-k 2] [--expert-mlp 512]
+                                      [--repeats 10] [--dtype float32]
+
+The dense baseline is the gated MLP of width top_k * expert_mlp, so every token does the same multiply-adds in
+both (the MoE adds its router). Variants: dropless (sorted tokens + jax.lax.ragged_dot) and capacity-limited
+(one-hot dispatch/combine einsums) at capacity factors 1.0 and 2.0. Runs are interleaved round-robin and each
+row reports the median step time, tokens/s, and the ratio to the dense layer measured in the same process.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from MaxText import pyconfig
+from MaxText.layers.linears import MlpBlock
+from MaxText.layers.moe import MoeBlock
+
+
+def _config(args, **kw) -> pyconfig.Config:
+  return pyconfig.initialize(
+      ["", str(pyconfig.CONFIGS_DIR / "base.yml")],
+      log_config=False,
+      base_emb_dim=args.emb,
+      num_experts=args.experts,
+      num_experts_per_tok=args.top_k,
+      moe_mlp_dim=args.expert_mlp,
+      dtype=args.dtype,
+      weight_dtype=args.dtype,
+      **kw,
+  )
+
+
+def _step_fn(module):
+  """jit(fwd + bwd) of sum(y^2) with respect to the module's params and the input."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+  def loss(params, x):
+    y = nnx.merge(graphdef, params, rest, copy=True)(x)
+    return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  return lambda x: grad(params, x)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
+  parser.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch 8 x tokens/8)")
+  parser.add_argument("--emb", type=int, default=512)
+  parser.add_argument("--experts", type=int, default=8)
+  parser.add_argument("--top-k", type=int, default=2)
+  parser.add_argument("--expert-mlp", type=int, default=512)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  args = parser.parse_args()
+
+  dense_cfg = _config(args)
+  variants = {
+      f"dense MLP (width {args.top_k * args.expert_mlp})": MlpBlock(
+          args.emb,
+          args.top_k * args.expert_mlp,
+          dense_cfg.mlp_activations,
+          rngs=nnx.Rngs(0),
+          dtype=dense_cfg.dtype,
+          weight_dtype=dense_cfg.weight_dtype,
+      ),
+      "MoE dropless (ragged_dot)": MoeBlock(_config(args, capacity_factor=-1.0), rngs=nnx.Rngs(0)),
+      "MoE capacity 1.0 (einsum)": MoeBlock(_config(args, capacity_factor=1.0), rngs=nnx.Rngs(0)),
+      "MoE capacity 2.0 (einsum)": MoeBlock(_config(args, capacity_factor=2.0), rngs=nnx.Rngs(0)),
+  }
+  batch = 8
+  x = jax.random.normal(jax.random.key(0), (batch, args.tokens // batch, args.emb), dense_cfg.dtype)
+  steps = {name: _step_fn(module) for name, module in variants.items()}
+  for step in steps.values():  # compile and warm up
+    jax.block_until_ready(step(x))
+  times = {name: [] for name in steps}
+  for _ in range(args.repeats):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      jax.block_until_ready(step(x))
+      times[name].append(time.perf_counter() - start)
+
+  device = jax.devices()[0]
+  print(
+      f"device: {device.device_kind} ({jax.device_count()} x {device.platform}), dtype {args.dtype}, "
+      f"{args.tokens} tokens/step, emb {args.emb}, {args.experts} experts top-{args.top_k} x {args.expert_mlp}; "
+      f"median of {args.repeats}, fwd+bwd"
+  )
+  base = statistics.median(times[next(iter(times))])
+  print(f"{'layer':<34} {'median ms':>10} {'tokens/s':>12} {'vs dense':>9}")
+  for name, ts in times.items():
+    median = statistics.median(ts)
+    print(f"{name:<34} {1e3 * median:>10.2f} {args.tokens / median:>12.0f} {base / median:>8.2f}x")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,183 @@
+"""Serving load test on loopback: throughput and time to first token at 1, 8 and 32 concurrent clients.
+
+    python3 benchmarks/serving_benchmark.py [--model llama-small] [--requests 32] [--duration 60] [--prompt 24]
+        [--max-tokens 32] [--slots 32]
+
+Starts MaxText.serve's app in-process (random weights, attention=paged, continuous batching) on a free port and runs
+closed-loop clients (each sends its next streaming /v1/completions request when the previous one ends) until
+`--requests` requests finished or `--duration` seconds passed, per concurrency level. The baseline is static batching
+through the existing Engine (offline.decode_prompts, contiguous cache): the same prompts in waves of `concurrency`,
+each wave decoded to the end before the next starts, so a request's first token waits for its wave's prefill and
+its latency for the wave's longest request. Prints a table of medians. Greedy decoding with max_tokens fixed and EOS
+ignored (token ids prompts), so both sides generate the same token counts.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+
+import jax
+import numpy as np
+import uvicorn
+from flax import nnx
+
+from MaxText import pyconfig, serve
+from MaxText.inference import engine as engine_lib
+from MaxText.inference import offline
+from MaxText.layers import model_creation
+
+
+def _config(model: str, slots: int, prompt: int, max_tokens: int, **kw):
+  return pyconfig.initialize(
+      ["", str(pyconfig.CONFIGS_DIR / "base.yml")],
+      model_name=model,
+      run_name="serving_benchmark",
+      per_device_batch_size=slots / jax.device_count(),
+      max_prefill_predict_length=max(16, prompt),
+      max_target_length=prompt + max_tokens + 16,
+      decode_sampling_strategy="greedy",
+      dtype="float32",
+      log_config=False,
+      **kw,
+  )
+
+
+def _stream_one(url: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
+  """(time to first token, latency, tokens) of one streaming request."""
+  body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+  request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+  start, first, tokens = time.perf_counter(), None, 0
+  with urllib.request.urlopen(request, timeout=600) as response:
+    for line in response:
+      if line.startswith(b"data: {"):
+        first = first or time.perf_counter()
+        chunk = json.loads(line[6:])
+        tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
+  return first - start, time.perf_counter() - start, tokens
+
+
+def run_server(url: str, prompts, concurrency: int, max_tokens: int, requests: int, duration: float) -> dict:
+  results, lock, deadline = [], threading.Lock(), time.perf_counter() + duration
+  counter = iter(range(requests))
+
+  def client():
+    while time.perf_counter() < deadline:
+      with lock:
+        i = next(counter, None)
+      if i is None:
+        return
+      outcome = _stream_one(url, prompts[i % len(prompts)], max_tokens)
+      with lock:
+        results.append(outcome)
+
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+    for future in [pool.submit(client) for _ in range(concurrency)]:
+      future.result()
+  elapsed = time.perf_counter() - start
+  return {
+      "requests": len(results),
+      "tokens/s": sum(r[2] for r in results) / elapsed,
+      "ttft_ms": 1000 * statistics.median(r[0] for r in results),
+      "latency_ms": 1000 * statistics.median(r[1] for r in results),
+  }
+
+
+def run_static(engine, params, prompts, concurrency: int, max_tokens: int, requests: int, duration: float) -> dict:
+  ttft, latency, tokens, start = [], [], 0, time.perf_counter()
+  for wave_start in range(0, requests, concurrency):
+    if time.perf_counter() - start > duration:
+      break
+    wave = [prompts[i % len(prompts)] for i in range(wave_start, min(wave_start + concurrency, requests))]
+    t0 = time.perf_counter()
+    stats = offline.DecodeStats()
+    outputs = offline.decode_prompts(engine, params, wave, max_new_tokens=max_tokens, stats=stats)
+    # Static batching: all prompts are prefilled before the first decode step, so the wave's first tokens arrive
+    # with its prefill; every request of the wave completes with the wave.
+    ttft += [stats.prefill_seconds] * len(wave)
+    latency += [time.perf_counter() - t0] * len(wave)
+    tokens += sum(len(o) for o in outputs)
+  elapsed = time.perf_counter() - start
+  return {
+      "requests": len(latency),
+      "tokens/s": tokens / elapsed,
+      "ttft_ms": 1000 * statistics.median(ttft),
+      "latency_ms": 1000 * statistics.median(latency),
+  }
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--model", default="llama-small")
+  parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at most)")
+  parser.add_argument("--duration", type=float, default=60.0, help="seconds per concurrency level (at most)")
+  parser.add_argument("--prompt", type=int, default=24, help="prompt tokens")
+  parser.add_argument("--max-tokens", type=int, default=32)
+  parser.add_argument("--slots", type=int, default=32)
+  parser.add_argument("--levels", default="1,8,32")
+  args = parser.parse_args(argv)
+  levels = [int(c) for c in args.levels.split(",")]
+
+  pages = -(-(args.prompt + args.max_tokens + 16) // 16) * args.slots + 1
+  config = _config(args.model, args.slots, args.prompt, args.max_tokens)
+  paged = _config(args.model, args.slots, args.prompt, args.max_tokens, attention="paged", pagedattn_num_pages=pages)
+  model = model_creation.abstract_model(config)
+  params = jax.tree.map(
+      lambda a: np.random.default_rng(0).standard_normal(a.shape).astype(a.dtype) * 0.02,
+      nnx.state(model, nnx.Param).to_pure_dict(),
+  )
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(3, config.vocab_size, args.prompt).tolist() for _ in range(args.requests)]
+
+  server = serve.build_server(paged, params, decode=lambda ids: " ".join(map(str, ids)))  # ids past the tokenizer
+  server.tokenizer.eos_id = None  # random weights: ignore EOS so every request generates max_tokens
+  sock = socket.socket()
+  sock.bind(("127.0.0.1", 0))
+  http = uvicorn.Server(uvicorn.Config(serve.create_app(server), log_level="warning"))
+  threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True).start()
+  while not http.started:
+    time.sleep(0.05)
+  url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+
+  rows = []
+  for concurrency in levels:
+    static_engine = engine_lib.Engine(config, num_slots=concurrency)
+    static_params = static_engine.place_params(params)
+    offline.warmup(static_engine, static_params, [args.prompt], static_engine.sampler)
+    rows.append(
+        (
+            "static",
+            concurrency,
+            run_static(static_engine, static_params, prompts, concurrency, args.max_tokens, args.requests, args.duration),
+        )
+    )
+    rows.append(
+        (
+            "continuous",
+            concurrency,
+            run_server(url, prompts, concurrency, args.max_tokens, args.requests, args.duration),
+        )
+    )
+  http.should_exit = True
+  server.scheduler.stop()
+
+  print(
+      f"\n{args.model}, random weights, float32, {jax.device_count()} {jax.default_backend()} device(s),"
+      f" prompt {args.prompt} tokens, {args.max_tokens} new tokens, {args.slots} server slots (medians)"
+  )
+  print(f"{'mode':<11} {'clients':>7} {'requests':>8} {'tokens/s':>9} {'TTFT ms':>9} {'latency ms':>10}")
+  for mode, concurrency, r in rows:
+    print(
+        f"{mode:<11} {concurrency:>7} {r['requests']:>8} {r['tokens/s']:>9.1f} {r['ttft_ms']:>9.1f}"
+        f" {r['latency_ms']:>10.1f}"
+    )
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
