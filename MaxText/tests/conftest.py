@@ -1,6 +1,16 @@
 """Test session setup: 8 simulated CPU devices, so sharding tests run anywhere."""
 
-import jax
+import os
+
+# XLA:CPU aborts the process when a collective's devices do not all reach it within its timeout. On the 2-core CI
+# machine two pytest workers plus the multi-process tests' children run 8+ device threads per process, so a device
+# thread can be starved long enough to trip it (a CI train step died once with a silent SIGABRT, the abort this
+# watchdog raises); allow 15 minutes.
+_TIMEOUTS = "--xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900"
+if "collective_call_terminate_timeout" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_TIMEOUTS}".strip()
+
+import jax  # pylint: disable=wrong-import-position
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
