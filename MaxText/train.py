@@ -155,15 +155,6 @@ class TrainSetup:
 # ----------------------------------------------------------------------------- loss and step
 
 
-def cross_entropy(logits, targets, z_loss_multiplier: float):
-  """Per-token cross entropy (+ z-loss) in float32; returns (total, z_loss) each [B, S]."""
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  z_loss = z_loss_multiplier * jnp.square(log_z)
-  return log_z - target_logit + z_loss, z_loss
-
-
 def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool, aux_losses: bool = True):
   """(sum of masked per-token loss, aux) for one (micro) batch; the caller divides by total weights.
 
@@ -173,14 +164,15 @@ def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool
   config = setup.config
   # copy=True: fresh non-param Variables, which the model may write while traced (the MoE load-balancing loss).
   model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest, copy=True)
-  logits = model(
+  hidden = model(
       batch["inputs"],
       batch["inputs_position"],
       batch["inputs_segmentation"],
       deterministic=deterministic,
       rngs=None if deterministic else nnx.Rngs(dropout=dropout_key),
+      return_hidden=True,
   )
-  per_token, z_loss = cross_entropy(logits, batch["targets"], config.z_loss_multiplier)
+  per_token, z_loss = model.cross_entropy(hidden, batch["targets"], config.z_loss_multiplier)
   mask = (batch["targets_segmentation"] != 0).astype(jnp.float32)
   aux = {"total_weights": mask.sum(), "z_loss_sum": (z_loss * mask).sum()}
   total = (per_token * mask).sum()

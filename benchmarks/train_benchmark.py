@@ -100,13 +100,11 @@ def main(argv):
   parser.add_argument("config", nargs="?", default=str(REPO / "configs" / "cpu" / "llama-small.yml"))
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args(argv)
+  config = pyconfig.initialize_or_exit(["", args.config, *QUIET, *args.overrides])
   n_dev = jax.device_count()
-  batch = (
-      [f"per_device_batch_size={8 / n_dev}"]
-      if not any(o.startswith("per_device_batch_size=") for o in args.overrides)
-      else []
-  )
-  config = pyconfig.initialize_or_exit(["", args.config, *QUIET, *batch, *args.overrides])
+  if not any(o.startswith("per_device_batch_size=") for o in args.overrides) and n_dev != 1:
+    # Keep llama-small's global batch of 8 on any device count.
+    config = pyconfig.initialize_or_exit(["", args.config, *QUIET, f"per_device_batch_size={8 / n_dev}", *args.overrides])
   ceilings = {d: matmul_ceiling_tflops(jnp.dtype(d)) for d in ("float32", "bfloat16")}
   result = run(config, args.steps, args.warmup)
   peak = metrics.device_peak_tflops(config)

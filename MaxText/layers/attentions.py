@@ -105,6 +105,8 @@ def dot_product_attention(
     float32_qk_product: bool = True,
     float32_logits: bool = True,
     kv_heads_first: bool = False,
+    causal_blocks: int = 1,
+    key_window: int = 0,
 ) -> jax.Array:
   """Reference attention in plain einsums. query [B,S,Hq,D], key/value [B,T,Hkv,D], mask [B,S,T] -> [B,S,Hq,D].
 
@@ -114,7 +116,38 @@ def dot_product_attention(
   transposes the cache (on CPU that made a decode step's attention ~10x faster). key/value may be tuples of parts
   (a KV cache and the new tokens) attended as one sequence, concatenated along T, without building the
   concatenation; the mask then covers the parts' tokens in order.
+
+  `causal_blocks` > 1 (queries and keys the same sequence, and a mask that is causal): the queries are split into
+  that many blocks and each attends only to the keys up to its own end, and with `key_window` > 0 (a static
+  sliding window) only to the last key_window of those; the masked upper triangle is never computed. The mask
+  still decides every kept entry, so the result is exactly that of one block.
   """
+  if causal_blocks > 1 and query.shape[1] > 1:
+    if isinstance(key, (tuple, list)) or kv_heads_first or key.shape[1] != query.shape[1]:
+      raise ValueError("causal_blocks needs one key/value array over the queries' own sequence")
+    s = query.shape[1]
+    bounds = [round(i * s / causal_blocks) for i in range(causal_blocks + 1)]
+    # Heads-first once, so each block's key range is a plain slice rather than a transpose of its own.
+    key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+      if hi == lo:
+        continue
+      k_lo = max(0, lo - key_window + 1) if key_window > 0 else 0
+      parts.append(
+          dot_product_attention(
+              query[:, lo:hi],
+              key[:, :, k_lo:hi],
+              value[:, :, k_lo:hi],
+              mask[:, lo:hi, k_lo:hi],
+              scale=scale,
+              attn_logits_soft_cap=attn_logits_soft_cap,
+              float32_qk_product=float32_qk_product,
+              float32_logits=float32_logits,
+              kv_heads_first=True,
+          )
+      )
+    return jnp.concatenate(parts, axis=1)
   keys = tuple(key) if isinstance(key, (tuple, list)) else (key,)
   values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
   b, s, num_q, d = query.shape
@@ -172,6 +205,13 @@ class Attention(nnx.Module):
     self.float32_logits = config.float32_logits
     self.scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
     self.chunk_attn_window_size = config.chunk_attn_window_size
+    # Query blocks slice the sequence axis; with it sharded (sequence/context parallelism) that would reshard.
+    seq_sharded = any(
+        getattr(config, f"{where}_{axis}_parallelism", 1) != 1  # -1 fills: may shard too
+        for where in ("ici", "dcn")
+        for axis in ("sequence", "context")
+    )
+    self.causal_blocks = 1 if seq_sharded else config.attention_causal_blocks
     self.nope_layer_interval = config.nope_layer_interval
     self.use_qk_l2_norm = config.use_qk_l2_norm
     self.qk_l2_norm_epsilon = config.normalization_layer_epsilon
@@ -347,6 +387,8 @@ class Attention(nnx.Module):
         float32_qk_product=self.float32_qk_product,
         float32_logits=self.float32_logits,
         kv_heads_first=kv_heads_first,
+        causal_blocks=self.causal_blocks if aligned and query.shape[1] == key.shape[1] else 1,
+        key_window=self.sliding_window_size if local is True else 0,
     )
 
   def out_projection(self, context: jax.Array) -> jax.Array:

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from MaxText import sharding
+from MaxText.layers import losses
 from MaxText.layers.embeddings import Embed
-from MaxText.layers.linears import DenseGeneral
+from MaxText.layers.linears import DENSE_OUTPUT_NAME, DenseGeneral
 from MaxText.layers.normalizations import create_norm
 
 LAYERS_PATH = ("decoder", "layers")  # where the layer stack sits in the model's state
@@ -25,8 +26,12 @@ _SAVE_QKV = ("query_proj", "key_proj", "value_proj")
 # remat_policy -> what the backward pass may keep from the forward pass (None: no jax.checkpoint at all).
 REMAT_POLICIES = {
     "none": None,
-    # Weight matmuls are kept; attention scores (batched dots) and elementwise ops are recomputed.
-    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Weight matmuls are kept; attention scores (batched dots) and elementwise ops are recomputed. DenseGeneral's
+    # matmul is a custom_vjp (linears.dense_dot) that a dot-matching policy cannot see, so it carries a name.
+    "minimal": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT_NAME),
+    ),
     "save_dot_except_mlp": jax.checkpoint_policies.save_only_these_names(*_SAVE_QKV, "out_proj"),
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_SAVE_QKV),
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -299,8 +304,12 @@ class Transformer(nnx.Module):
       model_mode: str = "train",
       rngs: nnx.Rngs | None = None,
       logits_at: jax.Array | None = None,
+      return_hidden: bool = False,
   ) -> jax.Array:
-    """`logits_at` [batch] (decode): logits only at that token of each row, [batch, 1, vocab]."""
+    """`logits_at` [batch] (decode): logits only at that token of each row, [batch, 1, vocab].
+
+    `return_hidden`: the final-normed hidden states [batch, seq, embed] instead of logits (for `cross_entropy`).
+    """
     dropout_rng = None
     if self.uses_dropout and not deterministic:
       dropout_rng = (rngs if rngs is not None else self.dropout_rngs).dropout()
@@ -312,7 +321,25 @@ class Transformer(nnx.Module):
     )
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
-    return self.logits(self.decoder_norm(x))
+    x = self.decoder_norm(x)
+    return x if return_hidden else self.logits(x)
+
+  def cross_entropy(self, hidden: jax.Array, targets: jax.Array, z_loss_multiplier: float):
+    """Per-token (loss, z_loss) of final-normed hidden states against targets [batch, seq].
+
+    A plain matmul head (no logit soft cap) takes the fused head + loss (losses.head_cross_entropy), which never
+    hands the [batch, seq, vocab] logits to autodiff; a soft-capped head computes the logits first.
+    """
+    if self.final_logits_soft_cap > 0:
+      return losses.cross_entropy(self.logits(hidden), targets, z_loss_multiplier)
+    compute_dtype = jnp.float32 if self.logits_dot_in_fp32 else self.dtype
+    if self.logits_dense is None:
+      kernel, vocab_major = self.token_embedder.embedding[...], True
+    elif self.logits_dense.quant is None and self.logits_dense.bias is None:
+      kernel, vocab_major = self.logits_dense.kernel[...], False
+    else:
+      return losses.cross_entropy(self.logits(hidden), targets, z_loss_multiplier)
+    return losses.head_cross_entropy(hidden, kernel, targets, z_loss_multiplier, vocab_major, compute_dtype)
 
   def init_cache(self, batch: int, length: int, **cache_options):
     """Empty KV caches for model_mode "prefill"/"autoregressive": `batch` rows of up to `length` tokens."""
