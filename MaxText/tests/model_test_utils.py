@@ -5,14 +5,15 @@ and seeding by parameter path gives every config with the same parameter tree th
 """
 
 import functools
+import pathlib
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
-from MaxText import pyconfig
+from MaxText import checkpointing, pyconfig
 from MaxText.layers import model_creation, scan_layout
 
 BASE = str(pyconfig.CONFIGS_DIR / "base.yml")
@@ -99,3 +100,31 @@ def loss_and_grad(model, tokens, positions, segment_ids):
 def loss_logits_and_grad(model, tokens, positions, segment_ids):
   (loss, logits), grads = _loss_logits_grad(model, tokens, positions, segment_ids)
   return loss, logits, grads
+
+
+# ---------------------------------------------------------------- converted Hugging Face checkpoints
+
+
+def converted_config(out_dir: pathlib.Path, scanned: bool, **kw):
+  """The config of a to_maxtext output directory: its model.yml, its params, in either layer layout."""
+  kw = {"scan_layers": scanned, "load_parameters_path": str(out_dir / "params"), **kw}
+  return pyconfig.initialize(["", str(out_dir / "model.yml")], run_name="test", log_config=False, **kw)
+
+
+def load_flat_params(config, path) -> dict:
+  """A params checkpoint as {path tuple: numpy array}, restored into config's layer layout on one device."""
+  abstract = nnx.state(model_creation.abstract_model(config), nnx.Param).to_pure_dict()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = checkpointing.load_params(
+      str(path), abstract, jax.tree.map(lambda _: device, abstract), config.param_scan_axis
+  )
+  return traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
+
+
+def hf_reference(hf_model, vocab_size: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [2, seq] int32, the transformers model's logits on them): the reference of a parity test."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  tokens = np.random.default_rng(0).integers(0, vocab_size, (2, seq)).astype(np.int32)
+  with torch.no_grad():
+    return tokens, hf_model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from flax import nnx, traverse_util
+from flax import nnx
 
-from MaxText import checkpointing, pyconfig, sharding
+from MaxText import pyconfig, sharding
 from MaxText.inference import kvcache
-from MaxText.layers import embeddings, model_creation
+from MaxText.layers import embeddings
 from MaxText.layers.mla import MLA
 from MaxText.tests import forward_pass_logit_checker as checker
 from MaxText.tests import model_test_utils as mtu
@@ -117,9 +117,7 @@ class Converted:
     return self.root / "hf"
 
   def config(self, name: str, **kw):
-    out = self.root / name
-    kw = {"scan_layers": name != "unscanned", "load_parameters_path": str(out / "params"), **kw}
-    return pyconfig.initialize(["", str(out / "model.yml")], run_name="test", log_config=False, **kw)
+    return mtu.converted_config(self.root / name, name != "unscanned", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -133,24 +131,13 @@ def converted(tmp_path_factory):
       model = hf_model(version, tiny)
       model.save_pretrained(root / "hf")
       write_fused_checkpoint(model, root / "hf_fused")
-      tokens = np.random.default_rng(0).integers(0, tiny.vocab_size, (2, SEQ)).astype(np.int32)
-      with torch.no_grad():
-        logits = model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+      tokens, logits = mtu.hf_reference(model, tiny.vocab_size, SEQ)
       for name, source, scanned in (("scanned", "hf", True), ("unscanned", "hf", False), ("fused", "hf_fused", True)):
         to_maxtext.convert(str(root / source), str(root / name), [f"scan_layers={str(scanned).lower()}"])
       cache[version] = Converted(version, tiny, root, model, tokens, logits)
     return cache[version]
 
   return get
-
-
-def load_params(config, path) -> dict:
-  abstract = nnx.state(model_creation.abstract_model(config), nnx.Param).to_pure_dict()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = checkpointing.load_params(
-      str(path), abstract, jax.tree.map(lambda _: device, abstract), config.param_scan_axis
-  )
-  return traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -177,9 +164,9 @@ def test_all_conversions_hold_the_same_params(version, converted):
   """Unscanned output and a fused-expert (5.x in-memory layout) source give bit-identical params."""
   c = converted(version)
   config = c.config("scanned")
-  want = load_params(config, c.root / "scanned" / "params")
+  want = mtu.load_flat_params(config, c.root / "scanned" / "params")
   for name in ("unscanned", "fused"):
-    got = load_params(config, c.root / name / "params")
+    got = mtu.load_flat_params(config, c.root / name / "params")
     assert want.keys() == got.keys()
     for path, value in want.items():
       np.testing.assert_array_equal(value, got[path], err_msg=f"{name}: {'/'.join(map(str, path))}")
@@ -202,7 +189,9 @@ def test_multi_token_prediction_layer_is_skipped(converted, tmp_path):
   (tmp_path / "hf" / "config.json").write_text(json.dumps(config_json))
   to_maxtext.convert(str(tmp_path / "hf"), str(tmp_path / "mt"), ["scan_layers=true"])
   config = c.config("scanned")
-  want, got = load_params(config, c.root / "scanned" / "params"), load_params(config, tmp_path / "mt" / "params")
+  want, got = mtu.load_flat_params(config, c.root / "scanned" / "params"), mtu.load_flat_params(
+      config, tmp_path / "mt" / "params"
+  )
   assert want.keys() == got.keys() and all(np.array_equal(v, got[k]) for k, v in want.items())
 
 

@@ -11,15 +11,14 @@ import dataclasses
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 import yaml
-from flax import nnx, traverse_util
 
-from MaxText import checkpointing, pyconfig, train
+from MaxText import train
 from MaxText.layers import model_creation
 from MaxText.tests import forward_pass_logit_checker as checker
+from MaxText.tests import model_test_utils as mtu
 from MaxText.tests.model_test_utils import config_of, make_config
 from MaxText.utils.ckpt_conversion import to_huggingface, to_maxtext, weight_mapping
 from MaxText.utils.ckpt_conversion.safetensors_io import SafetensorsReader, SafetensorsWriter
@@ -129,9 +128,7 @@ class Converted:
 
   def config(self, scanned: bool, **kw):
     """The converted model.yml with its params, in either layer layout (`scan_layers` defaults to the checkpoint's)."""
-    out = self.dir(scanned)
-    kw = {"scan_layers": scanned, "load_parameters_path": str(out / "params"), **kw}
-    return pyconfig.initialize(["", str(out / "model.yml")], run_name="test", log_config=False, **kw)
+    return mtu.converted_config(self.dir(scanned), scanned, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +141,7 @@ def converted(tmp_path_factory):
       root = tmp_path_factory.mktemp(family)
       model = hf_model(family, tiny)
       model.save_pretrained(root / "hf")
-      tokens = np.random.default_rng(0).integers(0, tiny.vocab_size, (2, SEQ)).astype(np.int32)
-      with torch.no_grad():
-        logits = model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+      tokens, logits = mtu.hf_reference(model, tiny.vocab_size, SEQ)
       item = Converted(family, tiny, root / "hf", model, root, tokens, logits)
       for scanned in (True, False):
         to_maxtext.convert(str(item.hf_dir), str(item.dir(scanned)), [f"scan_layers={str(scanned).lower()}"])
@@ -177,23 +172,13 @@ def test_logits_match_transformers(family, converted):
     assert result.top1_agreement == 1.0
 
 
-def load_params(config, path) -> dict:
-  """A checkpoint's params as numpy, in `config`'s layout (whatever layout the checkpoint has)."""
-  abstract = nnx.state(model_creation.abstract_model(config), nnx.Param).to_pure_dict()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = checkpointing.load_params(
-      str(path), abstract, jax.tree.map(lambda _: device, abstract), config.param_scan_axis
-  )
-  return traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scanned_and_unscanned_conversions_are_identical(family, converted):
   """Both checkpoints hold the same numbers: loaded into one layout they are bit-identical (so are their logits)."""
   c = converted(family)
   config = c.config(True)
-  scanned = load_params(config, c.dir(True) / "params")
-  unscanned = load_params(config, c.dir(False) / "params")
+  scanned = mtu.load_flat_params(config, c.dir(True) / "params")
+  unscanned = mtu.load_flat_params(config, c.dir(False) / "params")
   assert scanned.keys() == unscanned.keys()
   for path, value in scanned.items():
     np.testing.assert_array_equal(value, unscanned[path], err_msg="/".join(map(str, path)))
@@ -238,7 +223,9 @@ def test_fused_expert_checkpoints_convert_like_per_expert_ones(family, converted
   (out / "config.json").write_text((c.hf_dir / "config.json").read_text())
   to_maxtext.convert(str(out), str(tmp_path / "mt"), ["scan_layers=true"])
   config = c.config(True)
-  want, got = load_params(config, c.dir(True) / "params"), load_params(config, tmp_path / "mt" / "params")
+  want, got = mtu.load_flat_params(config, c.dir(True) / "params"), mtu.load_flat_params(
+      config, tmp_path / "mt" / "params"
+  )
   assert want.keys() == got.keys()
   for path, value in want.items():
     np.testing.assert_array_equal(got[path], value, err_msg="/".join(map(str, path)))
@@ -291,7 +278,9 @@ def test_sharded_checkpoints_in_and_out(converted, tmp_path):
   assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
   to_maxtext.convert(str(tmp_path / "sharded"), str(tmp_path / "mt"), ["scan_layers=true"])
   config = c.config(True)
-  want, got = load_params(config, c.dir(True) / "params"), load_params(config, tmp_path / "mt" / "params")
+  want, got = mtu.load_flat_params(config, c.dir(True) / "params"), mtu.load_flat_params(
+      config, tmp_path / "mt" / "params"
+  )
   assert all(np.array_equal(value, got[k]) for k, value in want.items())
   to_huggingface.convert(config, str(tmp_path / "back"), max_shard_bytes=50_000)
   index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
@@ -316,7 +305,9 @@ def test_gemma3_multimodal_checkpoint_converts_its_text_model(converted, tmp_pat
   writer.close()
   to_maxtext.convert(str(tmp_path / "mm"), str(tmp_path / "mt"), ["scan_layers=true"])
   config = c.config(True)
-  want, got = load_params(config, c.dir(True) / "params"), load_params(config, tmp_path / "mt" / "params")
+  want, got = mtu.load_flat_params(config, c.dir(True) / "params"), mtu.load_flat_params(
+      config, tmp_path / "mt" / "params"
+  )
   assert all(np.array_equal(value, got[k]) for k, value in want.items())
 
 

@@ -11,14 +11,12 @@ documents, and a few fine-tuning steps.
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 import yaml
-from flax import nnx, traverse_util
+from flax import nnx
 
-from MaxText import checkpointing, pyconfig, train
-from MaxText.layers import model_creation
+from MaxText import pyconfig, train
 from MaxText.tests import forward_pass_logit_checker as checker
 from MaxText.tests import model_test_utils as mtu
 from MaxText.utils.ckpt_conversion import to_huggingface, to_maxtext, weight_mapping
@@ -85,9 +83,7 @@ class Converted:
     self.hf = hf_model(self.tiny)
     self.hf_dir = root / "hf"
     self.hf.save_pretrained(self.hf_dir)
-    self.tokens = np.random.default_rng(0).integers(0, self.tiny.vocab_size, (2, SEQ)).astype(np.int32)
-    with torch.no_grad():
-      self.hf_logits = self.hf(torch.from_numpy(self.tokens.astype(np.int64))).logits.numpy()
+    self.tokens, self.hf_logits = mtu.hf_reference(self.hf, self.tiny.vocab_size, SEQ)
     for scanned in (True, False):
       to_maxtext.convert(str(self.hf_dir), str(self.dir(scanned)), [f"scan_layers={str(scanned).lower()}"])
     self.models = {}
@@ -96,8 +92,7 @@ class Converted:
     return self.root / ("scanned" if scanned else "unscanned")
 
   def config(self, scanned: bool, **kw):
-    kw = {"scan_layers": scanned, "load_parameters_path": str(self.dir(scanned) / "params"), **kw}
-    return pyconfig.initialize(["", str(self.dir(scanned) / "model.yml")], run_name="test", log_config=False, **kw)
+    return mtu.converted_config(self.dir(scanned), scanned, **kw)
 
   def model(self, scanned: bool):
     if scanned not in self.models:
@@ -113,15 +108,6 @@ def converted(tmp_path_factory):
 def read_safetensors(directory) -> dict[str, np.ndarray]:
   reader = SafetensorsReader(directory)
   return {name: reader.read(name) for name in reader.names()}
-
-
-def load_params(config, path) -> dict:
-  abstract = nnx.state(model_creation.abstract_model(config), nnx.Param).to_pure_dict()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = checkpointing.load_params(
-      str(path), abstract, jax.tree.map(lambda _: device, abstract), config.param_scan_axis
-  )
-  return traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
 
 
 def test_model_yml_is_the_tiny_yml(converted):
@@ -210,7 +196,9 @@ def write_checkpoint(directory: pathlib.Path, config_json: dict, tensors: dict[s
 def assert_converts_like_the_original(converted, directory, tmp_path):
   to_maxtext.convert(str(directory), str(tmp_path / "mt"), ["scan_layers=true"])
   config = converted.config(True)
-  want, got = load_params(config, converted.dir(True) / "params"), load_params(config, tmp_path / "mt" / "params")
+  want, got = mtu.load_flat_params(config, converted.dir(True) / "params"), mtu.load_flat_params(
+      config, tmp_path / "mt" / "params"
+  )
   assert want.keys() == got.keys()
   for path, value in want.items():
     np.testing.assert_array_equal(value, got[path], err_msg="/".join(map(str, path)))
