@@ -6,8 +6,9 @@
     new_ids = model.generate([[2, 17, 9]], max_new_tokens=32, strategy="greedy")  # list of lists of new ids
     model.tokenizer.decode(new_ids[0])
 
-`generate` runs the same prefill/insert/generate engine as `python3 -m MaxText.decode`; greedy picks the argmax of
-the logits the full forward gives at each position (up to float rounding of the cached attention).
+`generate` runs the same engine and continuous-batching Scheduler as `python3 -m MaxText.decode` and the server;
+greedy picks the argmax of the logits the full forward gives at each position (up to float rounding of the cached
+attention).
 """
 
 import functools
@@ -20,7 +21,8 @@ from flax import nnx
 from MaxText import pyconfig, sharding, train
 from MaxText.config_schema import ConfigError
 from MaxText.inference import engine as engine_lib
-from MaxText.inference import loading, offline, sampling
+from MaxText.inference import loading, sampling
+from MaxText.inference import scheduler as scheduler_lib
 from MaxText.input_pipeline.tokenizer import Tokenizer, build_tokenizer
 
 
@@ -37,7 +39,7 @@ class Model:
     self.mesh = mesh if mesh is not None else sharding.create_mesh(config)
     self._graphdef, self._rest, _, self._param_shardings = train.build_model_skeleton(self.config, self.mesh)
     self.params = jax.device_put(engine_lib.unrolled_params(params, self.config.param_scan_axis), self._param_shardings)
-    self._engines: dict[engine_lib.EngineDims, engine_lib.Engine] = {}
+    self._schedulers: dict[engine_lib.EngineDims, scheduler_lib.Scheduler] = {}
 
     @jax.jit
     def forward(params, tokens):
@@ -61,17 +63,18 @@ class Model:
       out = np.asarray(self._forward(self.params, np.atleast_2d(ids)))
     return out if ids.ndim == 2 else out[0]
 
-  def _engine(self, num_slots: int, max_prefill_length: int, max_cache_length: int) -> engine_lib.Engine:
+  def _scheduler(self, num_slots: int, max_prefill_length: int, max_cache_length: int) -> scheduler_lib.Scheduler:
     dims = engine_lib.EngineDims(num_slots, max_prefill_length, max_cache_length)
-    if dims not in self._engines:
-      self._engines[dims] = engine_lib.Engine(
+    if dims not in self._schedulers:
+      engine = engine_lib.Engine(
           self.config,
           self.mesh,
           num_slots=num_slots,
           max_prefill_length=max_prefill_length,
           max_cache_length=max_cache_length,
       )
-    return self._engines[dims]
+      self._schedulers[dims] = scheduler_lib.Scheduler(engine, self.params, max_prefills_per_step=num_slots)
+    return self._schedulers[dims]
 
   def generate(
       self,
@@ -88,7 +91,8 @@ class Model:
 
     Decodes up to `max_new_tokens` per prompt; with `stop_on_eos` a prompt stops at the tokenizer's eos, which
     ends its list. Prompts longer than max_prefill_predict_length, or that would outgrow max_target_length, get a
-    larger prefill/cache (one compile per size). Same arguments and seed: same ids.
+    larger prefill/cache (one compile per size). Same arguments and seed: same ids (prompt i draws with seed + i,
+    whatever else is decoded beside it).
     """
     if isinstance(prompts, (str, bytes)) or not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
       raise TypeError("prompts must be a list of token-id lists, e.g. [[2, 17, 9]]")
@@ -102,7 +106,7 @@ class Model:
         raise ValueError(f"prompt {i} is empty")
       if min(ids) < 0 or max(ids) >= self.config.vocab_size:
         raise ValueError(f"prompt {i} has ids outside [0, vocab_size={self.config.vocab_size})")
-    sampler = sampling.Sampler(strategy=strategy, temperature=temperature, top_k=top_k, top_p=top_p)
+    settings = sampling.SamplingParams.from_strategy(strategy, temperature, top_k, top_p, seed)
     longest = max(len(ids) for ids in prompts)
     prefill_length = self.config.max_prefill_predict_length
     if longest > prefill_length:
@@ -117,9 +121,12 @@ class Model:
         raise ValueError(
             f"stop_on_eos needs the config's tokenizer for its eos id ({e}); or pass stop_on_eos=False"
         ) from None
-    engine = self._engine(num_slots, prefill_length, cache_length)
-    return offline.decode_prompts(
-        engine, self.params, prompts, max_new_tokens=max_new_tokens, stop_id=stop_id, seed=seed, sampler=sampler
+    return scheduler_lib.decode_prompts(
+        self._scheduler(num_slots, prefill_length, cache_length),
+        prompts,
+        max_new_tokens=max_new_tokens,
+        stop_ids=() if stop_id is None else (stop_id,),
+        sampling_params=settings.per_prompt(len(prompts)),
     )
 
 

@@ -1,11 +1,11 @@
 """Generates text with a trained model: `python3 -m MaxText.decode MaxText/configs/base.yml run_name=RUN prompt="..."`.
 
 Loads `load_parameters_path` (or `load_full_state_path`, or the newest checkpoint of `run_name`), decodes `prompt`
-or every non-blank line of `prompts_file` through the engine's slots (per_device_batch_size x devices at a time),
-each until EOS or max_target_length, and prints ``Input `<prompt>` -> `<output>` `` per prompt and a throughput
-summary.
-Sampling follows `decode_sampling_*`. Bad input (empty or too long prompt, no or mismatched checkpoint) prints one
-`CONFIG ERROR:` line naming the key and exits with code 2.
+or every non-blank line of `prompts_file` through the continuous-batching Scheduler the server uses
+(per_device_batch_size x devices slots), each until EOS or max_target_length, and prints
+``Input `<prompt>` -> `<output>` `` per prompt and a throughput summary.
+Sampling follows `decode_sampling_*` (prompt i draws with decode_sampling_seed + i). Bad input (empty or too long
+prompt, no or mismatched checkpoint) prints one `CONFIG ERROR:` line naming the key and exits with code 2.
 """
 
 import logging
@@ -15,10 +15,11 @@ from typing import Sequence
 import jax
 from etils import epath
 
-from MaxText import pyconfig
+from MaxText import pyconfig, startup
 from MaxText.config_schema import ConfigError
 from MaxText.inference import engine as engine_lib
-from MaxText.inference import loading, offline
+from MaxText.inference import loading
+from MaxText.inference import scheduler as scheduler_lib
 from MaxText.input_pipeline.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger("MaxText")
@@ -57,8 +58,8 @@ def encode_prompts(config, tokenizer: Tokenizer, key: str, prompts: Sequence[str
   return encoded
 
 
-def run(config) -> offline.DecodeStats:
-  """Decodes and prints every prompt; returns the throughput statistics."""
+def run(config) -> scheduler_lib.SchedulerStats:
+  """Decodes and prints every prompt (through the Scheduler, as the server does); returns its statistics."""
   tokenizer = build_tokenizer(config)
   key, prompts = read_prompts(config)
   encoded = encode_prompts(config, tokenizer, key, prompts)
@@ -68,7 +69,7 @@ def run(config) -> offline.DecodeStats:
       "Decoding %d prompt(s) in %d slots, %s sampling, cache of %d tokens%s",
       len(prompts),
       engine.dims.num_slots,
-      engine.sampler.strategy,
+      config.decode_sampling_strategy,
       engine.dims.max_cache_length,
       " (int8)" if config.quantize_kvcache else "",
   )
@@ -76,11 +77,15 @@ def run(config) -> offline.DecodeStats:
     stored = config.checkpoint_is_quantized or config.save_quantized_params_path
     stored = "int8 kernels + scales" if stored else "weights quantized at each call"
     logger.info("Matmuls quantized: %s (%s)", config.quantization, stored)
-  offline.warmup(engine, params, [len(ids) for ids in encoded], engine.sampler)
-  stats = offline.DecodeStats()
-  outputs = offline.decode_prompts(
-      engine, params, encoded, stop_id=tokenizer.eos_id, seed=config.decode_sampling_seed, stats=stats
+  scheduler = scheduler_lib.Scheduler(engine, params, max_prefills_per_step=engine.dims.num_slots)
+  scheduler.warmup_for([len(ids) for ids in encoded])
+  outputs = scheduler_lib.decode_prompts(
+      scheduler,
+      encoded,
+      stop_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
+      sampling_params=engine.default_sampling.per_prompt(len(encoded)),
   )
+  stats = scheduler.stats
   if jax.process_index() == 0:
     for text, ids in zip(prompts, outputs):
       if ids and ids[-1] == tokenizer.eos_id:
@@ -93,7 +98,7 @@ def run(config) -> offline.DecodeStats:
 def main(argv: Sequence[str]):
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  config = pyconfig.initialize_or_exit(argv)
+  config = startup.start(argv, "decode")
   try:
     run(config)
   except ConfigError as e:

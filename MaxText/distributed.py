@@ -1,4 +1,8 @@
-"""Hardware selection and multi-process start-up, done once before JAX touches a backend."""
+"""Hardware selection and multi-process start-up, done once before JAX touches a backend.
+
+`setup` is the process side of an entry point's start-up (MaxText/startup.py calls it between pyconfig.resolve and
+pyconfig.build); building a config alone never calls it. `detect_hardware` and `num_slices` are read by pyconfig.
+"""
 
 import ctypes
 import importlib.metadata
@@ -86,7 +90,8 @@ def reuse_host_memory_applied() -> bool:
 
 
 def setup(raw: dict[str, Any]) -> None:
-  """Applies `hardware` and starts jax.distributed when the config or the cluster asks for several processes.
+  """Applies `hardware`, reuse_host_memory (CPU only) and starts jax.distributed when the config or the cluster
+  asks for several processes; `raw` is pyconfig.resolve's coerced values.
 
   Must run before the first JAX computation; calling it again in the same process is a no-op for the parts
   that already happened (tests build many configs in one process).

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import jax
 
-from MaxText import checkpointing, pyconfig, sharding, train
+from MaxText import checkpointing, pyconfig, sharding, startup, train
 from MaxText.config_schema import ConfigError
 
 logger = logging.getLogger("MaxText")
@@ -51,7 +51,7 @@ def export(config) -> str:
 def main(argv: Sequence[str]):
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  config = pyconfig.initialize_or_exit(argv)
+  config = startup.start(argv, "generate_param_only_checkpoint")
   try:
     print(export(config))
   except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import jax
 
-from MaxText.layers.decoders import moe_layer_flags
+from MaxText.layers import blocks, moe
 
 logger = logging.getLogger("MaxText")
 
@@ -69,54 +69,27 @@ def device_peak_tflops(config) -> Optional[float]:
 def training_tflops_per_device(config) -> tuple[float, float, float]:
   """Analytic TFLOPs of one optimizer step per device: (total, learnable-weight matmuls, attention).
 
-  Matmuls count 2 FLOPs per multiply-add and x3 for forward + backward; causal attention scores and
-  the weighted sum count half of the full square. Remat recomputation is not counted (model FLOPs).
+  Each decoder block reports its forward FLOPs (blocks.forward_flops); matmuls count x3 for forward + backward.
+  Remat recomputation is not counted (model FLOPs).
   """
   tokens = config.global_batch_size_to_train_on * config.max_target_length
-  emb = config.emb_dim
-  mlp = 2 * tokens * emb * config.mlp_dim * (len(config.mlp_activations) + 1)
-  num_moe = sum(moe_layer_flags(config))
-  projections, attention = _attention_flops_per_layer(config, tokens)
-  logits = 2 * tokens * emb * config.vocab_size
-  weights = mlp * (config.num_decoder_layers - num_moe) + _moe_flops_per_layer(config, tokens) * num_moe
-  weights += projections * config.num_decoder_layers + logits
-  attention *= config.num_decoder_layers
+  per_layer = [blocks.forward_flops(config, tokens, use_moe) for use_moe in moe.moe_layer_flags(config)]
+  weights = sum(w for w, _ in per_layer) + 2 * tokens * config.emb_dim * config.vocab_size  # + the logits head
+  attention = sum(a for _, a in per_layer)
   weights_tflops = 3 * weights / 1e12 / config.num_devices
   attention_tflops = 3 * attention / 1e12 / config.num_devices
   return weights_tflops + attention_tflops, weights_tflops, attention_tflops
 
 
-def _moe_flops_per_layer(config, tokens: int) -> float:
-  """Forward FLOPs of one MoE layer: the router, the k active routed experts and the shared experts per token.
-
-  Capacity padding and dropped tokens are not counted (model FLOPs of the tokens actually routed).
-  """
-  emb, gated = config.emb_dim, len(config.mlp_activations) + 1
-  router = 2 * tokens * emb * config.num_experts
-  active = config.num_experts_per_tok + config.shared_experts
-  return router + 2 * tokens * emb * config.moe_mlp_dim * gated * active
-
-
-def _attention_flops_per_layer(config, tokens: int) -> tuple[float, float]:
-  """Forward FLOPs of one layer's attention: (weight matmuls, QK^T + AV with the causal half counted).
-
-  QK^T and AV are 2 FLOPs x S^2 x heads x (query/key dim resp. value dim) per sequence, halved for the causal mask.
-  MLA (attention_type: mla) counts its low-rank projections and its expanded heads (the training formulation).
-  """
-  emb, heads, seq = config.emb_dim, config.num_query_heads, config.max_target_length
-  if config.attention_type == "mla":
-    qk_dim, v_dim = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
-    if config.q_lora_rank > 0:
-      query = emb * config.q_lora_rank + config.q_lora_rank * heads * qk_dim
-    else:
-      query = emb * heads * qk_dim
-    latent = emb * (config.kv_lora_rank + config.qk_rope_head_dim)
-    expand = config.kv_lora_rank * heads * (config.qk_nope_head_dim + v_dim)
-    projections = 2 * tokens * (query + latent + expand + heads * v_dim * emb)
-    return projections, 2 * tokens * seq * heads * (qk_dim + v_dim) / 2
-  hd, kv = config.head_dim, config.num_kv_heads
-  projections = 2 * tokens * emb * (heads + 2 * kv) * hd + 2 * tokens * heads * hd * emb
-  return projections, 2 * 2 * tokens * seq * heads * hd / 2
+# Metrics every train step reports; the stdout line appends any other learning/ metric the model adds.
+_STANDARD = {
+    "learning/loss",
+    "learning/z_loss",
+    "learning/total_weights",
+    "learning/grad_norm",
+    "learning/param_norm",
+    "learning/current_learning_rate",
+}
 
 
 class MetricLogger:
@@ -170,10 +143,9 @@ class MetricLogger:
     )
     if "perf/mfu" in record:
       line += f", MFU: {100 * record['perf/mfu']:.2f}%"
-    if "learning/moe_lb_loss" in record:
-      line += f", moe_lb_loss: {record['learning/moe_lb_loss']:.4f}"
-    if "learning/moe_max_load_ratio" in record:
-      line += f", moe_max_load_ratio: {record['learning/moe_max_load_ratio']:.2f}"
+    for key in sorted(set(metrics) - _STANDARD):  # what the model reports besides the loss (e.g. MoE balance)
+      if key.startswith("learning/"):
+        line += f", {key[len('learning/'):]}: {record[key]:.4f}"
     print(line, flush=True)
     self.write(step, record)
     return record

@@ -1,9 +1,8 @@
 """Learning-rate schedules and the optax chain: clip -> AdamW(schedule)."""
 
-import jax
-import optax
+from typing import Any, Optional
 
-from MaxText.layers import moe
+import optax
 
 
 def create_learning_rate_schedule(config) -> optax.Schedule:
@@ -33,12 +32,11 @@ def create_learning_rate_schedule(config) -> optax.Schedule:
   return optax.join_schedules([warmup_fn, after], [warmup])
 
 
-def _weight_decay_mask(params):
-  """Weight decay everywhere except the MoE routing bias: it gets no gradient, so decay alone would erode it."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: not moe.is_routing_bias(path), params)
-
-
-def create_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def create_optimizer(
+    config, weight_decay_mask: Optional[Any] = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """clip -> AdamW(schedule). `weight_decay_mask`: a params-shaped tree of bools (False: no decay), e.g. for
+  parameters a rule sets rather than the gradient (model_creation.weight_decay_mask)."""
   schedule = create_learning_rate_schedule(config)
   adamw = optax.adamw(
       learning_rate=schedule,
@@ -48,7 +46,7 @@ def create_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedu
       eps_root=config.adam_eps_root,
       weight_decay=config.adam_weight_decay,
       mu_dtype=config.mu_dtype,
-      mask=_weight_decay_mask,
+      mask=weight_decay_mask,
   )
   if config.gradient_clipping_threshold > 0:
     return optax.chain(optax.clip_by_global_norm(config.gradient_clipping_threshold), adamw), schedule

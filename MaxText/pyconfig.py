@@ -2,8 +2,11 @@
 
 Merge order, later wins: the yml named by argv[1] (after its `base_config:` parents) <
 configs/models/<model_name>.yml < M_<KEY> environment variables < key=value arguments (and keyword overrides
-from Python). Values are coerced by MaxText/config_schema.py, then derived values are added and cross-key
-consistency is checked. `python3 -m MaxText.pyconfig CONFIG key=value ...` prints the result and exits.
+from Python). Two phases: `resolve` merges and coerces the values by their declarations (MaxText/config/) without
+touching JAX; `build` derives what depends on the devices (hardware, batch, mesh, backend ops), runs every
+cross-key check (MaxText/config/checks.py) and freezes the Config. `initialize` is both, with no side effects;
+entry points start through MaxText/startup.py, which puts the process set-up (host memory, jax.distributed)
+between the phases. `python3 -m MaxText.pyconfig CONFIG key=value ...` prints the result and exits.
 """
 
 import copy
@@ -21,7 +24,9 @@ import jax.numpy as jnp
 import yaml
 
 from MaxText import distributed
-from MaxText.config_schema import ConfigError, MESH_AXES, SCHEMA
+from MaxText.config import DERIVED, SCHEMA, checks
+from MaxText.config.declare import ConfigError
+from MaxText.layers import ops  # what `auto` means per backend; imports no JAX
 
 logger = logging.getLogger("MaxText")
 
@@ -29,7 +34,6 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 CONFIGS_DIR = PACKAGE_DIR / "configs"
 MODELS_DIR = CONFIGS_DIR / "models"
 ENV_PREFIX = "M_"
-ACTIVATIONS = ("silu", "swish", "gelu", "gelu_tanh", "relu", "linear", "tanh", "sigmoid")
 
 
 def _copy_if_mutable(value: Any) -> Any:
@@ -62,8 +66,9 @@ class Config:
   def __contains__(self, name: str) -> bool:
     return name in self._values
 
-  def get(self, name: str, default: Any = None) -> Any:
-    return _copy_if_mutable(self._values.get(name, default))
+  def get(self, name: str) -> Any:
+    """Like getattr(config, name): only declared keys (a default would hide a misspelt one)."""
+    return getattr(self, name)
 
   def keys(self):
     return self._values.keys()
@@ -85,6 +90,8 @@ def _did_you_mean(key: str, candidates) -> str:
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
+  if key in DERIVED:
+    return ConfigError(f"{key}: is derived ({DERIVED[key].doc}), not set; in {where}")
   return ConfigError(f"{key}: unknown key in {where}{_did_you_mean(key, SCHEMA)}")
 
 
@@ -218,52 +225,8 @@ def _fill_parallelism(values: dict, prefix: str, total: int, what: str) -> list[
   return degrees
 
 
-def _validate_mesh_keys(values: dict):
-  axes = values["mesh_axes"]
-  unknown = [a for a in axes if a not in MESH_AXES]
-  if unknown or len(set(axes)) != len(axes):
-    raise ConfigError(f"mesh_axes: {axes} must be distinct names from {list(MESH_AXES)}")
-  for a in MESH_AXES:
-    if a not in axes and (values[f"ici_{a}_parallelism"] != 1 or values[f"dcn_{a}_parallelism"] not in (1, -1)):
-      raise ConfigError(f"ici_{a}_parallelism: axis {a!r} is not in mesh_axes")
-  for i, rule in enumerate(values["logical_axis_rules"]):
-    if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):
-      raise ConfigError(f"logical_axis_rules[{i}]: expected [logical_name, [mesh_axis, ...]], got {rule!r}")
-    targets = rule[1] if isinstance(rule[1], list) else [rule[1]]
-    bad = [t for t in targets if t not in axes]
-    if bad:
-      raise ConfigError(f"logical_axis_rules[{i}] ({rule[0]}): mesh axes {bad} are not in mesh_axes")
-  for group in values["data_sharding"]:
-    bad = [t for t in (group if isinstance(group, list) else [group]) if t not in axes]
-    if bad:
-      raise ConfigError(f"data_sharding: mesh axes {bad} are not in mesh_axes")
-
-
-def _check_moe(v: dict):
-  """Mixture-of-experts keys that contradict each other (MaxText/layers/moe.py)."""
-  if v["num_experts"] == 1:
-    return  # a dense model: the other MoE keys are unused
-  if v["num_experts_per_tok"] > v["num_experts"]:
-    raise ConfigError(f"num_experts_per_tok: {v['num_experts_per_tok']} exceeds num_experts={v['num_experts']}")
-  groups, keep = v["n_routing_groups"], v["topk_routing_group"]
-  if groups != -1:
-    if groups < 1 or v["num_experts"] % groups:
-      raise ConfigError(f"n_routing_groups: {groups} must divide num_experts={v['num_experts']} (or be -1 = off)")
-    if not 1 <= keep <= groups:
-      raise ConfigError(f"topk_routing_group: {keep} must be in 1..n_routing_groups={groups}")
-    if keep * (v["num_experts"] // groups) < v["num_experts_per_tok"]:
-      raise ConfigError(
-          f"topk_routing_group: {keep} groups of {v['num_experts'] // groups} experts cannot supply"
-          f" num_experts_per_tok={v['num_experts_per_tok']}"
-      )
-  if v["routed_bias_update_rate"] > 0 and not v["routed_bias"]:
-    raise ConfigError("routed_bias_update_rate: > 0 needs routed_bias: true (it updates the routing bias)")
-  if v["moe_input_scaled_by_router"] and v["num_experts_per_tok"] != 1:
-    raise ConfigError("moe_input_scaled_by_router: needs num_experts_per_tok=1 (Llama 4 routes a token to one expert)")
-
-
-def _derive(values: dict, model_keys: set) -> dict:
-  """Adds derived values; raises ConfigError for inconsistent settings."""
+def _derive(values: dict) -> dict:
+  """Adds the derived values (and resolves hardware, steps, dtypes, ...); raises ConfigError for bad settings."""
   import jax  # pylint: disable=import-outside-toplevel
 
   v = dict(values)
@@ -273,31 +236,6 @@ def _derive(values: dict, model_keys: set) -> dict:
   v["num_kv_heads"] = v["base_num_kv_heads"] * heads_s
   v["mlp_dim"] = v["base_mlp_dim"] * mlp_s
   v["num_decoder_layers"] = v["base_num_decoder_layers"] * layer_s
-  if v["num_query_heads"] % v["num_kv_heads"]:
-    raise ConfigError(
-        f"base_num_query_heads: {v['num_query_heads']} query heads are not divisible by {v['num_kv_heads']} kv heads"
-        " (base_num_kv_heads)"
-    )
-  if v["head_dim"] % 2:
-    raise ConfigError(f"head_dim: {v['head_dim']} must be even for rotary embeddings")
-  if not v["mlp_activations"] or any(a not in ACTIVATIONS for a in v["mlp_activations"]):
-    raise ConfigError(f"mlp_activations: {v['mlp_activations']} must be a non-empty list from {list(ACTIVATIONS)}")
-  _check_moe(v)
-  if not (PACKAGE_DIR / "models" / f"{v['decoder_block']}.py").is_file():
-    blocks = sorted(p.stem for p in (PACKAGE_DIR / "models").glob("*.py") if not p.stem.startswith("_"))
-    raise ConfigError(f"decoder_block: no family file models/{v['decoder_block']}.py; available: {blocks}")
-  if v["max_prefill_predict_length"] > v["max_target_length"]:
-    raise ConfigError(
-        f"max_prefill_predict_length: {v['max_prefill_predict_length']} exceeds"
-        f" max_target_length {v['max_target_length']}"
-    )
-  if 0 < v["trainable_position_size"] < v["max_target_length"]:
-    raise ConfigError(
-        f"max_target_length: {v['max_target_length']} exceeds the {v['trainable_position_size']} learned positions"
-        " (trainable_position_size)"
-    )
-  if v["load_parameters_path"] and v["load_full_state_path"]:
-    raise ConfigError("load_parameters_path: set either load_parameters_path or load_full_state_path, not both")
 
   # Schedule.
   if v["steps"] == -1 and v["learning_rate_schedule_steps"] == -1:
@@ -316,15 +254,21 @@ def _derive(values: dict, model_keys: set) -> dict:
 
   # Devices, mesh and batch.
   v["hardware"] = distributed.detect_hardware(v["hardware"])
-  _validate_mesh_keys(v)
+  checks.check_mesh_keys(v)
   v["num_devices"] = jax.device_count()
   v["process_count"] = jax.process_count()
   v["process_index"] = jax.process_index()
+  if v["num_processes"] > 1 and v["process_count"] != v["num_processes"] and not v["skip_jax_distributed_system"]:
+    raise ConfigError(
+        f"num_processes: {v['num_processes']} asked for, but JAX runs {v['process_count']} process(es); an entry"
+        " point starts jax.distributed (MaxText/startup.py), pyconfig.initialize never does"
+    )
   v["num_slices"] = distributed.num_slices(v["num_slices"])
   if v["num_devices"] % v["num_slices"]:
     raise ConfigError(f"num_slices: {v['num_devices']} devices do not split into {v['num_slices']} slices")
   v["ici_parallelism"] = _fill_parallelism(v, "ici", v["num_devices"] // v["num_slices"], "devices per slice")
   v["dcn_parallelism"] = _fill_parallelism(v, "dcn", v["num_slices"], "slices")
+  _resolve_backend_ops(v)
 
   micro = v["per_device_batch_size"] * v["num_devices"]
   if abs(micro - round(micro)) < 1e-6:  # 0.7 x 10 devices is 7.000000000000001 in floating point
@@ -352,8 +296,6 @@ def _derive(values: dict, model_keys: set) -> dict:
   if not v["run_name"]:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
     v["run_name"] = f"{v['model_name'].replace('/', '_')}_{stamp}"
-  if "/" in v["run_name"]:
-    raise ConfigError(f"run_name: {v['run_name']!r} must not contain '/'")
   base = v["base_output_directory"].rstrip("/")
   if "://" not in base:  # Orbax needs absolute paths; a relative one means relative to where the run starts
     base = os.path.abspath(base or ".")
@@ -362,14 +304,29 @@ def _derive(values: dict, model_keys: set) -> dict:
   v["checkpoint_dir"] = f"{run_dir}/checkpoints"
   v["tensorboard_dir"] = f"{run_dir}/tensorboard"
   v["metrics_dir"] = f"{run_dir}/metrics"
-  v["model_keys"] = sorted(model_keys)
   return v
 
 
-def initialize(argv: Sequence[str], environ=None, **overrides) -> Config:
-  """Builds the Config from argv = [program, config_path, key=value, ...]; raises ConfigError on bad input.
+def _resolve_backend_ops(v: dict):
+  """`auto` backend-op keys -> what layers/ops says for the resolved `hardware` (layers read concrete values)."""
+  hardware = v["hardware"]
+  if v["dense_matmul_backward"] == "auto":
+    v["dense_matmul_backward"] = ops.auto_dense_matmul_backward(hardware)
+  if v["head_loss"] == "auto":
+    v["head_loss"] = ops.auto_head_loss(hardware)
+  # Query blocks slice the sequence axis; with it sharded (sequence/context parallelism) that would reshard, so
+  # one block then, whatever was asked.
+  degrees = [dict(zip(v["mesh_axes"], v[f"{where}_parallelism"])) for where in ("ici", "dcn")]
+  sharded = any(d.get(axis, 1) != 1 for d in degrees for axis in ("sequence", "context"))
+  if v["attention_causal_blocks"] == 0 or sharded:
+    v["attention_causal_blocks"] = ops.auto_causal_blocks(hardware, sharded)
+
+
+def resolve(argv: Sequence[str], environ=None, **overrides) -> dict[str, Any]:
+  """Phase 1: argv = [program, config_path, key=value, ...] merged and coerced; touches no JAX backend.
 
   Keyword overrides behave like key=value arguments (given last), which is how Python callers and tests set keys.
+  Raises ConfigError on bad input.
   """
   environ = os.environ if environ is None else environ
   if len(argv) < 2 or not argv[1]:
@@ -402,10 +359,27 @@ def initialize(argv: Sequence[str], environ=None, **overrides) -> Config:
   for key in user:
     if key in model and model[key] != values[key]:
       logger.info("Overriding model key %s: %r (from %s.yml) -> %r", key, model[key], model_name, values[key])
-  distributed.setup(values)
-  values = _derive(values, set(model))
+  values["model_keys"] = sorted(model)
   values["config_path"] = str(config_path)
-  return Config(values)
+  return values
+
+
+def build(values: dict[str, Any], program: Optional[str] = None) -> Config:
+  """Phase 2: derives the device-dependent values from `resolve`'s output, checks every key, freezes the Config.
+
+  `program` (an entry point's name, checks.PROGRAMS) adds that entry point's refusals; None for Python callers.
+  """
+  derived = _derive(values)
+  checks.check(derived, program)
+  undeclared = set(derived) - set(SCHEMA) - set(DERIVED)
+  assert not undeclared, f"derived values without a declaration in MaxText/config/: {sorted(undeclared)}"
+  return Config(derived)
+
+
+def initialize(argv: Sequence[str], environ=None, *, program: Optional[str] = None, **overrides) -> Config:
+  """The Config for argv (resolve, then build); raises ConfigError on bad input. No process side effects:
+  neither glibc's allocator nor jax.distributed is touched (entry points use MaxText/startup.py for those)."""
+  return build(resolve(argv, environ, **overrides), program)
 
 
 def initialize_or_exit(argv: Sequence[str], **overrides) -> Config:
@@ -427,8 +401,10 @@ def log_config(config: Config):
 
 
 def main(argv: Sequence[str]):
+  from MaxText import startup  # pylint: disable=import-outside-toplevel  # startup imports this module
+
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-  config = initialize_or_exit(argv)
+  config = startup.start(argv)
   print(config.to_yaml(), end="")
 
 

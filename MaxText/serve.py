@@ -2,7 +2,8 @@
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streaming as server-sent events, or not), GET /v1/models,
 /health and /metrics (Prometheus text). The model runs on one background thread that owns a continuous-batching
-Scheduler over a paged Engine (attention is forced to "paged"); HTTP handlers (FastAPI on uvicorn) hand it requests
+Scheduler (the decode CLI's and the API's) over a paged Engine (attention is forced to "paged", so requests
+share KV memory by the page); HTTP handlers (FastAPI on uvicorn) hand it requests
 and read their events through asyncio queues. A client that disconnects cancels its request, which frees its slot
 and KV pages. Bad requests get HTTP 400 with an OpenAI-style JSON error.
 
@@ -27,9 +28,9 @@ from fastapi import responses
 from prometheus_client import CollectorRegistry, exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from MaxText import pyconfig
+from MaxText import pyconfig, startup
 from MaxText.config_schema import ConfigError
-from MaxText.inference import batch_sampling, loading
+from MaxText.inference import loading, sampling
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import scheduler as scheduler_lib
 from MaxText.input_pipeline.tokenizer import Tokenizer, build_tokenizer
@@ -173,7 +174,7 @@ class Server:
     return scheduler_lib.Request(
         prompt=prompt,
         max_tokens=max_tokens,
-        sampling=batch_sampling.RowSettings(body.temperature, body.top_k, body.top_p, seed),
+        sampling=sampling.SamplingParams(body.temperature, body.top_k, body.top_p, seed),
         stop=tuple(stop),
         stop_ids=() if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,),
     )
@@ -336,7 +337,7 @@ def paged_config(config) -> pyconfig.Config:
   """The config with attention=paged (the server's engine always uses the paged KV cache)."""
   if config.attention == "paged":
     return config
-  logger.info("MaxText.serve: attention=%s -> paged (continuous batching needs the paged KV cache)", config.attention)
+  logger.info("MaxText.serve: attention=%s -> paged (requests share the KV pages)", config.attention)
   values = {k: getattr(config, k) for k in config.keys()}
   return pyconfig.Config({**values, "attention": "paged"})
 
@@ -362,7 +363,7 @@ def build_server(config, params=None, decode=None) -> Server:
 def main(argv: Sequence[str]):
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  config = pyconfig.initialize_or_exit(argv)
+  config = startup.start(argv, "serve")
   try:
     server = build_server(config)
   except ConfigError as e:

@@ -19,6 +19,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from MaxText.config_schema import ConfigError
 
 Rules = Sequence[Sequence[Any]]
+# Logical names of the residual stream [batch, seq, embed] between layers.
+EMBED_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 # The mesh and rules that `with_logical_constraint` uses inside model code; set by `use_mesh`.
 _ACTIVE: contextvars.ContextVar[Optional[tuple[Mesh, Rules]]] = contextvars.ContextVar("maxtext_mesh", default=None)

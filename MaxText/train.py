@@ -22,10 +22,9 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from MaxText import checkpointing, input_pipeline, metrics, optimizers, pyconfig, sharding
+from MaxText import checkpointing, input_pipeline, metrics, optimizers, pyconfig, sharding, startup
 from MaxText.config_schema import ConfigError
-from MaxText.layers import model_creation, moe
-from MaxText.layers.decoders import moe_layer_flags
+from MaxText.layers import model_creation
 
 logger = logging.getLogger("MaxText")
 
@@ -82,14 +81,18 @@ def _pure(tree):
   return tree
 
 
-def build_model_skeleton(config, mesh):
-  """(graphdef, rest, abstract params (pure dict), param shardings (pure dict)) without allocating weights."""
+def build_model_skeleton(config, mesh, with_decay_mask: bool = False):
+  """(graphdef, rest, abstract params (pure dict), param shardings (pure dict)) without allocating weights.
+
+  `with_decay_mask` appends the params-shaped weight-decay mask (model_creation.weight_decay_mask).
+  """
   abstract_model = model_creation.abstract_model(config)
   graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
   shardings = _pure(sharding.state_shardings(abstract_params, config.logical_axis_rules, mesh))
   # Non-parameter state (e.g. RNG stream keys, reseeded every step) only needs placeholder values.
   rest = jax.tree.map(_placeholder, abstract_rest)
-  return graphdef, rest, _pure(abstract_params.to_pure_dict()), shardings
+  out = (graphdef, rest, _pure(abstract_params.to_pure_dict()), shardings)
+  return out + (_pure(model_creation.weight_decay_mask(abstract_params)),) if with_decay_mask else out
 
 
 def _placeholder(leaf):
@@ -118,9 +121,10 @@ class TrainSetup:
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
-    self.has_moe = any(moe_layer_flags(config))
-    self.graphdef, self.rest, abstract_params, self.param_shardings = build_model_skeleton(config, mesh)
-    self.tx, self.schedule = optimizers.create_optimizer(config)
+    self.graphdef, self.rest, abstract_params, self.param_shardings, decay_mask = build_model_skeleton(
+        config, mesh, with_decay_mask=True
+    )
+    self.tx, self.schedule = optimizers.create_optimizer(config, decay_mask)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     self.abstract_state = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
@@ -158,30 +162,34 @@ class TrainSetup:
 def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool, aux_losses: bool = True):
   """(sum of masked per-token loss, aux) for one (micro) batch; the caller divides by total weights.
 
-  With `aux_losses`, the MoE load-balancing loss (times load_balance_loss_weight) joins the loss, weighted by the
-  micro-batch's token count so that after the division it is the token-weighted mean over micro-batches.
+  The model's auxiliary terms (Transformer.aux_terms) are per-token means, so they enter the sums times the
+  micro-batch's token count: after the division they are token-weighted means over micro-batches. `aux_losses`
+  False (eval) leaves the auxiliary loss out of the objective. aux["stats"] is summed over micro-batches as is.
   """
   config = setup.config
-  # copy=True: fresh non-param Variables, which the model may write while traced (the MoE load-balancing loss).
-  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest, copy=True)
-  hidden = model(
+  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
+  hidden, model_aux = model(
       batch["inputs"],
       batch["inputs_position"],
       batch["inputs_segmentation"],
       deterministic=deterministic,
       rngs=None if deterministic else nnx.Rngs(dropout=dropout_key),
       return_hidden=True,
+      return_aux=True,
   )
   per_token, z_loss = model.cross_entropy(hidden, batch["targets"], config.z_loss_multiplier)
   mask = (batch["targets_segmentation"] != 0).astype(jnp.float32)
-  aux = {"total_weights": mask.sum(), "z_loss_sum": (z_loss * mask).sum()}
+  tokens = mask.sum()
+  terms = model.aux_terms(model_aux)
+  aux = {
+      "total_weights": tokens,
+      "z_loss_sum": (z_loss * mask).sum(),
+      "metric_sums": {k: v * tokens for k, v in terms["metrics"].items()},
+      "stats": terms["stats"],
+  }
   total = (per_token * mask).sum()
-  if setup.has_moe:
-    lb_sum = moe.lb_loss(model) * aux["total_weights"]
-    aux["moe_lb_loss_sum"] = lb_sum
-    aux["moe_expert_load"] = moe.expert_loads(model)  # summed over micro-batches by train_step
-    if aux_losses and config.load_balance_loss_weight > 0:
-      total = total + config.load_balance_loss_weight * lb_sum
+  if aux_losses:
+    total = total + terms["loss"] * tokens
   return total, aux
 
 
@@ -205,19 +213,18 @@ def train_step(setup: TrainSetup, state, batch):
       return (acc_l + l, jax.tree.map(jnp.add, acc_a, a), jax.tree.map(jnp.add, acc_g, g)), None
 
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
-    zeros_a = {"total_weights": jnp.zeros(()), "z_loss_sum": jnp.zeros(())}
-    if setup.has_moe:
-      zeros_a["moe_lb_loss_sum"] = jnp.zeros(())
-      zeros_a["moe_expert_load"] = jax.tree.map(jnp.zeros_like, setup.rest.filter(moe.MoeExpertLoad).to_pure_dict())
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_shapes = jax.eval_shape(grad_fn, state["params"], first, step_key)[0][1]
+    zeros_a = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shapes)
     (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros_a, zeros_g), (jnp.arange(ga), micro))
   weights = jnp.maximum(aux["total_weights"], 1.0)
   grads = jax.tree.map(lambda g, p: (g / weights).astype(p.dtype), grads, state["params"])
   updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  if setup.has_moe:  # aux-loss-free balancing: the router bias moves by its own rule, never by the optimizer
-    params = moe.update_routing_bias(
-        state["params"], params, aux["moe_expert_load"], config.routed_bias_update_rate, config.param_scan_axis
-    )
+  # The model's own update rules (e.g. a MoE routing bias set by its load rule) see the step's summed stats.
+  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
+  model.post_update(aux["stats"])
+  params = _pure(nnx.state(model, nnx.Param).to_pure_dict())
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
   step_metrics = {
       "learning/loss": loss_sum / weights,
@@ -227,9 +234,8 @@ def train_step(setup: TrainSetup, state, batch):
       "learning/param_norm": optax.global_norm(params),
       "learning/current_learning_rate": setup.schedule(state["step"]),
   }
-  if setup.has_moe:
-    step_metrics["learning/moe_lb_loss"] = aux["moe_lb_loss_sum"] / weights
-    step_metrics["learning/moe_max_load_ratio"] = moe.max_load_ratio(aux["moe_expert_load"])
+  step_metrics |= {f"learning/{k}": v / weights for k, v in aux["metric_sums"].items()}
+  step_metrics |= {f"learning/{k}": v for k, v in model.stats_metrics(aux["stats"]).items()}
   return new_state, step_metrics
 
 
@@ -483,7 +489,7 @@ class TrainLoop:
 def main(argv: Sequence[str]):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr, force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
-  config = pyconfig.initialize_or_exit(argv)
+  config = startup.start(argv, "train")
   if config.process_index != 0:  # one process speaks for the job
     logging.getLogger("MaxText").setLevel(max(logging.WARNING, logging.getLogger("MaxText").level))
   try:

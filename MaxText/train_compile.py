@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from MaxText import metrics, pyconfig, sharding, train
+from MaxText import metrics, sharding, startup, train
 
 logger = logging.getLogger("MaxText")
 
@@ -60,7 +60,7 @@ def report(config, compiled, setup) -> dict:
 
 def main(argv: Sequence[str]):
   logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
-  config = pyconfig.initialize_or_exit(argv)
+  config = startup.start(argv, "train_compile")
   compiled, setup = compile_train_step(config)
   report(config, compiled, setup)
 

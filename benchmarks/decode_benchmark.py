@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from MaxText import pyconfig
+from MaxText import startup
 from MaxText.inference import engine as engine_lib
 from MaxText.layers import model_creation
 
@@ -153,7 +153,7 @@ def main(argv):
   config_file = rest[0] if rest and "=" not in rest[0] else "MaxText/configs/base.yml"
   overrides = [r for r in rest if "=" in r]
   length = args.prompt_length + args.new_tokens
-  config = pyconfig.initialize_or_exit(
+  config = startup.start(
       ["", config_file, *LLAMA_SMALL, f"max_target_length={length}", *overrides],
       max_prefill_predict_length=args.prompt_length,
   )

@@ -23,7 +23,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 # pylint: disable=wrong-import-position
 import train_benchmark  # noqa: E402
 from MaxText import metrics, pyconfig  # noqa: E402
-from MaxText.layers import attention_kernels, attentions  # noqa: E402
+from MaxText.layers import attentions  # noqa: E402
+from MaxText.layers.ops import attention as attention_kernels  # noqa: E402
 
 # pylint: enable=wrong-import-position
 

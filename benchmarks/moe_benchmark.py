@@ -41,7 +41,8 @@ def _step_fn(module):
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
   def loss(params, x):
-    y = nnx.merge(graphdef, params, rest, copy=True)(x)
+    y = nnx.merge(graphdef, params, rest)(x)
+    y = y[0] if isinstance(y, tuple) else y  # the MoE block returns (output, aux)
     return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)))

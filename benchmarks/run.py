@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 # pylint: disable=wrong-import-position
 import decode_benchmark  # noqa: E402
 import train_benchmark  # noqa: E402
-from MaxText import metrics, pyconfig  # noqa: E402
+from MaxText import metrics, startup  # noqa: E402
 
 # pylint: enable=wrong-import-position
 
@@ -145,7 +145,7 @@ def main(argv):
   # The config first: it sets the process up for the backend (reuse_host_memory) before JAX starts.
   config = None
   if args.train or both:
-    config = pyconfig.initialize_or_exit(["", args.config, *train_benchmark.QUIET, *args.overrides])
+    config = startup.start(["", args.config, *train_benchmark.QUIET, *args.overrides])
   n_dev = jax.device_count()
   print(
       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; jax {jax.__version__}; {jax.devices()[0].device_kind}"

@@ -6,7 +6,7 @@
 Starts MaxText.serve's app in-process (random weights, attention=paged, continuous batching) on a free port and runs
 closed-loop clients (each sends its next streaming /v1/completions request when the previous one ends) until
 `--requests` requests finished or `--duration` seconds passed, per concurrency level. The baseline is static batching
-through the existing Engine (offline.decode_prompts, contiguous cache): the same prompts in waves of `concurrency`,
+through the same Scheduler (scheduler.decode_prompts, contiguous cache): the same prompts in waves of `concurrency`,
 each wave decoded to the end before the next starts, so a request's first token waits for its wave's prefill and
 its latency for the wave's longest request. Prints a table of medians. Greedy decoding with max_tokens fixed and EOS
 ignored (token ids prompts), so both sides generate the same token counts.
@@ -29,7 +29,7 @@ from flax import nnx
 
 from MaxText import pyconfig, serve
 from MaxText.inference import engine as engine_lib
-from MaxText.inference import offline
+from MaxText.inference import scheduler as scheduler_lib
 from MaxText.layers import model_creation
 
 
@@ -89,15 +89,16 @@ def run_server(url: str, prompts, concurrency: int, max_tokens: int, requests: i
   }
 
 
-def run_static(engine, params, prompts, concurrency: int, max_tokens: int, requests: int, duration: float) -> dict:
+def run_static(scheduler, prompts, concurrency: int, max_tokens: int, requests: int, duration: float) -> dict:
   ttft, latency, tokens, start = [], [], 0, time.perf_counter()
   for wave_start in range(0, requests, concurrency):
     if time.perf_counter() - start > duration:
       break
     wave = [prompts[i % len(prompts)] for i in range(wave_start, min(wave_start + concurrency, requests))]
     t0 = time.perf_counter()
-    stats = offline.DecodeStats()
-    outputs = offline.decode_prompts(engine, params, wave, max_new_tokens=max_tokens, stats=stats)
+    scheduler.stats = scheduler_lib.SchedulerStats()
+    outputs = scheduler_lib.decode_prompts(scheduler, wave, max_new_tokens=max_tokens)
+    stats = scheduler.stats
     # Static batching: all prompts are prefilled before the first decode step, so the wave's first tokens arrive
     # with its prefill; every request of the wave completes with the wave.
     ttft += [stats.prefill_seconds] * len(wave)
@@ -149,13 +150,10 @@ def main(argv):
   for concurrency in levels:
     static_engine = engine_lib.Engine(config, num_slots=concurrency)
     static_params = static_engine.place_params(params)
-    offline.warmup(static_engine, static_params, [args.prompt], static_engine.sampler)
+    static = scheduler_lib.Scheduler(static_engine, static_params, max_prefills_per_step=concurrency)
+    static.warmup_for([args.prompt])
     rows.append(
-        (
-            "static",
-            concurrency,
-            run_static(static_engine, static_params, prompts, concurrency, args.max_tokens, args.requests, args.duration),
-        )
+        ("static", concurrency, run_static(static, prompts, concurrency, args.max_tokens, args.requests, args.duration))
     )
     rows.append(
         (

@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from MaxText import metrics, pyconfig, sharding, train
+from MaxText import metrics, pyconfig, sharding, startup, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def main(argv):
   parser.add_argument("config", nargs="?", default=str(REPO / "configs" / "cpu" / "llama-small.yml"))
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args(argv)
-  config = pyconfig.initialize_or_exit(["", args.config, *QUIET, *args.overrides])
+  config = startup.start(["", args.config, *QUIET, *args.overrides])  # sets the process up before JAX starts
   n_dev = jax.device_count()
   if not any(o.startswith("per_device_batch_size=") for o in args.overrides) and n_dev != 1:
     # Keep llama-small's global batch of 8 on any device count.

@@ -6,19 +6,24 @@
     state = engine.insert(prefix, state, slot)     # the prompt now occupies `slot`
     state, tokens = engine.generate(params, state) # one new token for every slot
 
-Each slot carries its own length, so prompts of different lengths decode together and a finished slot takes a new
-prompt while the others go on. Params are the pure dict training checkpoints hold; the model is rebuilt from the
-graphdef inside each jitted function, and the decode state (a plain pytree) is donated so the cache updates in place.
+Each slot carries its own length and its own sampling settings (sampling.SamplingParams, given to prefill and
+carried by insert), so prompts of different lengths and samplers decode together and a finished slot takes a new
+prompt while the others go on. `generate(..., rows=n)` steps only slots [0, n): the continuous-batching Scheduler
+(MaxText.inference.scheduler), which fills low slots first, drives the engine that way. Params are the pure dict
+training checkpoints hold; the model is rebuilt from the graphdef inside each jitted function, and the decode state
+(a plain pytree) is donated so the cache updates in place.
+
+The engine reaches the caches only through the cache protocol (MaxText.layers.cache): inside jit it merges the
+model with the decode state's cache and calls insert / take_rows / put_rows / set_page_table on each Cache module.
 
 The engine always runs the layer stack unrolled (scan_layers=false) and without remat, whatever the config trains
 with: a decode step reads every weight once for a few tokens, and a scanned stack would first slice (copy) each
 layer's weights out of the stacked arrays (2-4x slower per step on CPU); remat only serves gradients, and its
 optimization barriers keep XLA from updating the cache in place. Params in the scanned layout are converted on load.
 
-With `attention: paged` the decode state holds KV pages shared by all slots and a page table per slot, which the
-caller fills from a host-side PageManager (`set_page_table`); prefill still builds a contiguous prefix cache and
-insert scatters it into the slot's pages. `generate(..., rows=n, row_settings=...)` steps only slots [0, n) with
-per-row sampling settings: the continuous-batching Scheduler (MaxText.inference.scheduler) drives it that way.
+With `attention: paged` the decode state holds KV pages shared by all slots and a page table, which the caller fills
+from a host-side PageManager (`set_page_table`); prefill still builds a contiguous prefix cache and insert scatters
+it into the slot's pages.
 """
 
 import dataclasses
@@ -27,15 +32,32 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
-from MaxText import pyconfig, sharding, train
-from MaxText.inference import batch_sampling, kvcache, paged_attention, sampling
+from MaxText import checkpointing, pyconfig, sharding, train
+from MaxText.inference import sampling
+from MaxText.layers import cache as cache_lib
 from MaxText.layers import scan_layout
 
 Params = Any
-DecodeState = dict[str, Any]  # {"cache": pure dict, "tokens": [slots], "positions": [slots], "key": PRNG key}
-Prefix = dict[str, Any]  # {"cache": pure dict, "tokens": [n], "lengths": [n], "logits": [n, vocab]}
+# {"cache": pure dict, "tokens": [slots], "positions": [slots], "sampling": {SETTINGS_KEYS..., "step"} of [slots]}
+DecodeState = dict[str, Any]
+
+
+@struct.dataclass
+class Prefix:
+  """Prefilled prompt(s): the KV cache of `length` tokens per row, each row's first sampled token, its true length,
+  the logits it was sampled from and its sampling settings. Read as a dict too (prefix["tokens"])."""
+
+  cache: dict
+  tokens: jax.Array
+  lengths: jax.Array
+  logits: jax.Array
+  sampling: dict
+  length: int = struct.field(pytree_node=False, default=0)
+
+  def __getitem__(self, name: str):
+    return getattr(self, name)
 
 
 def _pure(tree):
@@ -54,8 +76,7 @@ def unrolled_config(config) -> pyconfig.Config:
 
 def unrolled_params(params: Params, param_scan_axis: int) -> Params:
   """Params pure dict in the unscanned layout (converted if its decoder layers are stacked)."""
-  layers = params.get("decoder", {}).get("layers", {})
-  if layers and not all(str(k).isdigit() for k in layers):
+  if params.get("decoder", {}).get("layers") and not checkpointing.layers_are_unscanned(params):
     return scan_layout.scanned_to_unscanned(params, param_scan_axis)
   return params
 
@@ -69,45 +90,12 @@ def prefill_buckets(max_prefill_length: int, smallest: int = 16) -> list[int]:
   return buckets + [max_prefill_length]
 
 
-def _map_paged(fn, cache, *others):
-  """fn(layer, *other layers) on every paged-cache layer dict (the ones holding "key_pages") of a cache pure dict."""
-  if isinstance(cache, dict) and "key_pages" in cache:
-    return fn(cache, *others)
-  if isinstance(cache, dict):
-    return {k: _map_paged(fn, v, *(o[k] for o in others)) for k, v in cache.items()}
-  return cache
-
-
-def _sample(logits, key, sampler: sampling.Sampler, row_settings: Optional[dict]):
-  """The engine's sampler, or each row's own settings (continuous batching) when given."""
-  if row_settings is None:
-    return sampling.sample(logits, key, sampler)
-  return batch_sampling.sample_rows(logits, row_settings)
-
-
-def _slot_rows(state: DecodeState, rows: int) -> DecodeState:
-  """A paged decode state restricted to slots [0, rows) (pages and the sampling key are shared)."""
-  cache = _map_paged(
-      lambda layer: {**layer, "lengths": layer["lengths"][:rows], "page_table": layer["page_table"][:rows]},
-      state["cache"],
-  )
-  per_slot = {k: state[k][:rows] for k in ("tokens", "positions", "page_table")}
-  return {**state, **per_slot, "cache": cache}
-
-
-def _merge_slot_rows(state: DecodeState, sub: DecodeState, rows: int) -> DecodeState:
-  """`state` with slots [0, rows) (and the pages and key) taken from the stepped `sub` state."""
-
-  def merge(layer, stepped):
-    return {**stepped, "lengths": layer["lengths"].at[:rows].set(stepped["lengths"]), "page_table": layer["page_table"]}
-
-  per_slot = {k: state[k].at[:rows].set(sub[k]) for k in ("tokens", "positions")}
-  return {
-      **sub,
-      **per_slot,
-      "page_table": state["page_table"],
-      "cache": _map_paged(merge, state["cache"], sub["cache"]),
-  }
+def bucket_length(length: int, max_prefill_length: int) -> int:
+  """The padded prefill length for a prompt of `length` tokens."""
+  for bucket in prefill_buckets(max_prefill_length):
+    if length <= bucket:
+      return bucket
+  raise ValueError(f"prompt of {length} tokens exceeds max_prefill_length {max_prefill_length}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +103,15 @@ class EngineDims:
   num_slots: int
   max_prefill_length: int
   max_cache_length: int
+
+
+def _settings(sampling_params, rows: int, default: sampling.SamplingParams) -> dict[str, np.ndarray]:
+  """settings_arrays for `rows` prompts from one SamplingParams (all rows), a sequence of them, or None (default)."""
+  if sampling_params is None or isinstance(sampling_params, sampling.SamplingParams):
+    sampling_params = [sampling_params or default] * rows
+  if len(sampling_params) != rows:
+    raise ValueError(f"{len(sampling_params)} sampling settings for {rows} prompts")
+  return sampling.settings_arrays(sampling_params)
 
 
 class Engine:
@@ -146,54 +143,34 @@ class Engine:
       raise ValueError(
           f"prefill length {self.dims.max_prefill_length} exceeds the cache length {self.dims.max_cache_length}"
       )
-    self.sampler = sampling.Sampler.from_config(config)
+    self.default_sampling = sampling.SamplingParams.from_config(config)
     # attention=paged: the decode state holds KV pages and a page table (the caller allocates pages, see
     # page_manager); prefill still fills a contiguous prefix cache, which insert scatters into the slot's pages.
     self.page_spec = None
     if config.attention == "paged":
-      self.page_spec = paged_attention.page_spec_from_config(config, self.dims.max_cache_length)
+      self.page_spec = cache_lib.page_spec_from_config(config, self.dims.max_cache_length)
     self.graphdef, self.rest, self.abstract_params, self.param_shardings = train.build_model_skeleton(config, self.mesh)
-    abstract_cache = jax.eval_shape(
-        lambda p: self._cache_state(self._slots_model(p)),
-        self.abstract_params,
-    )
+    abstract_cache = jax.eval_shape(lambda p: self._cache_state(self._slots_model(p)), self.abstract_params)
     self.cache_shardings = _pure(sharding.state_shardings(abstract_cache, self.rules, self.mesh))
-    # Where each cached array keeps its batch (slot) axis, from its logical names (insert writes rows along it).
-    self._batch_axes = None
-    if self.page_spec is None:
-      self._batch_axes = _pure(
-          jax.tree.map(
-              lambda v: list(v.get_metadata()["out_sharding"]).index(kvcache.BATCH_AXIS_NAME),
-              abstract_cache,
-              is_leaf=lambda x: isinstance(x, nnx.Variable),
-          )
-      )
     slot_sharding = sharding.logical_to_sharding(
-        (kvcache.BATCH_AXIS_NAME,), self.rules, self.mesh, (self.dims.num_slots,)
+        (cache_lib.BATCH_AXIS_NAME,), self.rules, self.mesh, (self.dims.num_slots,)
     )
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.state_shardings = {
         "cache": self.cache_shardings,
         "tokens": slot_sharding,
         "positions": slot_sharding,
-        "key": replicated,
+        "sampling": {k: slot_sharding for k in (*sampling.SETTINGS_KEYS, "step")},
     }
-    if self.page_spec is not None:
-      self.state_shardings["page_table"] = sharding.logical_to_sharding(
-          paged_attention.TABLE_NAMES, self.rules, self.mesh, (self.dims.num_slots, self.page_spec.max_pages_per_slot)
-      )
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=("sampler",))
+    self._prefill = jax.jit(self._prefill_impl)
     self._insert = jax.jit(self._insert_impl, donate_argnums=(1,), out_shardings=self.state_shardings)
     self._generate = jax.jit(
         self._generate_impl,
         donate_argnums=(1,),
-        static_argnames=("sampler", "steps", "with_logits", "rows"),
+        static_argnames=("steps", "with_logits", "rows"),
         out_shardings=(self.state_shardings, None, None),
     )
     self._init_state = jax.jit(self._init_state_impl, out_shardings=self.state_shardings)
-    # Leaves replaced from the host go through jit too, so every state generate sees has the same array properties
-    # (a device_put array can differ from a jit output in ways jit keys on, and would compile generate again).
-    self._replace = jax.jit(lambda state, new: {**state, **new}, donate_argnums=(0,), out_shardings=self.state_shardings)
+    self._set_page_table = jax.jit(self._set_page_table_impl, donate_argnums=(0,), out_shardings=self.state_shardings)
 
   # ------------------------------------------------------------------ model plumbing (inside jit)
 
@@ -203,121 +180,118 @@ class Engine:
     model.init_cache(batch, length, **({"paged": self.page_spec} if paged else {}))
     return model
 
-  def _slots_model(self, params: Params, batch: Optional[int] = None):
-    """The model with the decode state's cache (paged under attention=paged; `batch` slots of it), not yet filled."""
-    batch = batch or self.dims.num_slots
-    return self._model(params, batch, self.dims.max_cache_length, paged=self.page_spec is not None)
+  def _slots_model(self, params: Params):
+    """The model with the decode state's cache (paged under attention=paged), not yet filled."""
+    return self._model(params, self.dims.num_slots, self.dims.max_cache_length, paged=self.page_spec is not None)
 
   @staticmethod
   def _cache_state(model) -> nnx.State:
-    return nnx.state(model, kvcache.KVCacheVar)
+    return nnx.state(model, cache_lib.KVCacheVar)
 
-  def _with_cache(self, params: Params, cache: dict, page_table: Optional[jax.Array] = None):
-    model = self._slots_model(params, None if page_table is None else page_table.shape[0])
-    state = self._cache_state(model)
-    if page_table is not None:  # every layer reads the one page table of the decode state
-      cache = _map_paged(lambda layer: {**layer, "page_table": page_table}, cache)
+  @staticmethod
+  def _load_cache(model, cache: dict):
+    state = nnx.state(model, cache_lib.KVCacheVar)
     nnx.replace_by_pure_dict(state, cache)
     nnx.update(model, state)
     return model
 
+  def _zero_params(self) -> Params:
+    # Zero params only give a model its shape where its caches alone are used; XLA compiles them away.
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract_params)
+
   # ------------------------------------------------------------------ jitted bodies
 
-  def _prefill_impl(self, params, tokens, true_lengths, key, sampler, row_settings=None):
+  def _prefill_impl(self, params, tokens, true_lengths, settings):
     batch, length = tokens.shape
     model = self._model(params, batch, length)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
     segment_ids = (positions < true_lengths[:, None]).astype(jnp.int32)
     logits = model(tokens, positions, segment_ids, model_mode="prefill", logits_at=true_lengths - 1)[:, 0]
+    settings = {**settings, "step": jnp.zeros((batch,), jnp.int32)}  # the first token is each request's draw 0
+    return Prefix(
+        cache=_pure(self._cache_state(model).to_pure_dict()),
+        tokens=sampling.sample(logits, settings),
+        lengths=true_lengths,
+        logits=logits.astype(jnp.float32),
+        sampling={**settings, "step": settings["step"] + 1},
+        length=length,
+    )
+
+  def _insert_impl(self, prefix: Prefix, state, slots):
+    zeros = self._zero_params()
+    source = cache_lib.caches(self._load_cache(self._model(zeros, len(prefix.tokens), prefix.length), prefix.cache))
+    model = self._load_cache(self._slots_model(zeros), state["cache"])
+    for path, cache in cache_lib.caches(model).items():
+      cache.insert(source[path], slots)
     return {
         "cache": _pure(self._cache_state(model).to_pure_dict()),
-        "tokens": _sample(logits, key, sampler, row_settings),
-        "lengths": true_lengths,
-        "logits": logits.astype(jnp.float32),
+        "tokens": state["tokens"].at[slots].set(prefix.tokens),
+        "positions": state["positions"].at[slots].set(prefix.lengths),
+        "sampling": jax.tree.map(lambda a, b: a.at[slots].set(b), state["sampling"], prefix.sampling),
     }
 
-  def _insert_impl(self, prefix, state, slots):
-    if self.page_spec is not None:
-      return self._insert_paged(prefix, state, slots)
+  def _set_page_table_impl(self, state, table):
+    model = self._load_cache(self._slots_model(self._zero_params()), state["cache"])
+    for cache in cache_lib.caches(model).values():
+      cache.set_page_table(table)
+    return {**state, "cache": _pure(self._cache_state(model).to_pure_dict())}
 
-    def put(dst, src, axis):
-      for i in range(src.shape[axis]):  # unrolled: a prefix holds a few prompts
-        row = jax.lax.dynamic_slice_in_dim(src, i, 1, axis)
-        start = [0] * dst.ndim
-        start[axis] = slots[i]
-        dst = jax.lax.dynamic_update_slice(dst, row, start)
-      return dst
+  def _generate_impl(self, params, state, steps, with_logits, rows=None):
+    model = self._load_cache(self._slots_model(params), state["cache"])
+    caches = cache_lib.caches(model)
+    rows = rows or self.dims.num_slots
+    narrow = rows < self.dims.num_slots
+    # Only slots [0, rows) step: narrow each cache to their rows and widen it back after (a contiguous cache copies
+    # those rows; a paged one only its page table and lengths, the pages are shared).
+    saved = {path: cache.take_rows(rows) for path, cache in caches.items()} if narrow else {}
+    graphdef, cache_state, other = nnx.split(model, cache_lib.KVCacheVar, ...)
+    per_slot = {k: state[k] for k in ("tokens", "positions", "sampling")}
+    if narrow:
+      per_slot = jax.tree.map(lambda a: a[:rows], per_slot)
 
-    return {
-        "cache": jax.tree.map(put, state["cache"], prefix["cache"], self._batch_axes),
-        "tokens": state["tokens"].at[slots].set(prefix["tokens"]),
-        "positions": state["positions"].at[slots].set(prefix["lengths"]),
-        "key": state["key"],
-    }
-
-  def _insert_paged(self, prefix, state, slots):
-    """Scatters each prefix row's tokens into the pages its slot's page table row lists (set by the caller)."""
-    table = state["page_table"]
-    rows, zeros = table[slots], jnp.zeros(slots.shape, jnp.int32)
-
-    def put(layer, pre):
-      write = lambda pages, new: paged_attention.write_tokens(pages, rows, zeros, jnp.swapaxes(new, 1, 2))
-      return {
-          **layer,
-          "key_pages": write(layer["key_pages"], pre["key"]),
-          "value_pages": write(layer["value_pages"], pre["value"]),
-          "lengths": layer["lengths"].at[slots].set(pre["lengths"]),
-          "page_table": table,
+    def step(cache_state, slot):
+      stepped = nnx.merge(graphdef, cache_state, other, copy=True)
+      logits = stepped(slot["tokens"][:, None], slot["positions"][:, None], None, model_mode="autoregressive")
+      logits = logits[:, 0].astype(jnp.float32)
+      tokens = sampling.sample(logits, slot["sampling"])
+      slot = {
+          "tokens": tokens,
+          "positions": slot["positions"] + 1,
+          "sampling": {**slot["sampling"], "step": slot["sampling"]["step"] + 1},
       }
+      return nnx.state(stepped, cache_lib.KVCacheVar), slot, logits
 
-    return {
-        **state,
-        "cache": _map_paged(put, state["cache"], prefix["cache"]),
-        "tokens": state["tokens"].at[slots].set(prefix["tokens"]),
-        "positions": state["positions"].at[slots].set(prefix["lengths"]),
-    }
-
-  def _step(self, params, state, sampler, row_settings=None):
-    model = self._with_cache(params, state["cache"], state.get("page_table"))
-    tokens, positions = state["tokens"][:, None], state["positions"][:, None]
-    logits = model(tokens, positions, None, model_mode="autoregressive")[:, 0].astype(jnp.float32)
-    key, step_key = jax.random.split(state["key"])
-    tokens = _sample(logits, step_key, sampler, row_settings)
-    new_state = {
-        **state,
-        "cache": _pure(self._cache_state(model).to_pure_dict()),
-        "tokens": tokens,
-        "positions": state["positions"] + 1,
-        "key": key,
-    }
-    return new_state, tokens, logits
-
-  def _generate_impl(self, params, state, row_settings, sampler, steps, with_logits, rows=None):
-    if rows is not None and rows < self.dims.num_slots:
-      # Only slots [0, rows) step: slice their rows (the pages are shared, so nothing big is copied) and put back.
-      sub = _slot_rows(state, rows)
-      sub, tokens, logits = self._generate_impl(params, sub, row_settings, sampler, steps, with_logits)
-      return _merge_slot_rows(state, sub, rows), tokens, logits
     if steps == 1:
-      state, tokens, logits = self._step(params, state, sampler, row_settings)
-      return state, tokens, logits if with_logits else None
+      cache_state, per_slot, logits = step(cache_state, per_slot)
+      tokens = per_slot["tokens"]
+    else:
 
-    def body(carry, _):
-      carry, tokens, _ = self._step(params, carry, sampler)
-      return carry, tokens
+      def body(carry, _):
+        cache_state, slot, _ = step(*carry)
+        return (cache_state, slot), slot["tokens"]
 
-    state, tokens = jax.lax.scan(body, state, None, length=steps)
-    return state, tokens, None
+      (cache_state, per_slot), tokens = jax.lax.scan(body, (cache_state, per_slot), None, length=steps)
+      logits = None
+    nnx.update(model, cache_state)
+    for path, cache in caches.items():
+      if narrow:
+        cache.put_rows(saved[path])
+    if narrow:
+      per_slot = jax.tree.map(lambda full, sub: full.at[:rows].set(sub), {k: state[k] for k in per_slot}, per_slot)
+    new_state = {**per_slot, "cache": _pure(self._cache_state(model).to_pure_dict())}
+    return new_state, tokens, logits if with_logits else None
 
-  def _init_state_impl(self, key):
-    # The cache as KVCache initializes it; the zero params only give the model a shape and are compiled away.
-    params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract_params)
-    model = self._slots_model(params)
+  def _init_state_impl(self):
+    # The cache as the cache modules initialize it.
+    model = self._slots_model(self._zero_params())
     slots = jnp.zeros((self.dims.num_slots,), jnp.int32)
-    state = {"cache": _pure(self._cache_state(model).to_pure_dict()), "tokens": slots, "positions": slots, "key": key}
-    if self.page_spec is not None:
-      state["page_table"] = jnp.zeros((self.dims.num_slots, self.page_spec.max_pages_per_slot), jnp.int32)
-    return state
+    settings = _settings(None, self.dims.num_slots, sampling.SamplingParams())
+    return {
+        "cache": _pure(self._cache_state(model).to_pure_dict()),
+        "tokens": slots,
+        "positions": slots,
+        "sampling": {**jax.tree.map(jnp.asarray, settings), "step": slots},
+    }
 
   # ------------------------------------------------------------------ public API
 
@@ -331,15 +305,14 @@ class Engine:
       tokens,
       true_length,
       *,
-      key: Optional[jax.Array] = None,
-      sampler: Optional[sampling.Sampler] = None,
-      row_settings: Optional[dict] = None,
+      sampling_params: sampling.SamplingParams | Sequence[sampling.SamplingParams] | None = None,
   ) -> Prefix:
     """Runs padded prompt(s) through the model, filling a fresh KV cache, and samples each first new token.
 
     tokens: int [length] (one prompt) or [n, length], padded after each prompt's `true_length` real tokens
     (length <= max_prefill_length). The prefix's cache has `length` tokens per row; logits are those the first
-    token was sampled from.
+    token was sampled from. `sampling_params`: one for every row, one per row, or None (decode_sampling_* keys);
+    insert carries them into the slot, so generate samples each slot its own way.
     """
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim == 1:
@@ -349,66 +322,52 @@ class Engine:
       raise ValueError(f"prefill of {tokens.shape[1]} tokens exceeds max_prefill_length {self.dims.max_prefill_length}")
     if np.any(true_lengths < 1) or np.any(true_lengths > tokens.shape[1]):
       raise ValueError(f"true lengths {true_lengths.tolist()} must be in [1, {tokens.shape[1]}]")
-    key = jax.random.key(self.config.decode_sampling_seed) if key is None else key
+    settings = _settings(sampling_params, tokens.shape[0], self.default_sampling)
     with sharding.use_mesh(self.mesh, self.rules):
-      return self._prefill(params, tokens, true_lengths, key, row_settings=row_settings, sampler=sampler or self.sampler)
+      return self._prefill(params, tokens, true_lengths, settings)
 
-  def init_decode_state(self, seed: Optional[int] = None) -> DecodeState:
-    """Empty slots; `seed` (default decode_sampling_seed) seeds the sampling stream of generate."""
-    seed = self.config.decode_sampling_seed if seed is None else seed
+  def init_decode_state(self) -> DecodeState:
+    """Empty slots (greedy until a prompt is inserted)."""
     with sharding.use_mesh(self.mesh, self.rules):
-      return self._init_state(jax.random.key(seed))
+      return self._init_state()
 
   def set_page_table(self, state: DecodeState, table) -> DecodeState:
     """attention=paged: the decode state with the host's page table int [slots, max_pages_per_slot] (page_manager);
-    insert and generate read and write the pages it lists."""
+    insert and generate read and write the pages it lists. Donates `state`."""
     with sharding.use_mesh(self.mesh, self.rules):
-      return self._replace(state, {"page_table": np.asarray(table, np.int32)})
+      return self._set_page_table(state, np.asarray(table, np.int32))
 
   def insert(self, prefix: Prefix, state: DecodeState, slot: int | Sequence[int]) -> DecodeState:
     """Puts the prefix's prompt(s) into `slot` (one prompt) or `slots` (one per prefix row); donates `state`.
 
     attention=paged: the slot's page table row must already hold pages for the prompt (set_page_table).
     """
-    rows = prefix["tokens"].shape[0]
+    rows = prefix.tokens.shape[0]
     slots = np.atleast_1d(np.asarray(slot, np.int32))
     if slots.shape != (rows,) or np.any(slots < 0) or np.any(slots >= self.dims.num_slots):
       raise ValueError(f"slots {slots.tolist()} do not fit {rows} prompt(s) into {self.dims.num_slots} slots")
     with sharding.use_mesh(self.mesh, self.rules):
       return self._insert(prefix, state, slots)
 
-  def generate(
-      self,
-      params: Params,
-      state: DecodeState,
-      *,
-      sampler: Optional[sampling.Sampler] = None,
-      rows: Optional[int] = None,
-      row_settings: Optional[dict] = None,
-  ) -> tuple[DecodeState, jax.Array]:
+  def generate(self, params: Params, state: DecodeState, *, rows: Optional[int] = None) -> tuple[DecodeState, jax.Array]:
     """One decode step for every slot: (new state, sampled tokens [slots]); donates `state`.
 
-    `rows` (attention=paged): step only slots [0, rows), leaving the others as they are (tokens then has `rows`
-    rows); a scheduler that fills low slots first steps a small batch for a few requests (compiled per value).
-    `row_settings`: per-row sampling (batch_sampling.settings_arrays of the stepped rows) instead of `sampler`.
+    `rows`: step only slots [0, rows), leaving the others as they are (tokens then has `rows` rows); a scheduler
+    that fills low slots first steps a small batch for a few requests (compiled per value).
     """
-    if rows is not None and (self.page_spec is None or not 0 < rows <= self.dims.num_slots):
-      raise ValueError(f"rows={rows}: stepping a prefix of the slots needs attention=paged and 0 < rows <= slots")
+    if rows is not None and not 0 < rows <= self.dims.num_slots:
+      raise ValueError(f"rows={rows}: stepping a prefix of the slots needs 0 < rows <= {self.dims.num_slots}")
     with sharding.use_mesh(self.mesh, self.rules):
-      state, tokens, _ = self._generate(
-          params, state, row_settings, sampler=sampler or self.sampler, steps=1, with_logits=False, rows=rows
-      )
+      state, tokens, _ = self._generate(params, state, steps=1, with_logits=False, rows=rows)
     return state, tokens
 
-  def generate_with_logits(self, params: Params, state: DecodeState, *, sampler=None):
+  def generate_with_logits(self, params: Params, state: DecodeState):
     """generate, also returning the float32 logits [slots, vocab] the tokens were sampled from."""
     with sharding.use_mesh(self.mesh, self.rules):
-      return self._generate(params, state, None, sampler=sampler or self.sampler, steps=1, with_logits=True)
+      return self._generate(params, state, steps=1, with_logits=True)
 
-  def generate_steps(self, params: Params, state: DecodeState, steps: int, *, sampler=None):
+  def generate_steps(self, params: Params, state: DecodeState, steps: int):
     """`steps` decode steps in one device call: (new state, tokens [steps, slots]); donates `state`."""
     with sharding.use_mesh(self.mesh, self.rules):
-      state, tokens, _ = self._generate(
-          params, state, None, sampler=sampler or self.sampler, steps=steps, with_logits=False
-      )
+      state, tokens, _ = self._generate(params, state, steps=steps, with_logits=False)
     return state, tokens

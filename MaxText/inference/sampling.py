@@ -1,97 +1,149 @@
-"""Next-token sampling from logits: greedy, weighted (temperature), top-k, nucleus (top-p) and composite.
+"""The one next-token sampler of decode, api and serve: per-row settings as arrays, so one compiled function serves
+every mix of requests in a batch.
 
-Pure functions of (logits, key), jit-friendly; a `Sampler` is a frozen (hashable) setting that jit treats as static.
-Each row draws with its own key, folded from the step key and the row index, so a row's draws do not depend on how
-many rows are decoded beside it. Filters run on the raw logits and the temperature divides what survives:
-composite = top-k -> top-p -> temperature. A temperature of 0 means greedy for every strategy.
+Semantics: filters run on the raw logits (top-k, then top-p over what top-k kept, renormalized), then the
+temperature divides what survives; temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Ties at a
+filter's threshold are all kept. Row b draws with the key fold_in(key(seed[b]), step[b]), where step is the
+request's own count of tokens sampled so far, and the draw is a Gumbel argmax over the whole vocabulary in token
+order, so a request's tokens depend on its seed and its own token count only: never on its batch neighbours.
+
+Sorting the vocabulary each step is the slow part, so the masks are computed by the cheapest branch the batch
+allows (one compiled function picks at run time): all greedy -> argmax; no row filters -> no sort; every filtering
+row has 0 < top_k <= TOP_K_CANDIDATES -> top-k candidates only; otherwise a full sort. Each gives the same mask.
+
+Config keys decode_sampling_* (strategy, temperature, top_k, nucleus_p, seed) are the default row settings.
 """
 
 import dataclasses
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-STRATEGIES = ("greedy", "weighted", "topk", "nucleus", "composite")
+from MaxText.config import choices
+
+STRATEGIES = choices("decode_sampling_strategy")
+TOP_K_CANDIDATES = 128  # top_k up to this skips the full sort
+SETTINGS_KEYS = ("temperature", "top_k", "top_p", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampler:
-  """A sampling setting. top_k 0 and top_p 1.0 disable those filters."""
+class SamplingParams:
+  """One request's sampling (OpenAI-style: temperature 0 = greedy; top_k 0 and top_p 1 disable filters)."""
 
-  strategy: str = "greedy"
-  temperature: float = 1.0
+  temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
+  seed: int = 0
 
   def __post_init__(self):
-    if self.strategy not in STRATEGIES:
-      raise ValueError(f"sampling strategy {self.strategy!r} is not one of {STRATEGIES}")
     if self.temperature < 0:
       raise ValueError(f"sampling temperature {self.temperature} must be >= 0")
     if self.top_k < 0:
       raise ValueError(f"top_k {self.top_k} must be >= 0")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p {self.top_p} must be in (0, 1]")
-    if self.strategy == "topk" and self.top_k == 0:
-      raise ValueError("strategy 'topk' needs top_k > 0")
 
   @classmethod
-  def from_config(cls, config) -> "Sampler":
-    return cls(
-        strategy=config.decode_sampling_strategy,
+  def from_strategy(
+      cls, strategy: str, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0
+  ) -> "SamplingParams":
+    """A named strategy (decode_sampling_strategy) in terms of the one semantics: greedy ignores the other
+    settings, weighted uses the temperature alone, topk / nucleus add their filter, composite both."""
+    if strategy not in STRATEGIES:
+      raise ValueError(f"sampling strategy {strategy!r} is not one of {STRATEGIES}")
+    if strategy == "topk" and top_k == 0:
+      raise ValueError("strategy 'topk' needs top_k > 0")
+    if strategy == "greedy":
+      return cls(seed=seed)
+    top_k = top_k if strategy in ("topk", "composite") else 0
+    top_p = top_p if strategy in ("nucleus", "composite") else 1.0
+    return cls(temperature, top_k, top_p, seed)
+
+  @classmethod
+  def from_config(cls, config) -> "SamplingParams":
+    return cls.from_strategy(
+        config.decode_sampling_strategy,
         temperature=config.decode_sampling_temperature,
         top_k=config.decode_sampling_top_k,
         top_p=config.decode_sampling_nucleus_p,
+        seed=config.decode_sampling_seed,
     )
 
-  def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-    return sample(logits, key, self)
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+  def per_prompt(self, n: int) -> list["SamplingParams"]:
+    """These settings for n prompts decoded together: prompt i draws with seed + i, so equal prompts differ."""
+    return [dataclasses.replace(self, seed=self.seed + i) for i in range(n)]
+
+
+def settings_arrays(rows: Sequence[Optional[SamplingParams]]) -> dict[str, np.ndarray]:
+  """Host arrays (SETTINGS_KEYS) of per-row settings; None rows (empty slots) are greedy."""
+  rows = [r or SamplingParams() for r in rows]
+  return {
+      "temperature": np.array([r.temperature for r in rows], np.float32),
+      "top_k": np.array([r.top_k for r in rows], np.int32),
+      "top_p": np.array([r.top_p for r in rows], np.float32),
+      "seed": np.array([r.seed & 0x7FFFFFFF for r in rows], np.int32),
+  }
+
+
+def _keep_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, candidates: int) -> jax.Array:
+  """True for the tokens top-k then top-p keep, from each row's `candidates` largest logits (enough when every
+  filtering row has top_k <= candidates); top_k 0 = no limit."""
+  vocab = logits.shape[-1]
+  if candidates < vocab:
+    ranked = jax.lax.top_k(logits, candidates)[0]
+  else:
+    ranked = -jnp.sort(-logits, axis=-1)
+  rank = jnp.arange(ranked.shape[-1], dtype=jnp.int32)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, ranked.shape[-1]), ranked.shape[-1])
+  kept = rank[None, :] < k[:, None]
+  probs = jax.nn.softmax(jnp.where(kept, ranked, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs  # a token is kept while the mass before it is short of p
+  kept &= (mass_before < top_p[:, None]) | (rank[None, :] == 0)
+  threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1, keepdims=True)
+  return logits >= threshold
 
 
 def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
-  """True for each row's k largest logits (ties at the k-th value are all kept)."""
-  if k <= 0 or k >= logits.shape[-1]:
-    return jnp.ones(logits.shape, bool)
-  kth = jax.lax.top_k(logits, k)[0][..., -1:]
-  return logits >= kth
+  """True for each row's k largest logits (ties at the k-th value are all kept); k 0 keeps all."""
+  ones = jnp.ones(logits.shape[:1])
+  return _keep_mask(logits.astype(jnp.float32), (ones * k).astype(jnp.int32), ones, logits.shape[-1])
 
 
 def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
   """True for the smallest set of most likely tokens whose probability reaches p (always at least the top one)."""
-  if p >= 1.0:
-    return jnp.ones(logits.shape, bool)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  sorted_probs = jnp.sort(probs, axis=-1)[..., ::-1]
-  # A token is kept while the mass strictly before it is still short of p.
-  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  kept = mass_before < p
-  threshold = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
-  return probs >= threshold
+  ones = jnp.ones(logits.shape[:1])
+  return _keep_mask(logits.astype(jnp.float32), jnp.zeros(logits.shape[:1], jnp.int32), ones * p, logits.shape[-1])
 
 
-def filtered_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
-  """Float32 logits with the tokens the strategy excludes at -inf, divided by the temperature."""
+def sample(logits: jax.Array, settings: dict[str, jax.Array]) -> jax.Array:
+  """int32 [batch] tokens from logits [batch, vocab]; `settings`: settings_arrays of each row plus "step" [batch]
+  (the row's count of tokens sampled so far)."""
   logits = logits.astype(jnp.float32)
-  keep = jnp.ones(logits.shape, bool)
-  if sampler.strategy in ("topk", "composite"):
-    keep &= top_k_mask(logits, sampler.top_k)
-  if sampler.strategy in ("nucleus", "composite"):
-    keep &= top_p_mask(jnp.where(keep, logits, -jnp.inf), sampler.top_p)
-  return jnp.where(keep, logits, -jnp.inf) / sampler.temperature
+  vocab = logits.shape[-1]
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  temperature, top_p = settings["temperature"], settings["top_p"]
+  top_k = jnp.where(settings["top_k"] < vocab, settings["top_k"], 0)
+  sampled = temperature > 0
+  filtering = sampled & ((top_k > 0) | (top_p < 1.0))
+  candidates = min(TOP_K_CANDIDATES, vocab)
 
+  def draw(keep):
+    scaled = jnp.where(keep, logits / jnp.where(sampled, temperature, 1.0)[:, None], -jnp.inf)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(settings["seed"], settings["step"])
+    return jnp.where(sampled, jax.vmap(jax.random.categorical)(keys, scaled), greedy).astype(jnp.int32)
 
-def sample(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
-  """One token id per row of logits [batch, vocab] -> int32 [batch]."""
-  if sampler.strategy == "greedy" or sampler.temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32)
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(logits.shape[0]))
-  draw = jax.vmap(jax.random.categorical)
-  if sampler.strategy in ("topk", "composite") and 0 < sampler.top_k < logits.shape[-1]:
-    # Only the k candidates matter: filter and draw among them (sorting the whole vocab every step is slow).
-    values, indices = jax.lax.top_k(logits, sampler.top_k)
-    if sampler.strategy == "composite":
-      values = jnp.where(top_p_mask(values, sampler.top_p), values, -jnp.inf)
-    choice = draw(keys, values / sampler.temperature)
-    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-  return draw(keys, filtered_logits(logits, sampler)).astype(jnp.int32)
+  branches = [
+      lambda: greedy,
+      lambda: draw(jnp.ones(logits.shape, bool)),
+      lambda: draw(_keep_mask(logits, top_k, top_p, candidates) | ~filtering[:, None]),
+      lambda: draw(_keep_mask(logits, top_k, top_p, vocab) | ~filtering[:, None]),
+  ]
+  few = jnp.all(~filtering | ((top_k > 0) & (top_k <= candidates)))
+  branch = jnp.where(~jnp.any(sampled), 0, jnp.where(~jnp.any(filtering), 1, jnp.where(few, 2, 3)))
+  return jax.lax.switch(branch, branches)

@@ -1,10 +1,12 @@
-"""Continuous batching over a paged Engine: requests join and leave the running batch between generate steps.
+"""Continuous batching over an Engine: requests join and leave the running batch between generate steps. The one
+scheduler of the decode CLI, the Python API (both through `decode_prompts`) and the server.
 
 One thread owns the engine and loops: take new requests and cancellations, admit waiting requests (prefill, then
-insert into a free slot) while slots and KV pages allow, then run one generate step for every occupied slot. A
-request books the pages it may need (prompt + max_tokens) when admitted, so a running request never runs out;
-one that does not fit waits in the queue (FIFO) until pages are released. Shapes are fixed (slots, prefill buckets),
-so after warm-up no request compiles anything.
+insert into a free slot) while slots (and KV pages) allow, then run one generate step for the occupied slots. With
+the paged cache (attention=paged) a request books the pages it may need (prompt + max_tokens) when admitted, so a
+running request never runs out; one that does not fit waits in the queue (FIFO) until pages are released. With the
+contiguous cache a slot holds a whole sequence, so a free slot is all a request needs. Shapes are fixed (slots, row
+buckets, prefill buckets), so after warm-up no request compiles anything.
 
 Each request has its own sampling settings, token budget, stop token ids and stop strings; its output arrives as
 `Event`s (text and token deltas, then a finish reason) through its callback, from the engine thread.
@@ -22,8 +24,9 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from MaxText.inference import batch_sampling, offline, page_manager
 from MaxText.inference import engine as engine_lib
+from MaxText.inference import page_manager
+from MaxText.inference import sampling as sampling_lib
 
 logger = logging.getLogger("MaxText")
 _IDS = itertools.count()
@@ -47,7 +50,7 @@ class Request:
 
   prompt: Sequence[int]
   max_tokens: int
-  sampling: batch_sampling.RowSettings = dataclasses.field(default_factory=batch_sampling.RowSettings)
+  sampling: sampling_lib.SamplingParams = dataclasses.field(default_factory=sampling_lib.SamplingParams)
   stop: tuple[str, ...] = ()
   stop_ids: tuple[int, ...] = ()
   on_event: Optional[Callable[[Event], None]] = None  # called on the engine thread; default: the `events` queue
@@ -70,13 +73,32 @@ class Request:
 
 @dataclasses.dataclass
 class SchedulerStats:
-  """Counters the server exports as metrics (read from other threads; each field is updated atomically)."""
+  """Counters the server exports as metrics and the decode CLI prints (read from other threads; each field is
+  updated atomically). Times are wall seconds of prefill (with insert) and of generate steps."""
 
   prompt_tokens: int = 0
-  generated_tokens: int = 0
+  generated_tokens: int = 0  # every new token, the ones prefill samples included
   finished_requests: int = 0
+  prefill_calls: int = 0
+  prefill_seconds: float = 0.0
+  step_tokens: int = 0  # tokens of generate steps
+  generate_steps: int = 0
+  generate_seconds: float = 0.0
   ttft_seconds: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=1000))
   recent_tokens: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=4096))
+
+  def summary(self) -> str:
+    """The throughput line the decode CLI prints."""
+
+    def rate(tokens, seconds):
+      return tokens / seconds if seconds > 0 else 0.0
+
+    return (
+        f"prefill: {self.prompt_tokens} tokens in {self.prefill_calls} calls, {self.prefill_seconds:.3f} s"
+        f" ({rate(self.prompt_tokens, self.prefill_seconds):.1f} tokens/s); generate: {self.step_tokens} tokens in"
+        f" {self.generate_steps} steps, {self.generate_seconds:.3f} s"
+        f" ({rate(self.step_tokens, self.generate_seconds):.1f} tokens/s)"
+    )
 
   def tokens_per_second(self, window: float = 10.0) -> float:
     """Generated tokens per second over the last `window` seconds."""
@@ -86,25 +108,26 @@ class SchedulerStats:
 
 
 class Scheduler:
-  """Continuous batching of Requests on a paged engine (attention: paged); see the module doc.
+  """Continuous batching of Requests on an engine (paged or contiguous cache); see the module doc.
 
-  `decode`: ids -> text (the tokenizer's), for stop strings and text deltas. `max_prefills_per_step` bounds how many
-  prompts are prefilled between two generate steps while others decode, so running requests keep streaming.
+  `decode`: ids -> text (the tokenizer's), for stop strings and text deltas; None: token ids only (no text, no stop
+  strings). `max_prefills_per_step` bounds how many prompts are prefilled between two generate steps while others
+  decode, so running requests keep streaming.
   """
 
   def __init__(
       self,
       engine: engine_lib.Engine,
       params,
-      decode: Callable[[Sequence[int]], str],
+      decode: Optional[Callable[[Sequence[int]], str]] = None,
       *,
       max_prefills_per_step: int = 4,
   ):
-    if engine.page_spec is None:
-      raise ValueError("attention: continuous batching needs the paged KV cache (attention=paged)")
     self.engine, self.params, self.decode = engine, params, decode
     spec, slots = engine.page_spec, engine.dims.num_slots
-    self.pages = page_manager.PageManager(spec.num_pages, spec.tokens_per_page, spec.max_pages_per_slot, slots)
+    self.pages = None  # attention=paged: pages are taken as sequences grow and returned when they finish
+    if spec is not None:
+      self.pages = page_manager.PageManager(spec.num_pages, spec.tokens_per_page, spec.max_pages_per_slot, slots)
     self.max_prefills_per_step = max_prefills_per_step
     self.stats = SchedulerStats()
     self._inbox: "queue.Queue[Request]" = queue.Queue()
@@ -154,13 +177,19 @@ class Scheduler:
   def warmup(self):
     """Compiles what requests will run, so none compiles at serving time: a generate step for every row bucket,
     prefill and insert for every prefill bucket, and a page-table update (a request that grows past a page)."""
-    for rows in self.row_buckets:  # empty slots step harmlessly (their page table rows point at scratch)
+    self.warmup_for(engine_lib.prefill_buckets(self.engine.dims.max_prefill_length))
+
+  def warmup_for(self, prompt_lengths: Sequence[int]):
+    """warmup with the prefill buckets of these prompt lengths only (the decode CLI knows its prompts)."""
+    for rows in self.row_buckets:  # empty slots step harmlessly (at stale or scratch cache entries)
       self._step_rows(rows)
-    grow = min(self.pages.tokens_per_page + 1, self.engine.dims.max_cache_length - 1)
-    self.submit(Request([1], grow, batch_sampling.RowSettings(temperature=1.0)))
-    for bucket in engine_lib.prefill_buckets(self.engine.dims.max_prefill_length):
+    if self.pages is not None:  # grows past a page: the page-table update
+      self.submit(Request([1], min(self.pages.tokens_per_page + 1, self.engine.dims.max_cache_length - 1)))
+    buckets = {engine_lib.bucket_length(n, self.engine.dims.max_prefill_length) for n in prompt_lengths}
+    for bucket in sorted(buckets):
       self.submit(Request([1] * bucket, 1))
     self.run_until_idle()
+    self.stats = SchedulerStats()  # the warm-up's compile time is no one's throughput
 
   # ------------------------------------------------------------------ engine thread
 
@@ -219,7 +248,7 @@ class Scheduler:
         self._close(request, "cancelled")
         continue
       total = len(request.prompt) + request.max_tokens
-      if not self.pages.can_reserve(total):
+      if self.pages is not None and not self.pages.can_reserve(total):
         break  # backpressure: wait (in order) until running requests release pages
       self._waiting.popleft()
       slot = self._slots.index(None)
@@ -232,32 +261,41 @@ class Scheduler:
     return admitted > 0
 
   def _push_table(self):
-    if self.pages.version != self._table_version:
+    if self.pages is not None and self.pages.version != self._table_version:
       self._state = self.engine.set_page_table(self._state, self.pages.table)
       self._table_version = self.pages.version
 
   def _prefill_into(self, slot: int, request: Request, total: int):
     n = len(request.prompt)
+    start = time.perf_counter()
     self._slots[slot] = request
-    self.pages.reserve(slot, total)
-    self.pages.ensure(slot, n)
-    self._push_table()
-    tokens = np.zeros((offline.bucket_length(n, self.engine.dims.max_prefill_length),), np.int32)
+    if self.pages is not None:
+      self.pages.reserve(slot, total)
+      self.pages.ensure(slot, n)
+      self._push_table()
+    tokens = np.zeros((engine_lib.bucket_length(n, self.engine.dims.max_prefill_length),), np.int32)
     tokens[:n] = request.prompt
-    settings = batch_sampling.settings_arrays([request.sampling], [0])
-    prefix = self.engine.prefill(self.params, tokens, n, row_settings=settings)
+    prefix = self.engine.prefill(self.params, tokens, n, sampling_params=request.sampling)
     self._state = self.engine.insert(prefix, self._state, slot)
     request._cached = n  # pylint: disable=protected-access
+    first = int(np.asarray(prefix["tokens"])[0])
+    self.stats.prefill_seconds += time.perf_counter() - start
+    self.stats.prefill_calls += 1
     self.stats.prompt_tokens += n
-    self._accept(slot, request, int(np.asarray(prefix["tokens"])[0]))
+    self._accept(slot, request, first)
 
   def _generate(self):
-    for slot, request in enumerate(self._slots):
-      if request is not None:  # the step writes the fed-back token at position _cached
-        self.pages.ensure(slot, request._cached + 1)  # pylint: disable=protected-access
-    self._push_table()
+    start = time.perf_counter()
+    if self.pages is not None:
+      for slot, request in enumerate(self._slots):
+        if request is not None:  # the step writes the fed-back token at position _cached
+          self.pages.ensure(slot, request._cached + 1)  # pylint: disable=protected-access
+      self._push_table()
     highest = max(i for i, r in enumerate(self._slots) if r is not None)
     host = self._step_rows(next(b for b in self.row_buckets if b > highest))
+    self.stats.generate_seconds += time.perf_counter() - start
+    self.stats.generate_steps += 1
+    self.stats.step_tokens += self.running
     self.stats.recent_tokens.append((time.monotonic(), self.running))
     for slot, request in enumerate(self._slots):
       if request is not None:
@@ -265,12 +303,8 @@ class Scheduler:
         self._accept(slot, request, int(host[slot]))
 
   def _step_rows(self, rows: int) -> np.ndarray:
-    """One generate step of slots [0, rows), sampled with each occupant's settings; their new tokens."""
-    occupants = self._slots[:rows]
-    settings = batch_sampling.settings_arrays(
-        [r.sampling if r else None for r in occupants], [len(r.output_ids) if r else 0 for r in occupants]
-    )
-    self._state, tokens = self.engine.generate(self.params, self._state, rows=rows, row_settings=settings)
+    """One generate step of slots [0, rows), each sampled with its occupant's settings; their new tokens."""
+    self._state, tokens = self.engine.generate(self.params, self._state, rows=rows)
     return np.asarray(tokens)
 
   def _accept(self, slot: int, request: Request, token: int):
@@ -285,6 +319,11 @@ class Scheduler:
       reason = "stop"
     elif len(request.output_ids) >= request.max_tokens:
       reason = "length"
+    if self.decode is None:
+      request.emit(Event([token], "", reason))
+      if reason is not None:
+        self._release(slot, request, reason)
+      return
     text = self.decode(request.output_ids[:-1] if reason == "stop" else request.output_ids)
     for stop in request.stop:
       cut = text.find(stop)
@@ -309,7 +348,8 @@ class Scheduler:
 
   def _release(self, slot: int, request: Request, reason: str):
     self._slots[slot] = None
-    self.pages.release(slot)
+    if self.pages is not None:
+      self.pages.release(slot)
     request.finish_reason = reason
     self.stats.finished_requests += 1
     request.done.set()
@@ -322,6 +362,37 @@ class Scheduler:
     request.finish_reason = reason
     request.emit(Event([], "", reason))
     request.done.set()
+
+
+def decode_prompts(
+    scheduler: Scheduler,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: Optional[int] = None,
+    stop_ids: Sequence[int] = (),
+    sampling_params: Optional[Sequence[sampling_lib.SamplingParams]] = None,
+) -> list[list[int]]:
+  """Synchronous decoding of a list of prompts through the scheduler (the decode CLI and the Python API).
+
+  New token ids per prompt: up to `max_new_tokens` (default and at most: until the cache, max_target_length, is
+  full), ending at a stop id, which is then the last id of that prompt's list. `sampling_params`: one per prompt
+  (default: the engine's, decode_sampling_*).
+  """
+  dims = scheduler.engine.dims
+  sampling_params = sampling_params or [scheduler.engine.default_sampling] * len(prompts)
+  requests = []
+  for i, ids in enumerate(prompts):
+    if not ids:
+      raise ValueError(f"prompt {i} is empty")
+    engine_lib.bucket_length(len(ids), dims.max_prefill_length)  # raises for a prompt that is too long
+    budget = dims.max_cache_length - len(ids)
+    budget = budget if max_new_tokens is None else min(budget, max_new_tokens)
+    request = Request(list(ids), budget, sampling_params[i], stop_ids=tuple(stop_ids))
+    requests.append(request)
+    if budget > 0:
+      scheduler.submit(request)
+  scheduler.run_until_idle()
+  return [r.output_ids for r in requests]
 
 
 class CompileCounter:

@@ -7,10 +7,8 @@ Llama 4's per-layer kinds come from the layer index: every `nope_layer_interval`
 causally over everything, with optional query temperature tuning); the others rotate, may L2-normalize q/k
 (`use_qk_l2_norm`) and attend within their chunk (`chunk_attn_window_size`).
 model_mode "prefill" attends like training and fills the cache; "autoregressive" appends to it and attends over it
-(`init_cache` creates the cache first, see MaxText.inference.kvcache).
+(`init_cache` creates the cache first, see MaxText.layers.cache).
 """
-
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -18,27 +16,16 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from MaxText import sharding
-from MaxText.inference.kvcache import KVCache
-from MaxText.inference.paged_attention import PagedKVCache, PageSpec
-from MaxText.layers.attention_kernels import autoselected_attention, check_flash_backend, splash_attention
+from MaxText.layers.cache import PageSpec, new_cache
 from MaxText.layers.embeddings import RotaryEmbedding, apply_rope
 from MaxText.layers.linears import DenseGeneral
 from MaxText.layers.quantization import spec_from_config
 from MaxText.layers.normalizations import RMSNorm
-
-logger = logging.getLogger("MaxText")
+from MaxText.layers.ops.attention import autoselected_attention, dot_product_attention, log_once
+from MaxText.layers.ops.attention import splash_attention
 
 MODEL_MODES = ("train", "prefill", "autoregressive")
-# paged: dot_product, and a paged KV cache for decode; flash: the TPU splash kernel (attention_kernels)
-ATTENTION_KINDS = ("dot_product", "autoselected", "flash", "paged")
 _BATCH_LEN = ("activation_batch", "activation_length")
-_LOGGED: set[str] = set()
-
-
-def _log_once(message: str):
-  if message not in _LOGGED:
-    _LOGGED.add(message)
-    logger.info(message)
 
 
 def attention_mask(
@@ -94,92 +81,6 @@ def _select(flag: bool | jax.Array, if_true: jax.Array, if_false: jax.Array) -> 
   return jnp.where(flag, if_true, if_false)
 
 
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array | tuple[jax.Array, ...],
-    value: jax.Array | tuple[jax.Array, ...],
-    mask: jax.Array,
-    *,
-    scale: float,
-    attn_logits_soft_cap: float = 0.0,
-    float32_qk_product: bool = True,
-    float32_logits: bool = True,
-    kv_heads_first: bool = False,
-    causal_blocks: int = 1,
-    key_window: int = 0,
-) -> jax.Array:
-  """Reference attention in plain einsums. query [B,S,Hq,D], key/value [B,T,Hkv,D], mask [B,S,T] -> [B,S,Hq,D].
-
-  The value head dim may differ from the query/key one (the output has the value's).
-  Query heads are grouped onto their kv head by reshaping (no repeat of K/V in memory). `kv_heads_first`: key/value
-  are [B,Hkv,T,D] (the KV cache's layout), so both einsums are plain batched matmuls over (B, Hkv) and XLA never
-  transposes the cache (on CPU that made a decode step's attention ~10x faster). key/value may be tuples of parts
-  (a KV cache and the new tokens) attended as one sequence, concatenated along T, without building the
-  concatenation; the mask then covers the parts' tokens in order.
-
-  `causal_blocks` > 1 (queries and keys the same sequence, and a mask that is causal): the queries are split into
-  that many blocks and each attends only to the keys up to its own end, and with `key_window` > 0 (a static
-  sliding window) only to the last key_window of those; the masked upper triangle is never computed. The mask
-  still decides every kept entry, so the result is exactly that of one block.
-  """
-  if causal_blocks > 1 and query.shape[1] > 1:
-    if isinstance(key, (tuple, list)) or kv_heads_first or key.shape[1] != query.shape[1]:
-      raise ValueError("causal_blocks needs one key/value array over the queries' own sequence")
-    s = query.shape[1]
-    bounds = [round(i * s / causal_blocks) for i in range(causal_blocks + 1)]
-    # Heads-first once, so each block's key range is a plain slice rather than a transpose of its own.
-    key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
-    parts = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-      if hi == lo:
-        continue
-      k_lo = max(0, lo - key_window + 1) if key_window > 0 else 0
-      parts.append(
-          dot_product_attention(
-              query[:, lo:hi],
-              key[:, :, k_lo:hi],
-              value[:, :, k_lo:hi],
-              mask[:, lo:hi, k_lo:hi],
-              scale=scale,
-              attn_logits_soft_cap=attn_logits_soft_cap,
-              float32_qk_product=float32_qk_product,
-              float32_logits=float32_logits,
-              kv_heads_first=True,
-          )
-      )
-    return jnp.concatenate(parts, axis=1)
-  keys = tuple(key) if isinstance(key, (tuple, list)) else (key,)
-  values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-  b, s, num_q, d = query.shape
-  t_axis = 2 if kv_heads_first else 1
-  num_kv = keys[0].shape[3 - t_axis]
-  kv = "bktd" if kv_heads_first else "btkd"
-  if num_q % num_kv:
-    raise ValueError(f"{num_q} query heads are not a multiple of {num_kv} kv heads")
-  if float32_qk_product:
-    query, keys = query.astype(jnp.float32), tuple(k.astype(jnp.float32) for k in keys)
-  grouped = query.reshape(b, s, num_kv, num_q // num_kv, d)
-  logits = jnp.concatenate([jnp.einsum(f"bskgd,{kv}->bkgst", grouped, k) for k in keys], axis=-1)
-  if float32_logits:
-    logits = logits.astype(jnp.float32)
-  logits = logits * jnp.asarray(scale, logits.dtype)
-  if attn_logits_soft_cap > 0:
-    logits = attn_logits_soft_cap * jnp.tanh(logits / attn_logits_soft_cap)
-  big_negative = jnp.asarray(0.7 * jnp.finfo(logits.dtype).min, logits.dtype)
-  logits = jnp.where(mask[:, None, None, :, :], logits, big_negative)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out, start = None, 0
-  for v in values:
-    p = probs[..., start : start + v.shape[t_axis]].astype(v.dtype)
-    start += v.shape[t_axis]
-    if kv_heads_first:
-      part = jnp.einsum("bkgst,bktd->bkgsd", p, v).transpose(0, 3, 1, 2, 4)
-    else:
-      part = jnp.einsum("bkgst,btkd->bskgd", p, v)
-    out = part if out is None else out + part
-  return out.reshape(b, s, num_q, -1)  # values may be narrower than queries/keys (MLA)
-
-
 class Attention(nnx.Module):
   """Self-attention of one decoder layer: q/k/v/o projections, optional QK RMSNorm, RoPE, masked attention core.
 
@@ -193,11 +94,7 @@ class Attention(nnx.Module):
     emb, head_dim = config.emb_dim, config.head_dim
     self.num_query_heads, self.num_kv_heads, self.head_dim = config.num_query_heads, config.num_kv_heads, head_dim
     self.dtype = config.dtype
-    self.attention_kind = config.attention
-    if self.attention_kind not in ATTENTION_KINDS:
-      raise ValueError(f"attention={self.attention_kind!r} is not one of {ATTENTION_KINDS}")
-    if self.attention_kind == "flash":
-      check_flash_backend(jax.default_backend())
+    self.attention_kind = config.attention  # checked by pyconfig (MaxText/config/checks.py), flash off TPU included
     self.sliding_window_size = config.sliding_window_size if sliding_window_size is None else sliding_window_size
     self.sliding_window_pattern = config.sliding_window_pattern
     self.attn_logits_soft_cap = config.attn_logits_soft_cap
@@ -205,13 +102,7 @@ class Attention(nnx.Module):
     self.float32_logits = config.float32_logits
     self.scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
     self.chunk_attn_window_size = config.chunk_attn_window_size
-    # Query blocks slice the sequence axis; with it sharded (sequence/context parallelism) that would reshard.
-    seq_sharded = any(
-        getattr(config, f"{where}_{axis}_parallelism", 1) != 1  # -1 fills: may shard too
-        for where in ("ici", "dcn")
-        for axis in ("sequence", "context")
-    )
-    self.causal_blocks = 1 if seq_sharded else config.attention_causal_blocks
+    self.causal_blocks = config.attention_causal_blocks  # resolved by pyconfig: 1 under sequence parallelism
     self.nope_layer_interval = config.nope_layer_interval
     self.use_qk_l2_norm = config.use_qk_l2_norm
     self.qk_l2_norm_epsilon = config.normalization_layer_epsilon
@@ -220,6 +111,7 @@ class Attention(nnx.Module):
     self.attn_temperature_scale = config.attn_temperature_scale
     kw = dict(rngs=rngs, dtype=config.dtype, weight_dtype=config.weight_dtype, use_bias=config.use_bias)
     kw["quant"] = spec_from_config(config)  # None unless `quantization` is set
+    kw["matmul_backward"] = config.dense_matmul_backward
     self.query = DenseGeneral(emb, (self.num_query_heads, head_dim), kernel_axes=("embed", "q_heads", "kv"), **kw)
     self.key = DenseGeneral(emb, (self.num_kv_heads, head_dim), kernel_axes=("embed", "kv_heads", "kv"), **kw)
     self.value = DenseGeneral(emb, (self.num_kv_heads, head_dim), kernel_axes=("embed", "kv_heads", "kv"), **kw)
@@ -238,17 +130,14 @@ class Attention(nnx.Module):
     self.rope = RotaryEmbedding.from_config(config, head_dim)
     self.local_rope = RotaryEmbedding.local_from_config(config, head_dim)
     self.quantize_kvcache = config.quantize_kvcache
-    self.kv_cache = nnx.data(None)  # a KVCache once init_cache runs (prefill/autoregressive)
+    self.kv_cache = nnx.data(None)  # a layers.cache.Cache once init_cache runs (prefill/autoregressive)
 
   def init_cache(self, batch: int, length: int, stack: tuple[int, ...] = (), paged: PageSpec | None = None):
     """An empty KV cache of `batch` rows x `length` tokens (with leading `stack` dims inside a scanned stack).
 
-    `paged`: a paged cache (MaxText.inference.paged_attention) of `batch` slots instead; `length` is then unused.
+    `paged`: a paged cache (MaxText.layers.cache.paged) of `batch` slots instead; `length` is then unused.
     """
-    if paged is not None:
-      self.kv_cache = PagedKVCache(batch, paged, self.num_kv_heads, self.head_dim, dtype=self.dtype, stack=stack)
-      return
-    self.kv_cache = KVCache(
+    self.kv_cache = new_cache(
         batch,
         length,
         self.num_kv_heads,
@@ -256,6 +145,7 @@ class Attention(nnx.Module):
         dtype=self.dtype,
         quantize=self.quantize_kvcache,
         stack=stack,
+        paged=paged,
     )
 
   def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -348,9 +238,9 @@ class Attention(nnx.Module):
     if self.attention_kind in ("autoselected", "flash") and aligned:
       kind = self.attention_kind
       if self.attn_logits_soft_cap > 0:
-        _log_once(f"attention={kind}: attn_logits_soft_cap needs the dot_product path; using it")
+        log_once(f"attention={kind}: attn_logits_soft_cap needs the dot_product path; using it")
       elif self.chunk_attn_window_size > 0 and chunked is not False:
-        _log_once(f"attention={kind}: chunked attention (chunk_attn_window_size) needs the dot_product path")
+        log_once(f"attention={kind}: chunked attention (chunk_attn_window_size) needs the dot_product path")
       else:
         kernel = splash_attention if kind == "flash" else autoselected_attention
 
@@ -450,7 +340,7 @@ class Attention(nnx.Module):
     part, so the cache write can happen in place after the read; the sliding window counts from each row's own
     position, and chunks from the row's start (a cached row holds one sequence, so its indices are its positions).
     """
-    if isinstance(self.kv_cache, PagedKVCache) and self.kv_cache.kernel == "pallas":
+    if self.kv_cache.kernel == "pallas":
       return self.kv_cache.kernel_attention(query, key, value, scale=self.scale, soft_cap=self.attn_logits_soft_cap)
     view = self.kv_cache.attention_view(key, value)
     context = self.attend(

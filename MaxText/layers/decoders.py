@@ -1,12 +1,12 @@
 """The decoder-only Transformer: token embedding -> decoder layer stack -> final norm -> logits.
 
-The decoder layer comes from the family module `MaxText.models.<decoder_block>` (its `DecoderLayer`); this module
-owns what every family shares: stacking the layers (nnx.scan over stacked params, or an unrolled list), remat
-policies, dropout keys, and the logits head.
+Every family's decoder layer is the shared block (layers/blocks.py) wired by the family's spec (MaxText.models);
+this module owns what every family shares: stacking the layers (nnx.scan over stacked params, or an unrolled list),
+remat policies, dropout keys, the logits head, and the auxiliary values layers report (the model's auxiliary losses,
+step metrics and post-update hook, which the trainer applies without knowing what produced them).
 """
 
 import dataclasses
-import importlib
 import math
 from typing import Hashable, Sequence
 
@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from MaxText import sharding
-from MaxText.layers import losses
+from MaxText import models, sharding
+from MaxText.layers import blocks, losses, moe
 from MaxText.layers.embeddings import Embed
 from MaxText.layers.linears import DENSE_OUTPUT_NAME, DenseGeneral
 from MaxText.layers.normalizations import create_norm
+from MaxText.layers.ops.head_loss import fused_head_cross_entropy
 
 LAYERS_PATH = ("decoder", "layers")  # where the layer stack sits in the model's state
 
@@ -26,8 +27,9 @@ _SAVE_QKV = ("query_proj", "key_proj", "value_proj")
 # remat_policy -> what the backward pass may keep from the forward pass (None: no jax.checkpoint at all).
 REMAT_POLICIES = {
     "none": None,
-    # Weight matmuls are kept; attention scores (batched dots) and elementwise ops are recomputed. DenseGeneral's
-    # matmul is a custom_vjp (linears.dense_dot) that a dot-matching policy cannot see, so it carries a name.
+    # Weight matmuls are kept; attention scores (batched dots) and elementwise ops are recomputed. With
+    # dense_matmul_backward=explicit DenseGeneral's matmul is a custom VJP (ops/matmul.py) that a dot-matching policy
+    # cannot see, so it carries a name; with autodiff the same value is a plain dot (saved either way, once).
     "minimal": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
         jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT_NAME),
@@ -38,34 +40,12 @@ REMAT_POLICIES = {
 }
 
 
-def decoder_layer_class(decoder_block: str) -> type[nnx.Module]:
-  """The family's decoder layer: `MaxText.models.<decoder_block>.DecoderLayer`."""
-  module = importlib.import_module(f"MaxText.models.{decoder_block}")
-  try:
-    return module.DecoderLayer
-  except AttributeError:
-    raise ValueError(f"MaxText/models/{decoder_block}.py defines no DecoderLayer") from None
-
-
-def remat_policy(name: str):
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"remat_policy {name!r} is not one of {sorted(REMAT_POLICIES)}")
-  return REMAT_POLICIES[name]
-
-
 def scan_axes(param_scan_axis: int) -> nnx.StateAxes:
   """Stacked-layer axis per variable kind: params at `param_scan_axis`, anything else (e.g. caches) at 0."""
   return nnx.StateAxes({nnx.Param: param_scan_axis, ...: 0})
 
 
-def moe_layer_flags(config) -> list[bool]:
-  """Which decoder layers are MoE: i >= first_num_dense_layers and (i + 1) % interleave_moe_layer_step == 0."""
-  if config.num_experts <= 1:
-    return [False] * config.num_decoder_layers
-  return [
-      i >= config.first_num_dense_layers and (i + 1) % config.interleave_moe_layer_step == 0
-      for i in range(config.num_decoder_layers)
-  ]
+moe_layer_flags = moe.moe_layer_flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,26 +122,26 @@ class DecoderStack(nnx.Module):
 
   Scanned params carry an extra axis at `param_scan_axis` with logical name "layers"; `scanned_to_unscanned` and
   `unscanned_to_scanned` (MaxText.layers.scan_layout) convert a state between the two layouts.
+
+  Calling the stack returns (x, aux): aux mirrors `self.layers` (a dict by layer index when unrolled; the stacked
+  layers' aux with a leading layer axis when scanned, by group name when the layers differ), so each layer's values
+  sit at that layer's module path.
   """
 
   def __init__(self, config, *, rngs: nnx.Rngs):
-    layer_cls = decoder_layer_class(config.decoder_block)
+    spec = models.get(config.decoder_block).block
     self.num_layers = config.num_decoder_layers
     self.scan_layers = config.scan_layers
     self.param_scan_axis = config.param_scan_axis
     self.remat_policy = config.remat_policy
-    remat_policy(self.remat_policy)  # validate early
     moe_flags = moe_layer_flags(config)
     self.layout = stack_layout(moe_flags)
 
     def make_stacked(n, first, out_axes, metadata):
-      # Families learn whether a layer is MoE only in MoE models, so dense families keep their signature.
-      kwargs = {"use_moe": moe_flags[first]} if config.num_experts > 1 else {}
-
       @nnx.split_rngs(splits=n)
       @nnx.vmap(in_axes=(0,), out_axes=out_axes, transform_metadata=metadata)
       def make(rngs):
-        return layer_cls(config, rngs=rngs, **kwargs)
+        return blocks.DecoderBlock(config, spec, rngs=rngs, use_moe=moe_flags[first])
 
       return make(rngs)
 
@@ -180,6 +160,12 @@ class DecoderStack(nnx.Module):
           layers[i] = nnx.merge(graphdef, jax.tree.map(lambda x, j=j: x[j], stacked))
       self.layers = nnx.List(layers)
 
+  def _stacks(self) -> dict[str, nnx.Module]:
+    """The scanned stacks by group name ("" for a homogeneous stack)."""
+    if self.layout.homogeneous:
+      return {"": self.layers}
+    return {name: getattr(self.layers, name) for name, _, _ in self.layout.groups()}
+
   def __call__(
       self,
       x: jax.Array,
@@ -189,9 +175,9 @@ class DecoderStack(nnx.Module):
       deterministic: bool,
       model_mode: str,
       dropout_rng: jax.Array | None,
-  ) -> jax.Array:
+  ) -> tuple[jax.Array, dict]:
     layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers)
-    policy = remat_policy(self.remat_policy)
+    policy = REMAT_POLICIES[self.remat_policy]  # a declared choice (MaxText/config), checked with the config
 
     # Each layer is told its index (`layer_index`): families with a local/global attention pattern need it.
     def layer_fn(layer_index):
@@ -212,31 +198,50 @@ class DecoderStack(nnx.Module):
       return nnx.remat(apply, policy=policy, prevent_cse=not self.scan_layers)
 
     if not self.scan_layers:
+      aux = {}
       for i, layer in enumerate(self.layers):
         # A static index: each unrolled layer compiles just its own kind of attention.
-        x = layer_fn(i)(layer, x, None if layer_rngs is None else layer_rngs[i])
-      return x
+        x, aux[i] = layer_fn(i)(layer, x, None if layer_rngs is None else layer_rngs[i])
+      return x, aux
 
     @nnx.scan(
         in_axes=(scan_axes(self.param_scan_axis), nnx.Carry, 0, 0),
-        out_axes=nnx.Carry,
+        out_axes=(nnx.Carry, 0),
         transform_metadata={nnx.PARTITION_NAME: "layers"},
     )
     def step(layers, y, rngs, layer_indices):
       # One scan iteration runs a block of consecutive layers (one layer unless dense and MoE layers interleave).
+      aux = []
       for r, layer in enumerate(layers):
-        y = layer_fn(layer_indices[r])(layer, y, None if rngs is None else rngs[r])
-      return y
+        y, layer_aux = layer_fn(layer_indices[r])(layer, y, None if rngs is None else rngs[r])
+        aux.append(layer_aux)
+      return y, aux
 
     indices = jnp.arange(self.num_layers, dtype=jnp.int32)
     if self.layout.homogeneous:
-      return step([self.layers], x, _blocks(layer_rngs, 0, 1), indices[:, None])
+      x, aux = step([self.layers], x, _blocks(layer_rngs, 0, 1), indices[:, None])
+      return x, aux[0]
     p, period = self.layout.prefix, self.layout.period
+    aux = {}
     if p:
       prefix_rngs = None if layer_rngs is None else _blocks(layer_rngs[:p], 0, 1)
-      x = step([self.layers.prefix], x, prefix_rngs, indices[:p, None])
-    blocks = [getattr(self.layers, f"block_{r}") for r in range(period)]
-    return step(blocks, x, _blocks(layer_rngs, p, period), indices[p:].reshape(-1, period))
+      x, (aux["prefix"],) = step([self.layers.prefix], x, prefix_rngs, indices[:p, None])
+    stacks = [getattr(self.layers, f"block_{r}") for r in range(period)]
+    x, block_aux = step(stacks, x, _blocks(layer_rngs, p, period), indices[p:].reshape(-1, period))
+    aux.update({f"block_{r}": a for r, a in enumerate(block_aux)})
+    return x, aux
+
+  def post_update(self, stats: dict):
+    """Runs each layer's post-update rule (blocks.DecoderBlock.post_update) with its part of `stats` (aux-shaped)."""
+    if not self.scan_layers:
+      for i, layer in enumerate(self.layers):
+        layer.post_update(stats[i])
+      return
+    for name, stack in self._stacks().items():
+      own = stats[name] if name else stats
+      if not jax.tree.leaves(own):
+        continue
+      nnx.vmap(lambda layer, s: layer.post_update(s), in_axes=(scan_axes(self.param_scan_axis), 0))(stack, own)
 
   def init_cache(self, batch: int, length: int, **cache_options):
     """Gives every module of the layers that has `init_cache` (attention) an empty KV cache of [batch, length].
@@ -245,12 +250,7 @@ class DecoderStack(nnx.Module):
 
     In the scanned stack the cache gets the stacked layer count as a leading dim (scan_axes() stacks it on axis 0).
     """
-    if not self.scan_layers:
-      stacks = list(self.layers)
-    elif self.layout.homogeneous:
-      stacks = [self.layers]
-    else:
-      stacks = [getattr(self.layers, name) for name, _, _ in self.layout.groups()]
+    stacks = list(self.layers) if not self.scan_layers else list(self._stacks().values())
     for layer in stacks:
       stack = ()
       if self.scan_layers:
@@ -273,6 +273,8 @@ class Transformer(nnx.Module):
     self.logits_dot_in_fp32 = config.logits_dot_in_fp32
     self.cast_logits_to_fp32 = config.cast_logits_to_fp32
     self.final_logits_soft_cap = config.final_logits_soft_cap
+    self.head_loss = config.head_loss  # "fused" | "logits": how cross_entropy meets the head (ops/head_loss.py)
+    self.load_balance_loss_weight = config.load_balance_loss_weight
     kw = dict(dtype=config.dtype, weight_dtype=config.weight_dtype)
     self.token_embedder = Embed(config.vocab_size, config.emb_dim, rngs=rngs, **kw)
     self.decoder = DecoderStack(config, rngs=rngs)
@@ -280,7 +282,14 @@ class Transformer(nnx.Module):
     if self.logits_via_embedding:
       self.logits_dense = None
     else:
-      self.logits_dense = DenseGeneral(config.emb_dim, config.vocab_size, kernel_axes=("embed", "vocab"), rngs=rngs, **kw)
+      self.logits_dense = DenseGeneral(
+          config.emb_dim,
+          config.vocab_size,
+          kernel_axes=("embed", "vocab"),
+          rngs=rngs,
+          matmul_backward=config.dense_matmul_backward,
+          **kw,
+      )
     # Gemma scales token embeddings (in the activation dtype, as its reference does); GPT-3 adds learned positions.
     self.embedding_scale = math.sqrt(config.emb_dim) if config.scale_embedding_by_sqrt_dim else None
     if config.trainable_position_size > 0:
@@ -305,41 +314,61 @@ class Transformer(nnx.Module):
       rngs: nnx.Rngs | None = None,
       logits_at: jax.Array | None = None,
       return_hidden: bool = False,
-  ) -> jax.Array:
+      return_aux: bool = False,
+  ) -> jax.Array | tuple[jax.Array, dict]:
     """`logits_at` [batch] (decode): logits only at that token of each row, [batch, 1, vocab].
 
     `return_hidden`: the final-normed hidden states [batch, seq, embed] instead of logits (for `cross_entropy`).
+    `return_aux`: (output, aux) with what the layers reported (see `aux_terms`, `post_update`).
     """
     dropout_rng = None
     if self.uses_dropout and not deterministic:
       dropout_rng = (rngs if rngs is not None else self.dropout_rngs).dropout()
-    x = sharding.with_logical_constraint(
-        self.embed(tokens, positions), ("activation_batch", "activation_length", "activation_embed")
-    )
-    x = self.decoder(
+    x = sharding.with_logical_constraint(self.embed(tokens, positions), sharding.EMBED_ACTIVATION)
+    x, aux = self.decoder(
         x, positions, segment_ids, deterministic=deterministic, model_mode=model_mode, dropout_rng=dropout_rng
     )
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = self.decoder_norm(x)
-    return x if return_hidden else self.logits(x)
+    out = x if return_hidden else self.logits(x)
+    return (out, aux) if return_aux else out
+
+  # ---------------------------------------------------------------- auxiliary values (what the trainer sums)
+
+  def aux_terms(self, aux: dict) -> dict:
+    """One forward pass's auxiliary terms from its `aux`:
+    {"loss": scalar added to the training objective (a per-token mean, like the cross-entropy),
+     "metrics": {name: scalar}, logged as learning/<name> (token-weighted means over micro-batches),
+     "stats": a pytree the trainer sums over the step's micro-batches for `stats_metrics` and `post_update`}.
+    """
+    return moe.aux_terms(aux, self.load_balance_loss_weight)
+
+  @staticmethod
+  def stats_metrics(stats) -> dict:
+    """Metrics of the step's summed stats (e.g. the worst MoE layer's max/mean expert load)."""
+    return moe.stats_metrics(stats)
+
+  def post_update(self, stats):
+    """After the optimizer step (params already updated): the layers' own update rules, with the summed stats."""
+    self.decoder.post_update(stats)
 
   def cross_entropy(self, hidden: jax.Array, targets: jax.Array, z_loss_multiplier: float):
     """Per-token (loss, z_loss) of final-normed hidden states against targets [batch, seq].
 
-    A plain matmul head (no logit soft cap) takes the fused head + loss (losses.head_cross_entropy), which never
-    hands the [batch, seq, vocab] logits to autodiff; a soft-capped head computes the logits first.
+    With head_loss=fused a plain matmul head (no logit soft cap, quantization or bias) takes the fused head + loss
+    (ops/head_loss.py), which never hands the [batch, seq, vocab] logits to autodiff; otherwise the logits first.
     """
-    if self.final_logits_soft_cap > 0:
+    kernel = vocab_major = None
+    if self.head_loss == "fused" and self.final_logits_soft_cap <= 0:
+      if self.logits_dense is None:
+        kernel, vocab_major = self.token_embedder.embedding[...], True
+      elif self.logits_dense.quant is None and self.logits_dense.bias is None:
+        kernel, vocab_major = self.logits_dense.kernel[...], False
+    if kernel is None:
       return losses.cross_entropy(self.logits(hidden), targets, z_loss_multiplier)
     compute_dtype = jnp.float32 if self.logits_dot_in_fp32 else self.dtype
-    if self.logits_dense is None:
-      kernel, vocab_major = self.token_embedder.embedding[...], True
-    elif self.logits_dense.quant is None and self.logits_dense.bias is None:
-      kernel, vocab_major = self.logits_dense.kernel[...], False
-    else:
-      return losses.cross_entropy(self.logits(hidden), targets, z_loss_multiplier)
-    return losses.head_cross_entropy(hidden, kernel, targets, z_loss_multiplier, vocab_major, compute_dtype)
+    return fused_head_cross_entropy(hidden, kernel, targets, z_loss_multiplier, vocab_major, compute_dtype)
 
   def init_cache(self, batch: int, length: int, **cache_options):
     """Empty KV caches for model_mode "prefill"/"autoregressive": `batch` rows of up to `length` tokens."""

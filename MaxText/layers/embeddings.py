@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-ROPE_TYPES = ("default", "llama3.1", "linear", "yarn", "none")
+from MaxText.config import choices
+
+ROPE_TYPES = choices("rope_type")
 
 
 class Embed(nnx.Module):

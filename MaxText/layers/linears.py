@@ -1,6 +1,5 @@
 """Dense projections with logical axis names, and the (gated) MLP block."""
 
-import functools
 from typing import Callable, Sequence
 
 import jax
@@ -10,6 +9,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from MaxText import sharding
 from MaxText.layers import quantization
+from MaxText.layers import ops
+from MaxText.layers.ops import matmul
 from MaxText.layers.quantization import QuantSpec
 
 Shape = int | Sequence[int]
@@ -34,40 +35,13 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}") from None
 
 
-DENSE_OUTPUT_NAME = "dense_output"  # checkpoint_name of every DenseGeneral matmul result (remat "minimal" keeps it)
+# checkpoint_name of every DenseGeneral matmul result: remat "minimal" keeps it, so the explicit-backward matmul (a
+# custom VJP that dot-matching policies cannot see) saves what a plain dot would.
+DENSE_OUTPUT_NAME = "dense_output"
 
 
 def _as_tuple(x: Shape) -> tuple[int, ...]:
   return (x,) if isinstance(x, int) else tuple(x)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dense_dot(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-  """x [..., *in] . kernel [*in, *out] -> [..., *out], with a backward pass written out as two plain contractions.
-
-  Autodiff's transpose of the forward dot_general makes XLA:CPU compute the kernel gradient as a transposed dot
-  with freshly transposed [tokens, features] operands, outside its fast matmul library; spelled out here, all
-  three matmuls of a layer run there (a llama-small SwiGLU MLP's forward + backward went from 145 to 196 GFLOP/s).
-  The math is the same contraction, so values and gradients agree with the plain dot to rounding.
-  """
-  contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-  return jax.lax.dot_general(x, kernel, (contract, ((), ())))
-
-
-def _dense_dot_fwd(x, kernel, n_in):
-  return dense_dot(x, kernel, n_in), (x, kernel)
-
-
-def _dense_dot_bwd(n_in, residuals, g):
-  x, kernel = residuals
-  n_lead = x.ndim - n_in
-  # dx: g's out axes against the kernel's out axes; dkernel: x and g contracted over their leading (token) axes.
-  dx = jax.lax.dot_general(g, kernel, ((tuple(range(n_lead, g.ndim)), tuple(range(n_in, kernel.ndim))), ((), ())))
-  dk = jax.lax.dot_general(x, g, ((tuple(range(n_lead)), tuple(range(n_lead))), ((), ())))
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
 
 
 class DenseGeneral(nnx.Module):
@@ -76,7 +50,8 @@ class DenseGeneral(nnx.Module):
   The kernel keeps its multi-dimensional shape (e.g. [embed, heads, head_dim]) so each dimension gets its own logical
   axis name and shards independently; it is stored in `weight_dtype` and cast to `dtype` for the matmul.
   With `quant` the matmul is quantized (layers/quantization.py); with `quant.stored` the kernel is held as int8 plus
-  a per-output-channel `kernel_scale` (decode from a quantized checkpoint).
+  a per-output-channel `kernel_scale` (decode from a quantized checkpoint). `matmul_backward` is the resolved
+  `dense_matmul_backward` (ops/matmul.py: "autodiff" | "explicit"; "auto" picks by the running backend).
   """
 
   def __init__(
@@ -91,6 +66,7 @@ class DenseGeneral(nnx.Module):
       use_bias: bool = False,
       bias_axes: tuple[str | None, ...] | None = None,
       quant: QuantSpec | None = None,
+      matmul_backward: str = "auto",
   ):
     self.in_features = _as_tuple(in_features)
     self.out_features = _as_tuple(out_features)
@@ -105,6 +81,9 @@ class DenseGeneral(nnx.Module):
     # Params carry logical names only (eager_sharding=False, here and in every layer): placement comes from jit
     # out_shardings via sharding.state_shardings, so a module builds the same with or without a mesh.
     self.quant = quant
+    if matmul_backward == "auto":
+      matmul_backward = ops.auto_dense_matmul_backward(jax.default_backend())
+    self.matmul_backward = matmul_backward
     if quant is not None and quant.stored:
       self.kernel = nnx.Param(jnp.zeros(shape, jnp.int8), out_sharding=kernel_axes, eager_sharding=False)
       scale_shape = (1,) * n_in + self.out_features
@@ -127,7 +106,8 @@ class DenseGeneral(nnx.Module):
     elif self.quant is not None:
       y = quantization.quantized_dot(x.astype(dtype), self.kernel[...].astype(dtype), n_in, self.quant)
     else:
-      y = checkpoint_name(dense_dot(x.astype(dtype), self.kernel[...].astype(dtype), n_in), DENSE_OUTPUT_NAME)
+      y = matmul.dense_matmul(x.astype(dtype), self.kernel[...].astype(dtype), n_in, self.matmul_backward)
+      y = checkpoint_name(y, DENSE_OUTPUT_NAME)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
@@ -138,7 +118,7 @@ class MlpBlock(nnx.Module):
 
   `activations=("silu", "linear")` is SwiGLU (Llama), `("gelu_tanh", "linear")` GeGLU (Gemma); a single activation
   is a plain MLP (GPT-3, with `use_bias`). Projections are named `wi_0, wi_1, ...` (or `wi` when there is one) and
-  `wo`, the names checkpoint converters and remat policies use.
+  `wo`, the names checkpoint converters and remat policies use. `matmul_backward` goes to every projection.
   """
 
   def __init__(
@@ -152,9 +132,11 @@ class MlpBlock(nnx.Module):
       weight_dtype: jnp.dtype = jnp.float32,
       use_bias: bool = False,
       quant: QuantSpec | None = None,
+      matmul_backward: str = "auto",
   ):
     self.activation_names = tuple(activations)
     kw = dict(rngs=rngs, dtype=dtype, weight_dtype=weight_dtype, use_bias=use_bias, quant=quant)
+    kw["matmul_backward"] = matmul_backward
     if len(self.activation_names) == 1:
       self.wi = DenseGeneral(emb_dim, mlp_dim, kernel_axes=("embed", "mlp"), **kw)
     else:

@@ -20,12 +20,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from MaxText import sharding
-from MaxText.inference.kvcache import KVCache
-from MaxText.layers.attentions import ATTENTION_KINDS, MODEL_MODES, attention_mask, autoselected_attention
-from MaxText.layers.attentions import dot_product_attention
+from MaxText.layers.cache import PageSpec, new_cache
+from MaxText.layers.attentions import MODEL_MODES, attention_mask
 from MaxText.layers.embeddings import RotaryEmbedding
 from MaxText.layers.linears import DenseGeneral
 from MaxText.layers.normalizations import RMSNorm
+from MaxText.layers.ops.attention import autoselected_attention, dot_product_attention
 
 _BATCH_LEN = ("activation_batch", "activation_length")
 _HEAD_NAMES = _BATCH_LEN + ("activation_heads", "activation_kv")
@@ -35,10 +35,6 @@ class MLA(nnx.Module):
   """Multi-head Latent Attention of one decoder layer (called like attentions.Attention)."""
 
   def __init__(self, config, *, rngs: nnx.Rngs):
-    if config.qk_rope_head_dim % 2:
-      raise ValueError(f"qk_rope_head_dim: {config.qk_rope_head_dim} must be even for rotary embeddings")
-    if config.attention not in ATTENTION_KINDS:
-      raise ValueError(f"attention={config.attention!r} is not one of {ATTENTION_KINDS}")
     emb, heads = config.emb_dim, config.num_query_heads
     self.num_heads = heads
     self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
@@ -52,6 +48,7 @@ class MLA(nnx.Module):
     # YaRN's mscale correction (DeepSeek) rides on the usual 1/sqrt(query-key dim).
     self.scale = (self.nope_dim + self.rope_dim) ** -0.5 * self.rope.softmax_scale_multiplier()
     kw = dict(rngs=rngs, dtype=config.dtype, weight_dtype=config.weight_dtype)
+    kw["matmul_backward"] = config.dense_matmul_backward
     norm_kw = dict(epsilon=config.normalization_layer_epsilon, dtype=config.dtype, weight_dtype=config.weight_dtype)
     qk_dim = self.nope_dim + self.rope_dim
     if self.q_lora_rank > 0:
@@ -68,13 +65,11 @@ class MLA(nnx.Module):
         self.kv_lora_rank, (heads, self.nope_dim + self.v_dim), kernel_axes=(None, "kv_heads", "kv"), **kw
     )
     self.out = DenseGeneral((heads, self.v_dim), emb, kernel_axes=("heads", "kv", "embed"), **kw)
-    self.kv_cache = nnx.data(None)  # a keys-only KVCache of [latent, rope key] once init_cache runs
+    self.kv_cache = nnx.data(None)  # a keys-only layers.cache.Cache of [latent, rope key] once init_cache runs
 
-  def init_cache(self, batch: int, length: int, stack: tuple[int, ...] = (), paged=None):
-    """An empty latent cache: per token one shared row of kv_lora_rank + qk_rope_head_dim numbers."""
-    if paged is not None:
-      raise ValueError("the paged KV cache does not hold MLA's latent cache yet; decode DeepSeek without paging")
-    self.kv_cache = KVCache(
+  def init_cache(self, batch: int, length: int, stack: tuple[int, ...] = (), paged: PageSpec | None = None):
+    """An empty latent cache (paged or not): per token one shared row of kv_lora_rank + qk_rope_head_dim numbers."""
+    self.kv_cache = new_cache(
         batch,
         length,
         1,
@@ -83,6 +78,7 @@ class MLA(nnx.Module):
         quantize=self.quantize_kvcache,
         stack=stack,
         store_values=False,
+        paged=paged,
     )
 
   def project_query(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:

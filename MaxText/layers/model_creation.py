@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 
 from MaxText import sharding
+from MaxText.layers import params as param_kinds
 from MaxText.layers.decoders import Transformer
 
 
@@ -74,3 +75,9 @@ def param_count(model_or_state) -> int:
   else:
     params = nnx.state(model_or_state, nnx.Param)
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def weight_decay_mask(abstract_params: nnx.State) -> dict:
+  """Params-shaped pure dict of bools: True where the optimizer's weight decay applies (not on RuleUpdated params)."""
+  mask = jax.tree.map(param_kinds.trained_by_optimizer, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.State(mask).to_pure_dict() if isinstance(mask, nnx.State) else mask

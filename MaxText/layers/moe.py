@@ -8,11 +8,11 @@ Two ways to run the routed experts, equal up to float rounding when no token is 
                                    dimension of the dispatched activations is sharded over the `expert` mesh axis.
 Shared experts (DeepSeek, Llama 4) are one dense gated MLP that every token also passes through.
 
-The load-balancing loss (Switch Transformer / GShard: num_experts * sum_i f_i * P_i) of each call is kept in the
-block's `lb_loss` variable (not a parameter); `lb_loss(model)` averages it over the MoE layers, for train.py.
-Each call also keeps its per-expert token counts (`expert_load`); train.py sums them over the global batch and
-applies DeepSeek V3's aux-loss-free rule to the selection bias (`update_routing_bias`). Padding tokens
-(segment_ids == 0) count in neither.
+Each call returns, beside its output, what it measured as values (`aux`): the load-balancing loss (Switch
+Transformer / GShard: num_experts * sum_i f_i * P_i) and the per-expert token counts (`expert_load`). The model
+averages the loss over its MoE layers (`aux_loss`); the trainer sums the loads over the global batch and hands them
+to `MoeBlock.post_update`, DeepSeek V3's aux-loss-free rule for the selection bias. Padding tokens (segment_ids == 0)
+count in neither.
 """
 
 import math
@@ -23,17 +23,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from MaxText import sharding
+from MaxText.layers import params
 from MaxText.layers.linears import MlpBlock, activation
-
-_EMBED_NAMES = ("activation_batch", "activation_length", "activation_embed")
-
-
-class MoeLbLoss(nnx.Variable):
-  """A MoE layer's load-balancing loss from its latest call (a scalar; stacked over layers when scanned)."""
-
-
-class MoeExpertLoad(nnx.Variable):
-  """A MoE layer's (token, slot) picks per expert [num_experts] from its latest call, padding excluded."""
 
 
 class Router(nnx.Module):
@@ -47,7 +38,7 @@ class Router(nnx.Module):
     )
     if config.routed_bias:
       zeros = jnp.zeros((config.num_experts,), config.weight_dtype)
-      self.bias = nnx.Param(zeros, out_sharding=(None,), eager_sharding=False)
+      self.bias = params.RuleUpdated(zeros, out_sharding=(None,), eager_sharding=False)
     else:
       self.bias = None
 
@@ -139,9 +130,7 @@ class MoeBlock(nnx.Module):
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.config = config
     num_experts, emb, mlp = config.num_experts, config.emb_dim, config.moe_mlp_dim
-    acts = tuple(config.mlp_activations)
-    if len(acts) != 2 or acts[1] != "linear":
-      raise ValueError(f"mlp_activations {list(acts)}: MoE experts are gated MLPs, [activation, 'linear']")
+    acts = tuple(config.mlp_activations)  # a gated [activation, "linear"] pair (checked with the config)
     self.activation = activation(acts[0])
     self.dtype = config.dtype
     self.gate = Router(config, rngs=rngs)
@@ -161,11 +150,11 @@ class MoeBlock(nnx.Module):
           rngs=rngs,
           dtype=config.dtype,
           weight_dtype=config.weight_dtype,
+          matmul_backward=config.dense_matmul_backward,
       )
     else:
       self.shared_experts = None
-    self.lb_loss = MoeLbLoss(jnp.zeros((), jnp.float32))
-    self.expert_load = MoeExpertLoad(jnp.zeros((num_experts,), jnp.float32))
+    self.bias_update_rate = config.routed_bias_update_rate
 
   def route(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(weights [T, k], experts [T, k], scores [T, E]) for tokens [T, embed]."""
@@ -183,24 +172,41 @@ class MoeBlock(nnx.Module):
         routed_scaling_factor=c.routed_scaling_factor,
     )
 
-  def __call__(self, x: jax.Array, *, deterministic: bool = True, segment_ids: jax.Array | None = None) -> jax.Array:
-    """`segment_ids` [B, S] (0 = padding; None = no padding): padding is still computed but not counted."""
-    del deterministic  # no dropout or routing noise inside the block
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """(output, aux) for x [B, S, embed]; aux = {"lb_loss": scalar, "expert_load": [num_experts]}.
+
+    `segment_ids` [B, S] (0 = padding; None = no padding): padding is still computed but not counted.
+    """
     c = self.config
     x = jnp.asarray(x)
     batch, seq, emb = x.shape
     tokens = x.reshape(batch * seq, emb)
     weights, experts, scores = self.route(tokens)
     mask = None if segment_ids is None else (jnp.asarray(segment_ids) != 0).reshape(batch * seq)
-    self.lb_loss.set_value(load_balance_loss(scores, experts, c.num_experts, c.routed_score_func, mask))
-    self.expert_load.set_value(expert_counts(experts, c.num_experts, mask))
+    aux = {
+        "lb_loss": load_balance_loss(scores, experts, c.num_experts, c.routed_score_func, mask),
+        "expert_load": expert_counts(experts, c.num_experts, mask),
+    }
     if c.capacity_factor > 0:
       out = self._capacity(x, weights.reshape(batch, seq, -1), experts.reshape(batch, seq, -1))
     else:
       out = self._dropless(tokens, weights, experts).reshape(batch, seq, emb)
     if self.shared_experts is not None:
       out = out + self.shared_experts(x)
-    return sharding.with_logical_constraint(out.astype(x.dtype), _EMBED_NAMES)
+    return sharding.with_logical_constraint(out.astype(x.dtype), sharding.EMBED_ACTIVATION), aux
+
+  def post_update(self, stats: dict):
+    """After an optimizer step: bias += rate * sign(mean load - load) with the step's summed `expert_load`.
+
+    DeepSeek V3's aux-loss-free balancing. The bias gets no gradient (stop_gradient in `route`) and no weight decay
+    (params.RuleUpdated), so this rule alone moves it; rate 0 leaves it exactly as it is.
+    """
+    if self.gate.bias is None or self.bias_update_rate == 0:
+      return
+    load = stats["expert_load"]
+    delta = self.bias_update_rate * jnp.sign(load.mean(-1, keepdims=True) - load)
+    bias = self.gate.bias
+    bias[...] = (bias[...].astype(jnp.float32) + delta).astype(bias.dtype)
 
   def _kernels(self):
     return tuple(w[...].astype(self.dtype) for w in (self.wi_0, self.wi_1, self.wo))
@@ -254,55 +260,39 @@ class MoeBlock(nnx.Module):
     return jnp.einsum("becd,bsec->bsd", ye.astype(jnp.float32), combine)
 
 
-def is_routing_bias(path) -> bool:
-  """Whether a params key path (jax key path or names) is a MoE router's selection bias (`.../gate/bias`)."""
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-  return names[-2:] == ["gate", "bias"]
+def _leaves_named(tree, name: str) -> list[jax.Array]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [leaf for path, leaf in flat if path and getattr(path[-1], "key", None) == name]
 
 
-def expert_loads(model: nnx.Module) -> dict:
-  """The MoE layers' `expert_load` counts as a pure dict laid out like the params ({} without MoE layers)."""
-  return nnx.state(model, MoeExpertLoad).to_pure_dict()
+def aux_terms(aux, load_balance_loss_weight: float) -> dict:
+  """The model's MoE terms from its layers' aux (see decoders.Transformer.aux_terms); empty without MoE layers.
 
-
-def max_load_ratio(loads: dict) -> jax.Array:
-  """max load / mean load of the worst MoE layer (1.0 = perfectly balanced; 1.0 without MoE layers)."""
-  # Stacked (scanned) leaves are [layers, experts].
-  ratios = [(v.max(-1) / jnp.maximum(v.mean(-1), 1e-9)).reshape(-1) for v in jax.tree.leaves(loads)]
-  if not ratios:
-    return jnp.ones((), jnp.float32)
-  return jnp.concatenate(ratios).max()
-
-
-def update_routing_bias(old_params: dict, new_params: dict, loads: dict, rate: float, scan_axis: int) -> dict:
-  """`new_params` with each router bias set to its `old_params` value + rate * sign(mean load - load) (DeepSeek V3).
-
-  `loads` is `expert_loads(...)` summed over the step's global batch. Whatever the optimizer did to a bias is
-  discarded, so the rule alone moves it (rate 0 keeps it exactly). Scanned loads are stacked on axis 0, scanned
-  params on `scan_axis`.
+  The load-balancing loss is the mean over MoE layers (scanned layers report stacked values); the expert loads are
+  the stats (summed over micro-batches by the trainer).
   """
-  params = jax.tree.map(lambda x: x, new_params)  # a fresh dict tree to write into
-
-  def visit(load_tree, old, new, path):
-    for key, value in load_tree.items():
-      if isinstance(value, dict):
-        visit(value, old[key], new[key], path + (key,))
-      elif key == "expert_load" and isinstance(new.get("gate"), dict) and "bias" in new["gate"]:
-        delta = rate * jnp.sign(value.mean(-1, keepdims=True) - value)
-        if delta.ndim == 2:
-          delta = jnp.moveaxis(delta, 0, scan_axis)
-        bias = old["gate"]["bias"]
-        if delta.shape != bias.shape:
-          raise ValueError(f"{'/'.join(map(str, path))}: loads {value.shape} do not match the bias {bias.shape}")
-        new["gate"] = dict(new["gate"], bias=(bias.astype(jnp.float32) + delta).astype(bias.dtype))
-
-  visit(loads, old_params, params, ())
-  return params
+  lb = _leaves_named(aux, "lb_loss")
+  stats = jax.tree_util.tree_map_with_path(lambda p, x: x if getattr(p[-1], "key", None) == "expert_load" else None, aux)
+  if not lb:
+    return {"loss": jnp.zeros((), jnp.float32), "metrics": {}, "stats": stats}
+  mean = jnp.concatenate([v.reshape(-1) for v in lb]).mean()
+  return {"loss": load_balance_loss_weight * mean, "metrics": {"moe_lb_loss": mean}, "stats": stats}
 
 
-def lb_loss(model: nnx.Module) -> jax.Array:
-  """Mean load-balancing loss over the model's MoE layers from its latest call (0.0 without MoE layers)."""
-  values = [v.reshape(-1) for v in jax.tree.leaves(nnx.state(model, MoeLbLoss))]
-  if not values:
-    return jnp.zeros((), jnp.float32)
-  return jnp.concatenate(values).mean()
+def stats_metrics(stats) -> dict:
+  """{"moe_max_load_ratio": max load / mean load of the worst MoE layer} (1.0 = balanced); {} without MoE layers."""
+  loads = _leaves_named(stats, "expert_load")
+  if not loads:
+    return {}
+  ratios = [(v.max(-1) / jnp.maximum(v.mean(-1), 1e-9)).reshape(-1) for v in loads]
+  return {"moe_max_load_ratio": jnp.concatenate(ratios).max()}
+
+
+def moe_layer_flags(config) -> list[bool]:
+  """Which decoder layers are MoE: i >= first_num_dense_layers and (i + 1) % interleave_moe_layer_step == 0."""
+  if config.num_experts <= 1:
+    return [False] * config.num_decoder_layers
+  return [
+      i >= config.first_num_dense_layers and (i + 1) % config.interleave_moe_layer_step == 0
+      for i in range(config.num_decoder_layers)
+  ]

@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import qwix
 
+from MaxText.config import choices
+from MaxText.config.numerics import STORED_QUANTIZATION
 from MaxText.config_schema import ConfigError
 
-MODES = ("int8", "int8w", "fp8")
-STORED_MODES = ("int8", "int8w")  # modes whose kernels can be stored quantized (int8 + scale)
+MODES = tuple(mode for mode in choices("quantization") if mode)  # "" = off
+STORED_MODES = STORED_QUANTIZATION  # modes whose kernels can be stored quantized (int8 + scale)
 SCALE_NAME = "kernel_scale"
 
 

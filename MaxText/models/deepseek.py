@@ -1,95 +1,34 @@
 """DeepSeek V2 and V3: Multi-head Latent Attention and a routed MoE with shared experts after a dense prefix.
 
-The layer is pre-RMSNorm attention and MLP on residual branches (as Llama), with MLA (MaxText/layers/mla.py) for
-attention and, from layer `first_num_dense_layers` on, the MoeBlock (MaxText/layers/moe.py) in place of the MLP.
+The layer is the shared pre-norm block (as Llama) with MLA (MaxText/layers/mla.py, `attention_type: mla`) for
+attention and, from layer `first_num_dense_layers` on, the MoeBlock (MaxText/layers/moe.py) in the MLP's slot.
 V2 and V3 differ only in config keys: V2 routes on softmax scores (group-limited by the best expert of each group
 in the 236B model), V3 on sigmoid scores plus a selection-only bias (`routed_bias`, its e_score_correction_bias)
 with groups ranked by their top-2 scores, renormalised top-k weights and a routed scaling factor.
 Multi-token prediction (V3's extra MTP module) is not implemented; converting a checkpoint skips its MTP layer.
 
-The Hugging Face mapping (DeepseekV2ForCausalLM, DeepseekV3ForCausalLM) is at the end.
+The module is the Hugging Face mapping (DeepseekV2ForCausalLM, DeepseekV3ForCausalLM) and the spec.
 """
 
 import dataclasses
 import re
 
-import jax
 import numpy as np
-from flax import nnx
 
-from MaxText import sharding
-from MaxText.layers.linears import MlpBlock
-from MaxText.layers.mla import MLA
-from MaxText.layers.moe import MoeBlock
-from MaxText.layers.normalizations import create_norm
+from MaxText.config_schema import ConfigError
+from MaxText.models import llama
+from MaxText.models.spec import FamilySpec, HFMapping
 from MaxText.utils.ckpt_conversion import moe_mapping, weight_mapping
 
-_EMBED_NAMES = ("activation_batch", "activation_length", "activation_embed")
 
+def check_config(values: dict):
+  """The block's attention is MLA only when `attention_type: mla`; DeepSeek has no other."""
+  if values["attention_type"] != "mla":
+    raise ConfigError(f"attention_type: decoder_block deepseek needs mla (got {values['attention_type']!r})")
 
-class DeepSeekDecoderLayer(nnx.Module):
-  """x + mla(norm(x)), then x + (moe or mlp)(norm(x)); dropout (when training) on each branch."""
-
-  def __init__(self, config, *, rngs: nnx.Rngs, use_moe: bool = False):
-    if config.attention_type != "mla":
-      raise ValueError(f"decoder_block deepseek needs attention_type: mla (got {config.attention_type!r})")
-    self.pre_self_attention_layer_norm = create_norm(config, config.emb_dim)
-    self.self_attention = MLA(config, rngs=rngs)
-    self.post_self_attention_layer_norm = create_norm(config, config.emb_dim)
-    # `mlp` is the MoeBlock in MoE layers (the slot every MoE family uses), else the dense MLP of width mlp_dim.
-    if use_moe:
-      self.mlp = MoeBlock(config, rngs=rngs)
-    else:
-      self.mlp = MlpBlock(
-          config.emb_dim,
-          config.mlp_dim,
-          config.mlp_activations,
-          rngs=rngs,
-          dtype=config.dtype,
-          weight_dtype=config.weight_dtype,
-      )
-    self.dropout = nnx.Dropout(config.dropout_rate if config.enable_dropout else 0.0)
-
-  def __call__(
-      self,
-      x: jax.Array,
-      positions: jax.Array,
-      segment_ids: jax.Array | None = None,
-      *,
-      deterministic: bool = True,
-      model_mode: str = "train",
-      dropout_rng: jax.Array | None = None,
-      layer_index: int | jax.Array = 0,
-  ) -> jax.Array:
-    attn_rng = mlp_rng = None
-    if dropout_rng is not None:
-      attn_rng, mlp_rng = jax.random.split(dropout_rng)
-    h = self.self_attention(
-        self.pre_self_attention_layer_norm(x),
-        positions,
-        segment_ids,
-        model_mode=model_mode,
-        deterministic=deterministic,
-        layer_index=layer_index,
-    )
-    x = sharding.with_logical_constraint(x + self.dropout(h, deterministic=deterministic, rngs=attn_rng), _EMBED_NAMES)
-    h = self.post_self_attention_layer_norm(x)
-    if isinstance(self.mlp, MoeBlock):
-      h = self.mlp(h, deterministic=deterministic, segment_ids=segment_ids)  # padding not counted in the loads
-    else:
-      h = self.mlp(h)
-    x = x + self.dropout(h, deterministic=deterministic, rngs=mlp_rng)
-    return sharding.with_logical_constraint(x, _EMBED_NAMES)
-
-
-# The name the shared decoder stack looks up in every family module.
-DecoderLayer = DeepSeekDecoderLayer
 
 # ---------------------------------------------------------------- Hugging Face (DeepseekV2/V3ForCausalLM)
 
-# V3 is written for configs with routed_bias (sigmoid routing), V2 for the others (see hf_architecture).
-HF_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
-HF_MODEL_TYPE = "deepseek_v3"
 _MODEL_TYPES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
 # transformers' config defaults for keys a config.json may leave out (both versions, where they differ: V3's).
 HF_DEFAULTS = {
@@ -183,25 +122,13 @@ def config_from_hf(hf: weight_mapping.HFConfig) -> dict:
 
 
 def hf_config(config) -> dict:
-  acts = list(config.mlp_activations)
-  if len(acts) != 2 or acts[1] != "linear":
-    raise weight_mapping.UnsupportedCheckpointError(f"mlp_activations {acts}: DeepSeek's MLP needs [activation, linear]")
   v3 = config.routed_bias
-  rope = weight_mapping.hf_rope(config)
   grouped = config.n_routing_groups > 0
-  fields = dict(
-      hidden_size=config.emb_dim,
-      intermediate_size=config.mlp_dim,
+  # Llama's fields, but MLA has one key/value per query head and no single head_dim.
+  fields = {k: v for k, v in llama.llama_hf_config(config, has_mlp_bias=False).items() if k != "head_dim"}
+  fields.update(
       moe_intermediate_size=config.moe_mlp_dim,
-      num_hidden_layers=config.num_decoder_layers,
-      num_attention_heads=config.num_query_heads,
       num_key_value_heads=config.num_query_heads,
-      vocab_size=config.vocab_size,
-      rms_norm_eps=config.normalization_layer_epsilon,
-      tie_word_embeddings=config.logits_via_embedding,
-      hidden_act=weight_mapping.hf_activation_name(acts[0]),
-      max_position_embeddings=config.max_target_length,
-      attention_bias=False,
       q_lora_rank=config.q_lora_rank or None,
       kv_lora_rank=config.kv_lora_rank,
       qk_nope_head_dim=config.qk_nope_head_dim,
@@ -215,8 +142,6 @@ def hf_config(config) -> dict:
       first_k_dense_replace=config.first_num_dense_layers,
       n_group=config.n_routing_groups if grouped else 1,
       topk_group=config.topk_routing_group if grouped else 1,
-      rope_parameters=rope,
-      **weight_mapping.legacy_rope(rope),
   )
   if v3:
     fields.update(topk_method="noaux_tc", scoring_func="sigmoid", rope_interleave=True, num_nextn_predict_layers=0)
@@ -282,13 +207,7 @@ def moe_rules(config) -> list[weight_mapping.Rule]:
 
 def hf_weights(config) -> list[weight_mapping.Rule]:
   """Every parameter, experts per expert (what save_pretrained writes; hf_reader also reads the fused layout)."""
-  layer, hf = "decoder/layers/{i}", "model.layers.{i}"
-  rules = weight_mapping.embeddings_and_head(config)
-  rules += weight_mapping.norm(config, f"{layer}/pre_self_attention_layer_norm", f"{hf}.input_layernorm", config.emb_dim)
-  rules += weight_mapping.norm(
-      config, f"{layer}/post_self_attention_layer_norm", f"{hf}.post_attention_layernorm", config.emb_dim
-  )
-  rules += attention_rules(config)
+  rules = weight_mapping.embeddings_and_head(config) + llama.llama_norms(config) + attention_rules(config)
   dense = [dataclasses.replace(r, layers=moe_mapping.dense_layers(config)) for r in weight_mapping.gated_mlp(config)]
   return rules + dense + moe_rules(config)
 
@@ -320,3 +239,74 @@ def _layer_of(name: str) -> str | None:
 def hf_reader(reader) -> moe_mapping.PerExpertView:
   """The checkpoint without MTP layers, with 5.x fused expert tensors shown per expert."""
   return moe_mapping.PerExpertView(_WithoutMtpLayers(reader))
+
+
+def _tiny(**kw) -> dict:
+  """The tiny test models' shared settings (configs/models/tests/tiny-deepseek{2,3}.yml), YaRN-scaled."""
+  rope = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0)
+  mscales = {k: kw.pop(k) for k in ("mscale", "mscale_all_dim")}
+  return dict(
+      vocab_size=256,
+      hidden_size=64,
+      intermediate_size=128,
+      moe_intermediate_size=32,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      num_key_value_heads=4,
+      n_routed_experts=8,
+      num_experts_per_tok=2,
+      kv_lora_rank=32,
+      qk_nope_head_dim=16,
+      qk_rope_head_dim=8,
+      v_head_dim=12,
+      n_group=4,
+      topk_group=2,
+      first_k_dense_replace=1,
+      max_position_embeddings=64,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=False,
+      rope_parameters=dict(rope, beta_slow=1.0, **mscales),
+      **kw,
+  )
+
+
+SPEC = FamilySpec(
+    name="deepseek",
+    # V3 is written for configs with routed_bias (sigmoid routing), V2 for the others (see hf_architecture).
+    hf=HFMapping(
+        ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"),
+        "deepseek_v3",
+        config_from_hf,
+        hf_config,
+        hf_weights,
+        defaults=HF_DEFAULTS,
+        architecture_for=hf_architecture,
+        reader=hf_reader,
+    ),
+    check_config=check_config,
+    tiny_hf_configs={
+        # A plain query projection, group-limited softmax routing.
+        "deepseek2": _tiny(
+            architectures=["DeepseekV2ForCausalLM"],
+            model_type="deepseek_v2",
+            q_lora_rank=None,
+            n_shared_experts=2,
+            routed_scaling_factor=2.0,
+            norm_topk_prob=False,
+            topk_method="group_limited_greedy",
+            mscale=0.707,
+            mscale_all_dim=0.707,
+        ),
+        # A low-rank query, sigmoid routing with a selection bias, renormalized top-k.
+        "deepseek3": _tiny(
+            architectures=["DeepseekV3ForCausalLM"],
+            model_type="deepseek_v3",
+            q_lora_rank=24,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            mscale=1.0,
+            mscale_all_dim=0.8,
+        ),
+    },
+)

@@ -1,78 +1,23 @@
-"""Gemma 2: Gemma's numerics plus norms after attention and after the MLP (the layer below), and from config keys:
+"""Gemma 2: Gemma's numerics plus norms after attention and after the MLP (its BlockSpec), and from config keys:
 local (sliding-window) and global layers alternating (`sliding_window_pattern: 2`), tanh soft caps on attention
 logits and final logits, and attention scaled by `query_pre_attn_scalar`**-0.5.
 """
 
-import jax
-from flax import nnx
-
-from MaxText import sharding
-from MaxText.layers.attentions import Attention
-from MaxText.layers.linears import MlpBlock
-from MaxText.layers.normalizations import create_norm
-from MaxText.layers.quantization import spec_from_config
+from MaxText.layers.blocks import BlockSpec
 from MaxText.models import gemma
+from MaxText.models.spec import FamilySpec, HFMapping
 from MaxText.utils.ckpt_conversion import weight_mapping
 
-_EMBED_NAMES = ("activation_batch", "activation_length", "activation_embed")
-
-
-class Gemma2DecoderLayer(nnx.Module):
-  """x + norm(attn(norm(x))), then x + norm(mlp(norm(x))): each branch normed on the way in and on the way out."""
-
-  def __init__(self, config, *, rngs: nnx.Rngs):
-    self.pre_self_attention_norm = create_norm(config, config.emb_dim)
-    self.self_attention = Attention(config, rngs=rngs)
-    self.post_self_attention_norm = create_norm(config, config.emb_dim)
-    self.pre_ffw_norm = create_norm(config, config.emb_dim)
-    self.mlp = MlpBlock(
-        config.emb_dim,
-        config.mlp_dim,
-        config.mlp_activations,
-        rngs=rngs,
-        dtype=config.dtype,
-        weight_dtype=config.weight_dtype,
-        use_bias=config.use_bias,
-        quant=spec_from_config(config),
-    )
-    self.post_ffw_norm = create_norm(config, config.emb_dim)
-    self.dropout = nnx.Dropout(config.dropout_rate if config.enable_dropout else 0.0)
-
-  def __call__(
-      self,
-      x: jax.Array,
-      positions: jax.Array,
-      segment_ids: jax.Array | None = None,
-      *,
-      deterministic: bool = True,
-      model_mode: str = "train",
-      dropout_rng: jax.Array | None = None,
-      layer_index: int | jax.Array = 0,
-  ) -> jax.Array:
-    attn_rng = mlp_rng = None
-    if dropout_rng is not None:
-      attn_rng, mlp_rng = jax.random.split(dropout_rng)
-    h = self.self_attention(
-        self.pre_self_attention_norm(x),
-        positions,
-        segment_ids,
-        model_mode=model_mode,
-        deterministic=deterministic,
-        layer_index=layer_index,
-    )
-    x = x + self.dropout(self.post_self_attention_norm(h), deterministic=deterministic, rngs=attn_rng)
-    x = sharding.with_logical_constraint(x, _EMBED_NAMES)
-    h = self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
-    x = x + self.dropout(h, deterministic=deterministic, rngs=mlp_rng)
-    return sharding.with_logical_constraint(x, _EMBED_NAMES)
-
-
-DecoderLayer = Gemma2DecoderLayer
+# Each branch is normed on the way in and on the way out.
+BLOCK = BlockSpec(
+    pre_attention_norm="pre_self_attention_norm",
+    post_attention_norm="post_self_attention_norm",
+    pre_ffw_norm="pre_ffw_norm",
+    post_ffw_norm="post_ffw_norm",
+)
 
 # ---------------------------------------------------------------- Hugging Face (Gemma2ForCausalLM)
 
-HF_ARCHITECTURES = ("Gemma2ForCausalLM",)
-HF_MODEL_TYPE = "gemma2"
 # transformers' Gemma2Config defaults for keys a config.json may leave out.
 HF_DEFAULTS = gemma.HF_DEFAULTS | {
     "query_pre_attn_scalar": 256,
@@ -120,10 +65,10 @@ def gemma2_layer(config) -> list[weight_mapping.Rule]:
   e = config.emb_dim
   rules = []
   for ours, theirs in (
-      ("pre_self_attention_norm", "input_layernorm"),
-      ("post_self_attention_norm", "post_attention_layernorm"),
-      ("pre_ffw_norm", "pre_feedforward_layernorm"),
-      ("post_ffw_norm", "post_feedforward_layernorm"),
+      (BLOCK.pre_attention_norm, "input_layernorm"),
+      (BLOCK.post_attention_norm, "post_attention_layernorm"),
+      (BLOCK.pre_ffw_norm, "pre_feedforward_layernorm"),
+      (BLOCK.post_ffw_norm, "post_feedforward_layernorm"),
   ):
     rules += weight_mapping.norm(config, f"{layer}/{ours}", f"{hf}.{theirs}", e)
   return rules + weight_mapping.attention(config) + weight_mapping.gated_mlp(config)
@@ -140,3 +85,20 @@ def hf_config(config) -> dict:
 
 def hf_weights(config) -> list[weight_mapping.Rule]:
   return weight_mapping.embeddings_and_head(config) + gemma2_layer(config)
+
+
+SPEC = FamilySpec(
+    name="gemma2",
+    hf=HFMapping(("Gemma2ForCausalLM",), "gemma2", config_from_hf, hf_config, hf_weights, defaults=HF_DEFAULTS),
+    block=BLOCK,
+    tiny_hf_configs={
+        "gemma2": dict(
+            gemma.TINY,
+            num_hidden_layers=4,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        )
+    },
+)

@@ -6,14 +6,11 @@ unscaled) and global ones (`rope_max_timescale`, with linear `rope_scaling_facto
 from typing import Any
 
 from MaxText.models import gemma, gemma2
+from MaxText.models.spec import FamilySpec, HFMapping
 from MaxText.utils.ckpt_conversion import weight_mapping
-
-DecoderLayer = gemma2.Gemma2DecoderLayer
 
 # ---------------------------------------------------------------- Hugging Face (Gemma3ForCausalLM; text of the 4B+)
 
-HF_ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
-HF_MODEL_TYPE = "gemma3_text"
 # transformers' Gemma3TextConfig defaults: the 4B-27B checkpoints' text_config leaves most of these out.
 HF_DEFAULTS = gemma.HF_DEFAULTS | {
     "vocab_size": 262_208,
@@ -71,3 +68,31 @@ def hf_tensor_name(name: str) -> str | None:
 
 def hf_weights(config) -> list[weight_mapping.Rule]:
   return weight_mapping.embeddings_and_head(config) + gemma2.gemma2_layer(config)
+
+
+SPEC = FamilySpec(
+    name="gemma3",
+    hf=HFMapping(
+        ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
+        "gemma3_text",
+        config_from_hf,
+        hf_config,
+        hf_weights,
+        defaults=HF_DEFAULTS,
+        tensor_name=hf_tensor_name,
+    ),
+    block=gemma2.BLOCK,
+    tiny_hf_configs={
+        "gemma3": dict(
+            gemma.TINY,
+            num_hidden_layers=6,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        )
+    },
+)

@@ -1,4 +1,4 @@
-"""GPT-3 (and GPT-2, its Hugging Face form): the pre-norm layer of MaxText.models.llama2 configured by keys.
+"""GPT-3 (and GPT-2, its Hugging Face form): the shared pre-norm block configured by keys.
 
 LayerNorm with a bias (`normalization_type: layernorm`), biases on every projection (`use_bias`), a plain GELU MLP
 (`mlp_activations: [gelu_tanh]`), learned positions instead of RoPE (`trainable_position_size`, `rope_type: none`) and
@@ -7,15 +7,11 @@ an output head tied to the token embedding. GPT-3's alternating sparse attention
 
 import numpy as np
 
-from MaxText.models.llama2 import LlamaDecoderLayer
+from MaxText.models.spec import FamilySpec, HFMapping
 from MaxText.utils.ckpt_conversion import weight_mapping
-
-DecoderLayer = LlamaDecoderLayer
 
 # ---------------------------------------------------------------- Hugging Face (GPT2LMHeadModel)
 
-HF_ARCHITECTURES = ("GPT2LMHeadModel",)
-HF_MODEL_TYPE = "gpt2"
 HF_DEFAULTS = {"tie_word_embeddings": True, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
 
 _UNSUPPORTED = {"scale_attn_by_inverse_layer_idx": True, "add_cross_attention": True, "scale_attn_weights": False}
@@ -119,3 +115,33 @@ def hf_weights(config) -> list[weight_mapping.Rule]:
   if not config.logits_via_embedding:
     rules.append(weight_mapping.linear("logits_dense/kernel", "lm_head.weight", e, config.vocab_size))
   return rules
+
+
+SPEC = FamilySpec(
+    name="gpt3",
+    hf=HFMapping(
+        ("GPT2LMHeadModel",),
+        "gpt2",
+        config_from_hf,
+        hf_config,
+        hf_weights,
+        defaults=HF_DEFAULTS,
+        tensor_name=hf_tensor_name,
+    ),
+    tiny_hf_configs={
+        "gpt3": dict(
+            n_embd=64,
+            n_head=4,
+            n_layer=2,
+            n_inner=256,
+            n_positions=64,
+            vocab_size=256,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    },
+)

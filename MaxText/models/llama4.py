@@ -1,4 +1,4 @@
-"""Llama 4 (text): the Llama layer with a top-1 sigmoid mixture of experts and Llama 4's per-layer attention kinds.
+"""Llama 4 (text): the Llama block with a top-1 sigmoid mixture of experts and Llama 4's per-layer attention kinds.
 
 Everything else comes from config keys the shared layers read (MaxText/layers/attentions.py, moe.py):
 - every `nope_layer_interval`-th layer (4) has no RoPE, attends causally over the whole context and scales its
@@ -19,76 +19,14 @@ import dataclasses
 import re
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
-from MaxText import sharding
-from MaxText.layers import moe
-from MaxText.layers.attentions import Attention
-from MaxText.layers.linears import MlpBlock
-from MaxText.layers.normalizations import create_norm
-from MaxText.layers.quantization import spec_from_config
+from MaxText.models import llama
+from MaxText.models.spec import FamilySpec, HFMapping
 from MaxText.utils.ckpt_conversion import moe_mapping, weight_mapping
-
-_EMBED_NAMES = ("activation_batch", "activation_length", "activation_embed")
-
-
-class Llama4DecoderLayer(nnx.Module):
-  """x + attn(norm(x)), then x + ffn(norm(x)), where ffn is the MoE block (`use_moe`) or a dense gated MLP."""
-
-  def __init__(self, config, *, rngs: nnx.Rngs, use_moe: bool = False):
-    self.pre_self_attention_layer_norm = create_norm(config, config.emb_dim)
-    self.self_attention = Attention(config, rngs=rngs)
-    self.post_self_attention_layer_norm = create_norm(config, config.emb_dim)
-    if use_moe:
-      self.moe = moe.MoeBlock(config, rngs=rngs)
-    else:
-      self.mlp = MlpBlock(
-          config.emb_dim,
-          config.mlp_dim,
-          config.mlp_activations,
-          rngs=rngs,
-          dtype=config.dtype,
-          weight_dtype=config.weight_dtype,
-          use_bias=config.use_bias,
-          quant=spec_from_config(config),
-      )
-    self.use_moe = use_moe
-    self.dropout = nnx.Dropout(config.dropout_rate if config.enable_dropout else 0.0)
-
-  def __call__(
-      self,
-      x: jax.Array,
-      positions: jax.Array,
-      segment_ids: jax.Array | None = None,
-      *,
-      deterministic: bool = True,
-      model_mode: str = "train",
-      dropout_rng: jax.Array | None = None,
-      layer_index: int | jax.Array = 0,
-  ) -> jax.Array:
-    attn_rng = mlp_rng = None
-    if dropout_rng is not None:
-      attn_rng, mlp_rng = jax.random.split(dropout_rng)
-    h = self.pre_self_attention_layer_norm(x)
-    h = self.self_attention(
-        h, positions, segment_ids, model_mode=model_mode, deterministic=deterministic, layer_index=layer_index
-    )
-    x = x + self.dropout(h, deterministic=deterministic, rngs=attn_rng)
-    x = sharding.with_logical_constraint(x, _EMBED_NAMES)
-    h = self.post_self_attention_layer_norm(x)
-    h = self.moe(h, deterministic=deterministic, segment_ids=segment_ids) if self.use_moe else self.mlp(h)
-    x = x + self.dropout(h, deterministic=deterministic, rngs=mlp_rng)
-    return sharding.with_logical_constraint(x, _EMBED_NAMES)
-
-
-DecoderLayer = Llama4DecoderLayer
 
 # ---------------------------------------------------------------- Hugging Face (Llama4ForCausalLM)
 
-HF_ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
-HF_MODEL_TYPE = "llama4_text"
 # transformers' Llama4TextConfig defaults, for keys a config.json may leave out.
 HF_DEFAULTS = {
     "vocab_size": 202048,
@@ -191,7 +129,7 @@ def _attention_keys(hf: weight_mapping.HFConfig, num_layers: int) -> dict[str, A
 def config_from_hf(hf: weight_mapping.HFConfig) -> dict:
   if "text_config" in hf.data:  # Llama4ForConditionalGeneration: its language model
     hf = weight_mapping.HFConfig(hf.data["text_config"] or {}, HF_DEFAULTS)
-  keys = weight_mapping.llama_config(hf, has_mlp_bias=False)
+  keys = llama.llama_config(hf, has_mlp_bias=False)
   layers = keys["base_num_decoder_layers"]
   keys["base_mlp_dim"] = hf.require("intermediate_size_mlp")
   return keys | _moe_keys(hf, layers) | _attention_keys(hf, layers)
@@ -222,7 +160,7 @@ def _nope_flags(config) -> list[bool]:
 
 def hf_config(config) -> dict:
   _check_expressible(config)
-  fields = weight_mapping.llama_hf_config(config, has_mlp_bias=False)
+  fields = llama.llama_hf_config(config, has_mlp_bias=False)
   nope = _nope_flags(config)
   chunk = config.chunk_attn_window_size or None
   fields.update(
@@ -313,10 +251,7 @@ def hf_weights(config) -> list[weight_mapping.Rule]:
   """Every parameter, experts in the fused layout transformers writes (hf_reader also reads per-expert ones)."""
   layer, hf = "decoder/layers/{i}", "model.layers.{i}"
   e, m = config.emb_dim, config.mlp_dim
-  rules = weight_mapping.embeddings_and_head(config)
-  rules += weight_mapping.norm(config, f"{layer}/pre_self_attention_layer_norm", f"{hf}.input_layernorm", e)
-  rules += weight_mapping.norm(config, f"{layer}/post_self_attention_layer_norm", f"{hf}.post_attention_layernorm", e)
-  rules += attention(config)
+  rules = weight_mapping.embeddings_and_head(config) + llama.llama_norms(config) + attention(config)
   dense, ffn = moe_mapping.dense_layers(config), f"{hf}.feed_forward"
   if dense:
     rules += _only(
@@ -329,31 +264,22 @@ def hf_weights(config) -> list[weight_mapping.Rule]:
     )
   moe_layers = moe_mapping.moe_layers(config)
   if moe_layers:
-    rules += moe_mapping.router(config, maxtext=f"{layer}/moe/gate/kernel", hf=f"{ffn}.router.weight", layers=moe_layers)
-    rules += _only(_fused_experts(config, f"{layer}/moe", f"{ffn}.experts"), moe_layers)
-    rules += moe_mapping.shared_experts(
-        config, maxtext=f"{layer}/moe/shared_experts", hf=f"{ffn}.shared_expert", layers=moe_layers
-    )
+    rules += moe_mapping.router(config, hf=f"{ffn}.router.weight", layers=moe_layers)
+    rules += _only(_fused_experts(config, f"{layer}/mlp", f"{ffn}.experts"), moe_layers)
+    rules += moe_mapping.shared_experts(config, hf=f"{ffn}.shared_expert", layers=moe_layers)
   return rules
 
 
 _PER_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Info:
-  shape: tuple[int, ...]
-  dtype: np.dtype
-
-
-class FusedExpertsView:
-  """A SafetensorsReader-like view in which per-expert tensors (`*.experts.<j>.{gate,up,down}_proj.weight`, one
-  nn.Linear each, as quantized Llama 4 checkpoints store them) appear as Llama 4's fused `*.experts.gate_up_proj`
-  and `*.experts.down_proj`; other tensors are unchanged."""
+class FusedExpertsView(moe_mapping.TensorView):
+  """A view in which per-expert tensors (`*.experts.<j>.{gate,up,down}_proj.weight`, one nn.Linear each, as
+  quantized Llama 4 checkpoints store them) appear as Llama 4's fused `*.experts.gate_up_proj` and
+  `*.experts.down_proj`; other tensors are unchanged (the inverse of moe_mapping.PerExpertView)."""
 
   def __init__(self, reader):
-    self.reader = reader
-    self.tensors: dict[str, Any] = {}
+    super().__init__(reader)
     groups: dict[str, dict[tuple[str, int], str]] = {}
     for name in reader.names():
       match = _PER_EXPERT.fullmatch(name)
@@ -361,27 +287,71 @@ class FusedExpertsView:
         self.tensors[name] = reader.tensors[name]
       else:
         groups.setdefault(match.group(1), {})[(match.group(3), int(match.group(2)))] = name
-    self._parts: dict[str, list[list[str]]] = {}  # fused name -> per-expert names, per part (gate, up | down)
     for prefix, parts in groups.items():
       experts = sorted({j for _, j in parts})
       if experts != list(range(len(experts))) or len(parts) != 3 * len(experts):
         raise weight_mapping.UnsupportedCheckpointError(f"{prefix}: per-expert tensors are incomplete")
       first = reader.tensors[parts[("gate_proj", 0)]]
       mlp, embed = first.shape
-      self._parts[f"{prefix}.gate_up_proj"] = [[parts[(p, j)] for j in experts] for p in ("gate_proj", "up_proj")]
-      self._parts[f"{prefix}.down_proj"] = [[parts[("down_proj", j)] for j in experts]]
-      self.tensors[f"{prefix}.gate_up_proj"] = _Info((len(experts), embed, 2 * mlp), first.dtype)
-      self.tensors[f"{prefix}.down_proj"] = _Info((len(experts), mlp, embed), first.dtype)
+      n = len(experts)
+      by_part = {p: [parts[(p, j)] for j in experts] for p in ("gate_proj", "up_proj", "down_proj")}
+      fused = {  # name -> (per-expert names of each part, concatenated on the last axis; the fused shape)
+          f"{prefix}.gate_up_proj": ([by_part["gate_proj"], by_part["up_proj"]], (n, embed, 2 * mlp)),
+          f"{prefix}.down_proj": ([by_part["down_proj"]], (n, mlp, embed)),
+      }
+      for name, (names, shape) in fused.items():
+        self.tensors[name] = moe_mapping.TensorInfo(shape, first.dtype)
+        self._virtual[name] = lambda names=names: self._fuse(names)
 
-  def names(self) -> list[str]:
-    return list(self.tensors)
-
-  def read(self, name: str) -> np.ndarray:
-    if name not in self._parts:
-      return self.reader.read(name)
-    parts = [np.stack([self.reader.read(n).T for n in names]) for names in self._parts[name]]
+  def _fuse(self, names: list[list[str]]) -> np.ndarray:
+    parts = [np.stack([self.reader.read(n).T for n in per_part]) for per_part in names]
     return np.concatenate(parts, axis=-1)
 
 
-def hf_reader(reader) -> FusedExpertsView:
-  return FusedExpertsView(reader)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=32,
+    intermediate_size_mlp=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=2,
+    no_rope_layer_interval=3,
+    attention_chunk_size=8,
+    use_qk_norm=True,
+    attn_temperature_tuning=True,
+    floor_scale=4,
+    attn_scale=0.5,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=128,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+
+SPEC = FamilySpec(
+    name="llama4",
+    hf=HFMapping(
+        ("Llama4ForCausalLM", "Llama4ForConditionalGeneration"),
+        "llama4_text",
+        config_from_hf,
+        hf_config,
+        hf_weights,
+        defaults=HF_DEFAULTS,
+        tensor_name=hf_tensor_name,
+        reader=FusedExpertsView,
+    ),
+    tiny_hf_configs={"llama4": TINY},
+)

@@ -8,15 +8,12 @@ and `interleave_moe_layer_step`, and refuses other arrangements.
 
 import dataclasses
 
-from MaxText.models.mixtral import MoeLlamaDecoderLayer
+from MaxText.models import llama, qwen3
+from MaxText.models.spec import FamilySpec, HFMapping
 from MaxText.utils.ckpt_conversion import moe_mapping, weight_mapping
-
-DecoderLayer = MoeLlamaDecoderLayer
 
 # ---------------------------------------------------------------- Hugging Face (Qwen3MoeForCausalLM)
 
-HF_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
-HF_MODEL_TYPE = "qwen3_moe"
 # transformers' Qwen3MoeConfig defaults for keys a config.json may omit
 HF_DEFAULTS = {
     "num_local_experts": 128,
@@ -26,8 +23,6 @@ HF_DEFAULTS = {
     "decoder_sparse_step": 1,
     "mlp_only_layers": [],
 }
-
-hf_reader = moe_mapping.PerExpertView  # 5.x fused expert tensors read as per-expert ones
 
 
 def _sparse_layers(hf: weight_mapping.HFConfig) -> dict:
@@ -52,7 +47,7 @@ def config_from_hf(hf: weight_mapping.HFConfig) -> dict:
   if num_experts < 2:
     raise weight_mapping.UnsupportedCheckpointError(f"num_experts={num_experts}: a Qwen 3 MoE needs at least 2")
   return (
-      weight_mapping.llama_config(hf, has_mlp_bias=False)
+      llama.llama_config(hf, has_mlp_bias=False)
       | {
           "use_qk_norm": True,
           "num_experts": num_experts,
@@ -67,7 +62,7 @@ def config_from_hf(hf: weight_mapping.HFConfig) -> dict:
 def hf_config(config) -> dict:
   if config.num_experts < 2:
     raise weight_mapping.UnsupportedCheckpointError("Qwen3MoeForCausalLM needs num_experts > 1")
-  return weight_mapping.llama_hf_config(config, has_mlp_bias=False) | {
+  return llama.llama_hf_config(config, has_mlp_bias=False) | {
       "use_sliding_window": False,
       "num_experts": config.num_experts,  # 4.x's name; 5.x maps it to num_local_experts
       "num_local_experts": config.num_experts,
@@ -84,7 +79,7 @@ def hf_weights(config) -> list[weight_mapping.Rule]:
   moe, dense = moe_mapping.moe_layers(config), moe_mapping.dense_layers(config)
   mlp = "model.layers.{i}.mlp"
   rules = weight_mapping.embeddings_and_head(config)
-  for rule in weight_mapping.llama_layer(config):
+  for rule in llama.llama_layer(config):
     if "/mlp/" not in rule.maxtext[0]:
       rules.append(rule)
     elif dense:
@@ -94,3 +89,29 @@ def hf_weights(config) -> list[weight_mapping.Rule]:
       + moe_mapping.router(config, hf=f"{mlp}.gate.weight", layers=moe)
       + moe_mapping.experts(config, hf=f"{mlp}.experts", layers=moe)
   )
+
+
+SPEC = FamilySpec(
+    name="qwen3_moe",
+    # 5.x fused expert tensors read as per-expert ones
+    hf=HFMapping(
+        ("Qwen3MoeForCausalLM",),
+        "qwen3_moe",
+        config_from_hf,
+        hf_config,
+        hf_weights,
+        defaults=HF_DEFAULTS,
+        reader=moe_mapping.PerExpertView,
+    ),
+    tiny_hf_configs={
+        "qwen3-moe": dict(
+            qwen3.TINY,
+            num_hidden_layers=3,
+            num_experts=8,
+            num_experts_per_tok=4,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+        )
+    },
+)

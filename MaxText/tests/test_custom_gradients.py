@@ -1,11 +1,16 @@
-"""Hand-written backward passes (dense_dot, the fused head cross-entropy, causal query blocks) against autodiff."""
+"""The CPU-tuned ops (layers/ops: explicit matmul backward, fused head + cross-entropy, causal query blocks) against
+their plain forms, each op alone and in the model under both settings of its config key."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from MaxText.layers import attentions, linears, losses
+from MaxText.layers import attentions, linears, losses, ops
+from MaxText.layers.ops import attention as attention_ops
+from MaxText.layers.ops import head_loss, matmul
+from MaxText.tests import model_test_utils
 
 
 def _normal(seed, shape, scale=1.0):
@@ -26,18 +31,18 @@ def _assert_trees_close(got, want, atol, rtol):
         ((7, 8), (8, 5), 1),  # no sequence axis
     ],
 )
-def test_dense_dot_value_and_gradients_equal_dot_general(x_shape, k_shape, n_in):
+@pytest.mark.parametrize("backward", ops.DENSE_MATMUL_BACKWARDS)
+def test_dense_matmul_value_and_gradients_equal_einsum(x_shape, k_shape, n_in, backward):
   x, kernel = _normal(0, x_shape), _normal(1, k_shape)
   cotangent = _normal(2, x_shape[: len(x_shape) - n_in] + k_shape[n_in:])
 
-  def plain(x, kernel):
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+  def plain(x, kernel):  # JAX's own contraction and autodiff
+    return jnp.tensordot(x, kernel, axes=n_in)
 
   def loss(fn):
     return lambda x, kernel: jnp.sum(fn(x, kernel) * cotangent)
 
-  got = jax.value_and_grad(loss(lambda x, k: linears.dense_dot(x, k, n_in)), argnums=(0, 1))(x, kernel)
+  got = jax.value_and_grad(loss(lambda x, k: matmul.dense_matmul(x, k, n_in, backward)), argnums=(0, 1))(x, kernel)
   want = jax.value_and_grad(loss(plain), argnums=(0, 1))(x, kernel)
   _assert_trees_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -50,7 +55,7 @@ def _unfused_loss(x, kernel, targets, z, vocab_major, weights, dtype=jnp.float32
 
 
 def _fused_loss(x, kernel, targets, z, vocab_major, weights, dtype=jnp.float32):
-  total, z_loss = losses.head_cross_entropy(x, kernel, targets, z, vocab_major, dtype)
+  total, z_loss = head_loss.fused_head_cross_entropy(x, kernel, targets, z, vocab_major, dtype)
   return jnp.sum(total * weights) + 0.3 * jnp.sum(z_loss * weights)
 
 
@@ -67,7 +72,7 @@ def test_fused_head_cross_entropy_equals_unfused(vocab_major, z_loss):
   got = jax.value_and_grad(_fused_loss, argnums=(0, 1))(*args)
   _assert_trees_close(got, want, atol=2e-5, rtol=2e-5)
   # The per-token outputs themselves, not only their weighted sum.
-  total, z = losses.head_cross_entropy(x, kernel, targets, z_loss, vocab_major, jnp.float32)
+  total, z = head_loss.fused_head_cross_entropy(x, kernel, targets, z_loss, vocab_major, jnp.float32)
   logits = jnp.einsum("bse,ve->bsv" if vocab_major else "bse,ev->bsv", x, kernel)
   want_total, want_z = losses.cross_entropy(logits, targets, z_loss)
   _assert_trees_close((total, z), (want_total, want_z), atol=2e-5, rtol=2e-5)
@@ -100,7 +105,7 @@ def test_causal_blocks_equal_one_block(blocks, num_kv_heads, window, soft_cap):
 
   def loss(n, key_window):
     def f(q, k, v):
-      out = attentions.dot_product_attention(
+      out = attention_ops.dot_product_attention(
           q, k, v, mask, scale=8**-0.5, attn_logits_soft_cap=soft_cap, causal_blocks=n, key_window=key_window
       )
       return jnp.sum(out * cotangent)
@@ -117,31 +122,97 @@ def test_causal_blocks_refuse_a_cache_or_foreign_keys():
   q, k = _normal(0, (1, 8, 2, 4)), _normal(1, (1, 12, 2, 4))
   mask = jnp.ones((1, 8, 12), bool)
   with pytest.raises(ValueError, match="causal_blocks"):
-    attentions.dot_product_attention(q, k, k, mask, scale=0.5, causal_blocks=2)
+    attention_ops.dot_product_attention(q, k, k, mask, scale=0.5, causal_blocks=2)
 
 
-@pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-gemma", "tests/tiny-gemma2"])
-def test_model_cross_entropy_equals_loss_of_logits(model_name):
-  """The training loss path (hidden states -> Transformer.cross_entropy) against the logits path: a separate head,
-  a tied embedding head, and a soft-capped head (which computes the logits first)."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+def test_auto_means_cpu_tuned_on_cpu_and_plain_elsewhere():
+  assert ops.auto_dense_matmul_backward("cpu") == "explicit" and ops.auto_head_loss("cpu") == "fused"
+  assert ops.auto_causal_blocks("cpu", sequence_sharded=False) == ops.CPU_CAUSAL_BLOCKS > 1
+  for hardware in ("gpu", "tpu"):
+    assert ops.auto_dense_matmul_backward(hardware) == "autodiff" and ops.auto_head_loss(hardware) == "logits"
+    assert ops.auto_causal_blocks(hardware, sequence_sharded=False) == 1
+  assert ops.auto_causal_blocks("cpu", sequence_sharded=True) == 1
 
-  from MaxText.tests import model_test_utils  # pylint: disable=import-outside-toplevel
 
-  model = model_test_utils.build(model_name=model_name)
-  tokens, positions, segments = model_test_utils.inputs(packed=True)
+@pytest.mark.parametrize("mesh", [{}, {"ici_sequence_parallelism": 2}, {"ici_context_parallelism": 2}])
+def test_pyconfig_resolves_auto_as_the_ops_define_it(mesh):
+  config = model_test_utils.config_of(**mesh)  # base.yml: every key auto, here on the CPU
+  assert config.dense_matmul_backward == ops.auto_dense_matmul_backward("cpu")
+  assert config.head_loss == ops.auto_head_loss("cpu")
+  assert config.attention_causal_blocks == ops.auto_causal_blocks("cpu", sequence_sharded=bool(mesh))
+  attention = nnx.eval_shape(lambda: attentions.Attention(config, rngs=nnx.Rngs(0)))
+  assert attention.causal_blocks == config.attention_causal_blocks  # the layer takes it as resolved
+  assert attention.query.matmul_backward == config.dense_matmul_backward
+
+
+def _hidden_loss(tokens, positions, segments):
+  """The training loss path: final-normed hidden states -> Transformer.cross_entropy (the head_loss choice)."""
   targets = jnp.roll(tokens, -1, axis=1)
 
-  def via_hidden(model):
+  def loss(model):
     hidden = model(tokens, positions, segments, return_hidden=True)
     total, z = model.cross_entropy(hidden, targets, 1e-3)
     return jnp.sum(total) + jnp.sum(z)
+
+  return loss
+
+
+def _pure(grads):
+  return nnx.to_pure_dict(grads)
+
+
+@pytest.mark.parametrize("head", ops.HEAD_LOSSES)
+@pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-gemma", "tests/tiny-gemma2"])
+def test_model_cross_entropy_equals_loss_of_logits(model_name, head):
+  """Transformer.cross_entropy under either head_loss against the logits path: a separate head, a tied embedding
+  head, and a soft-capped head (which computes the logits first whatever head_loss says)."""
+  model = model_test_utils.build(model_name=model_name, head_loss=head)
+  tokens, positions, segments = model_test_utils.inputs(packed=True)
+  targets = jnp.roll(tokens, -1, axis=1)
 
   def via_logits(model):
     total, z = losses.cross_entropy(model(tokens, positions, segments), targets, 1e-3)
     return jnp.sum(total) + jnp.sum(z)
 
-  got = nnx.value_and_grad(via_hidden)(model)
+  got = nnx.value_and_grad(_hidden_loss(tokens, positions, segments))(model)
   want = nnx.value_and_grad(via_logits)(model)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-  _assert_trees_close(nnx.State(got[1]).to_pure_dict(), nnx.State(want[1]).to_pure_dict(), atol=1e-4, rtol=1e-4)
+  _assert_trees_close(_pure(got[1]), _pure(want[1]), atol=1e-4, rtol=1e-4)
+
+
+PLAIN = dict(dense_matmul_backward="autodiff", head_loss="logits", attention_causal_blocks=1)
+CPU_TUNED = dict(dense_matmul_backward="explicit", head_loss="fused", attention_causal_blocks=4)
+
+
+def _dense_backwards(model) -> set[str]:
+  return {m.matmul_backward for _, m in nnx.iter_modules(model) if isinstance(m, linears.DenseGeneral)}
+
+
+@pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-deepseek3"])  # MHA + MLP; MLA + MoE
+def test_plain_and_cpu_tuned_ops_give_the_same_model_loss_and_grads(model_name):
+  tokens, positions, segments = model_test_utils.inputs(packed=True)
+  loss = nnx.jit(nnx.value_and_grad(_hidden_loss(tokens, positions, segments)))
+  results = {}
+  for name, keys in (("plain", PLAIN), ("cpu_tuned", CPU_TUNED)):
+    model = model_test_utils.build(model_name=model_name, **keys)
+    assert _dense_backwards(model) == {keys["dense_matmul_backward"]}, name  # the key reaches every DenseGeneral
+    results[name] = loss(model)
+  np.testing.assert_allclose(results["cpu_tuned"][0], results["plain"][0], rtol=1e-6)
+  _assert_trees_close(_pure(results["cpu_tuned"][1]), _pure(results["plain"][1]), atol=1e-5, rtol=1e-5)
+
+
+def test_minimal_remat_saves_the_same_residuals_with_either_matmul_backward():
+  """remat "minimal" keeps the weight matmuls: plain dots under autodiff, the named output under explicit."""
+  tokens, positions, segments = model_test_utils.inputs()
+  saved = {}
+  for backward in ops.DENSE_MATMUL_BACKWARDS:
+    model = model_test_utils.build(remat_policy="minimal", scan_layers=False, dense_matmul_backward=backward)
+    assert _dense_backwards(model) == {backward}
+    graphdef, params = nnx.split(model)
+
+    def residuals(p, g=graphdef):
+      _, vjp = jax.vjp(lambda q: model_test_utils.loss_fn(nnx.merge(g, q), tokens, positions, segments)[0], p)
+      return jax.tree.leaves(vjp)  # the vjp closure holds exactly the saved residuals
+
+    saved[backward] = sorted((x.shape, str(x.dtype)) for x in jax.eval_shape(residuals, params))
+  assert saved["explicit"] == saved["autodiff"]

@@ -1,4 +1,5 @@
-"""Decode: KV-cache logits equal the full forward, batching, int8 cache, train -> decode CLI, bad input."""
+"""Decode: KV-cache logits equal the full forward, batching through the Scheduler, int8 cache, train -> decode CLI,
+the CLI = api.generate = the server on greedy tokens, bad input."""
 
 import functools
 import logging
@@ -14,9 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText import decode, sharding, train
+from MaxText import api, decode, serve, sharding, train
 from MaxText.inference import engine as engine_lib
-from MaxText.inference import kvcache, offline, sampling
+from MaxText.inference import sampling
+from MaxText.inference import scheduler as scheduler_lib
+from MaxText.layers import cache as cache_lib
 from MaxText.tests import model_test_utils as mtu
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -31,6 +34,12 @@ def setup(model_name="tests/tiny-llama", num_slots=3, **kw):
   model = mtu.build(model_name=model_name, **kw)
   engine = engine_lib.Engine(mtu.config_of(model_name=model_name, **kw), num_slots=num_slots)
   return model, engine, engine.place_params(nnx.state(model, nnx.Param).to_pure_dict())
+
+
+def decode_prompts(engine, params, prompts, **kw):
+  """Prompts through a fresh Scheduler on `engine` (what the decode CLI and api.generate run)."""
+  scheduler = scheduler_lib.Scheduler(engine, params, max_prefills_per_step=engine.dims.num_slots)
+  return scheduler_lib.decode_prompts(scheduler, prompts, **kw)
 
 
 def tokens(batch=3, seed=0, vocab=256):
@@ -94,7 +103,7 @@ def test_model_modes_equal_full_forward(model_name, scan_layers):
   with pytest.raises(ValueError, match="init_cache"):
     model(toks[:, :4], np.zeros((2, 4), np.int32), model_mode="prefill")
   model.init_cache(2, SEQ)
-  shapes = {v.get_value().shape for v in jax.tree.leaves(nnx.state(model, kvcache.KVCacheVar), is_leaf=is_variable)}
+  shapes = {v.get_value().shape for v in jax.tree.leaves(nnx.state(model, cache_lib.KVCacheVar), is_leaf=is_variable)}
   stacked = (config.num_decoder_layers,) if scan_layers else ()  # [layers, batch, ...] in the scanned stack
   assert shapes == {stacked + (2, config.num_kv_heads, SEQ, config.head_dim), stacked + (2,)}
   step = nnx.jit(lambda m, t, p, mode: m(t, p, model_mode=mode), static_argnums=3)
@@ -136,24 +145,24 @@ def test_batched_greedy_equals_each_alone_and_full_forward():
   model, engine, params = setup("tests/tiny-mistral")
   toks = tokens()
   prompts = [list(toks[i, :n]) for i, n in enumerate(PROMPT_LENGTHS)]
-  batched = offline.decode_prompts(engine, params, prompts, max_new_tokens=12)
+  batched = decode_prompts(engine, params, prompts, max_new_tokens=12)
   _, one_slot, _ = setup("tests/tiny-mistral", num_slots=1)
-  alone = [offline.decode_prompts(one_slot, params, [p], max_new_tokens=12)[0] for p in prompts]
+  alone = [decode_prompts(one_slot, params, [p], max_new_tokens=12)[0] for p in prompts]
   assert batched == alone
   assert all(len(out) == 12 for out in batched)
   assert batched[2] == greedy_reference(model, prompts[2], 12)
   # More prompts than slots: finished slots take the waiting prompts; greedy makes the result order-independent.
   _, two_slots, _ = setup("tests/tiny-mistral", num_slots=2)
-  assert offline.decode_prompts(two_slots, params, prompts + prompts[:1], max_new_tokens=12) == batched + batched[:1]
+  assert decode_prompts(two_slots, params, prompts + prompts[:1], max_new_tokens=12) == batched + batched[:1]
 
 
 def test_budget_and_stop_token():
   _, engine, params = setup()
   prompt = list(tokens()[0, :5])
-  out = offline.decode_prompts(engine, params, [prompt])[0]
+  out = decode_prompts(engine, params, [prompt])[0]
   assert len(out) == engine.dims.max_cache_length - len(prompt)  # the cache (max_target_length) is the limit
   stop = out[3]
-  stopped = offline.decode_prompts(engine, params, [prompt], stop_id=stop)[0]
+  stopped = decode_prompts(engine, params, [prompt], stop_ids=(stop,))[0]
   assert stopped == out[: out.index(stop) + 1]
 
 
@@ -173,12 +182,15 @@ def test_generate_steps_equals_single_steps():
 def test_greedy_deterministic_and_sampling_reproducible():
   _, engine, params = setup()
   prompts = [list(tokens()[i, :n]) for i, n in enumerate(PROMPT_LENGTHS)]
-  run = functools.partial(offline.decode_prompts, engine, params, prompts, max_new_tokens=8)
+  run = functools.partial(decode_prompts, engine, params, prompts, max_new_tokens=8)
   assert run() == run()
-  nucleus = sampling.Sampler("composite", temperature=1.5, top_k=50, top_p=0.95)
-  first, again, other = run(sampler=nucleus, seed=7), run(sampler=nucleus, seed=7), run(sampler=nucleus, seed=8)
+  nucleus = lambda seed: sampling.SamplingParams(temperature=1.5, top_k=50, top_p=0.95, seed=seed).per_prompt(3)
+  first, again = run(sampling_params=nucleus(7)), run(sampling_params=nucleus(7))
   assert first == again
-  assert first != other
+  assert first != run(sampling_params=nucleus(8))
+  # A request's draws depend on its seed and its own tokens only: prompt 1 alone (seed 7 + 1) draws the same.
+  _, one_slot, _ = setup(num_slots=1)
+  assert decode_prompts(one_slot, params, prompts[1:2], max_new_tokens=8, sampling_params=nucleus(8)[:1]) == first[1:2]
 
 
 def kl(p_logits, q_logits):
@@ -207,10 +219,10 @@ def test_int8_kv_cache_close_to_float(model_name):
 
 def test_int8_quantization_round_trip():
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 16)) * 3
-  q, scale = kvcache.quantize_int8(x)
+  q, scale = cache_lib.quantize_int8(x)
   assert q.dtype == jnp.int8 and scale.shape == (2, 5, 3, 1)
-  assert float(jnp.max(jnp.abs(kvcache.dequantize_int8(q, scale, jnp.float32) - x) / scale)) <= 0.5 + 1e-5
-  zeros_q, zeros_scale = kvcache.quantize_int8(jnp.zeros((1, 4)))
+  assert float(jnp.max(jnp.abs(cache_lib.dequantize_int8(q, scale, jnp.float32) - x) / scale)) <= 0.5 + 1e-5
+  zeros_q, zeros_scale = cache_lib.quantize_int8(jnp.zeros((1, 4)))
   assert not jnp.any(zeros_q) and jnp.all(jnp.isfinite(zeros_scale))
 
 
@@ -250,6 +262,41 @@ def test_train_then_decode_cli(trained_run, tmp_path):
   assert [prompt for prompt, _ in results] == ["The list type", "A dictionary maps", "for loops"]
   assert any(output for _, output in results)
   assert re.search(r"^prefill: .* tokens/s\); generate: .* tokens/s\)$", proc.stdout, flags=re.MULTILINE)
+
+
+def test_cli_api_and_server_give_the_same_greedy_tokens(trained_run, tmp_path, capsys):
+  """One Scheduler behind all three: the decode CLI (contiguous cache), api.generate and the server (paged cache)
+  continue the same prompts with the same greedy tokens, each until EOS or the 32-token context is full."""
+  out_dir, run_name = trained_run
+  texts = ["The list type", "A dictionary maps", "for loops"]
+  (tmp_path / "prompts.txt").write_text("\n".join(texts))
+  keys = dict(
+      base_output_directory=str(out_dir),
+      run_name=run_name,
+      decode_sampling_strategy="greedy",
+      per_device_batch_size=2,
+      prompts_file=str(tmp_path / "prompts.txt"),
+  )
+  config = train.pyconfig.initialize(["", "base.yml", *CLI_ARGS], **keys)
+  decode.run(config)
+  cli = re.findall(r"^Input `(.*?)` -> `(.*?)`$", capsys.readouterr().out, flags=re.MULTILINE | re.DOTALL)
+  model = api.load("base.yml", **dict(arg.split("=") for arg in CLI_ARGS), **keys)
+  prompts = decode.encode_prompts(config, model.tokenizer, "prompts_file", texts)
+  length, eos = config.max_target_length, model.tokenizer.eos_id
+  via_api = [model.generate([ids], max_new_tokens=length - len(ids))[0] for ids in prompts]
+  server = serve.build_server(config)
+  try:
+    requests = [server.make_request(serve.CompletionRequest(prompt=ids, temperature=0), ids, None) for ids in prompts]
+    for request in requests:
+      server.scheduler.submit(request)
+    assert all(request.done.wait(120) for request in requests)
+  finally:
+    server.scheduler.stop()
+  via_server = [request.output_ids for request in requests]
+  assert via_api == via_server
+  strip = lambda ids: ids[:-1] if ids and ids[-1] == eos else ids
+  assert cli == [(text, model.tokenizer.decode(strip(ids))) for text, ids in zip(texts, via_api)]
+  assert any(len(strip(ids)) > 2 for ids in via_api)  # something was generated, not only an early eos
 
 
 def cli_error(capsys, *args):

@@ -596,10 +596,10 @@ import jax
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_platforms", "cpu")
 import numpy as np
-from MaxText import pyconfig, sharding
+from MaxText import sharding, startup
 from MaxText.input_pipeline import create_data_iterators
 pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-config = pyconfig.initialize(
+config = startup.start(  # joins jax.distributed first, as an entry point does
     ["", "base.yml", f"coordinator_address=127.0.0.1:{port}", "num_processes=2", f"process_id={pid}"] + sys.argv[4:]
 )
 train, _ = create_data_iterators(config, sharding.create_mesh(config))

@@ -1,6 +1,6 @@
 """Model features the Gemma, Qwen 3 and GPT-3 families switch on by config key, checked without transformers.
 
-(Their parity with transformers, per family, is in test_hf_conversion.py.)
+(Their parity with transformers, per family, is in test_families.py.)
 """
 
 import jax.numpy as jnp
@@ -19,9 +19,10 @@ def test_local_global_pattern_with_autoselected_attention(scan_layers):
   auto = build(model_name="tests/tiny-gemma3", scan_layers=scan_layers, attention="autoselected")
   for packed in (False, True):
     tokens, positions, segments = inputs(seed=2, packed=packed)
-    np.testing.assert_allclose(
-        forward(auto, tokens, positions, segments), forward(dot, tokens, positions, segments), atol=2e-5, rtol=1e-5
-    )
+    want = np.asarray(forward(dot, tokens, positions, segments))
+    # f32 rounding of two attention implementations through 6 layers: about 1e-6 of the logits' scale (~30).
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(forward(auto, tokens, positions, segments), want, atol=2e-6 * scale, rtol=1e-5)
 
 
 def test_only_every_nth_layer_is_global():

@@ -137,7 +137,8 @@ def inputs(seed=1, shape=(B, S, 64)):
 
 @nnx.jit
 def run_block(block, x):
-  return block(x), block.lb_loss.get_value()
+  out, aux = block(x)
+  return out, aux["lb_loss"]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -209,8 +210,8 @@ def test_expert_parallel_equals_unsharded(capacity_factor):
 
   def loss_and_grads(block, x):
     def loss(block):
-      y = block(x)
-      return jnp.mean(y**2) + block.lb_loss.get_value()
+      y, aux = block(x)
+      return jnp.mean(y**2) + aux["lb_loss"]
 
     return nnx.value_and_grad(loss)(block)
 
@@ -290,7 +291,8 @@ def test_heterogeneous_stack_scanned_equals_unrolled(stack):
 
 @nnx.jit
 def run_model(model, tokens, positions):
-  return model(tokens, positions), moe.lb_loss(model)
+  out, aux = model(tokens, positions, return_aux=True)
+  return out, model.aux_terms(aux)["metrics"]["moe_lb_loss"]
 
 
 def test_dense_models_keep_their_param_tree():
@@ -377,19 +379,29 @@ def test_lb_loss_joins_the_training_objective():
     return [train.loss_sums(setup, params, batch, None, True, aux_losses=a) for a in (True, False)]
 
   (with_lb, aux), (without_lb, _) = both(params, batch)
-  lb = aux["moe_lb_loss_sum"] / aux["total_weights"]
-  assert float(lb) > 0
-  np.testing.assert_allclose(float(with_lb - without_lb), 0.5 * float(aux["moe_lb_loss_sum"]), rtol=1e-5)
+  lb_sum = aux["metric_sums"]["moe_lb_loss"]  # lb * tokens
+  assert float(lb_sum) > 0
+  np.testing.assert_allclose(float(with_lb - without_lb), 0.5 * float(lb_sum), rtol=1e-5)
+
+
+def is_routing_bias(path) -> bool:
+  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  return names[-2:] == ["gate", "bias"]
 
 
 def test_routing_bias_is_not_weight_decayed():
   """The selection bias gets no gradient; AdamW's decay must not erode it (kernels still decay)."""
   config = make_config("tests/tiny-mixtral", routed_bias=True, adam_weight_decay=0.1, warmup_steps_fraction=0.0)
-  tx, _ = optimizers.create_optimizer(config)
-  params = {"mlp": {"gate": {"bias": jnp.ones(4), "kernel": jnp.ones((2, 4))}}}
+  abstract = nnx.state(model_creation.abstract_model(config), nnx.Param)
+  mask = train._pure(model_creation.weight_decay_mask(abstract))  # pylint: disable=protected-access
+  flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+  assert [m for p, m in flat if is_routing_bias(p)] == [False] and all(m for p, m in flat if not is_routing_bias(p))
+  params = jax.tree.map(lambda a: jnp.ones(a.shape, jnp.float32), train._pure(abstract.to_pure_dict()))
+  tx, _ = optimizers.create_optimizer(config, mask)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-  assert np.all(np.asarray(updates["mlp"]["gate"]["bias"]) == 0)
-  assert np.all(np.asarray(updates["mlp"]["gate"]["kernel"]) < 0)
+  layer = updates["decoder"]["layers"]["mlp"]
+  assert np.all(np.asarray(layer["gate"]["bias"]) == 0)
+  assert np.all(np.asarray(layer["gate"]["kernel"]) < 0)
 
 
 def test_qwen3_moe_dense_layers_map_or_are_refused():
@@ -419,8 +431,8 @@ def test_qwen3_moe_dense_layers_map_or_are_refused():
 
 @nnx.jit
 def run_block_masked(block, x, segment_ids):
-  block(x, segment_ids=segment_ids)
-  return block.lb_loss.get_value(), block.expert_load.get_value()
+  _, aux = block(x, segment_ids=segment_ids)
+  return aux["lb_loss"], aux["expert_load"]
 
 
 def test_padding_counts_in_neither_lb_loss_nor_loads():
@@ -444,27 +456,32 @@ def test_padding_counts_in_neither_lb_loss_nor_loads():
 
 @pytest.mark.parametrize("scanned", [False, True])
 def test_routing_bias_rule_by_hand(scanned):
-  """bias_i += rate * sign(mean load - load_i) per MoE layer, from the optimizer-free old bias; dense layers untouched."""
+  """post_update: bias_i += rate * sign(mean load - load_i) per MoE layer; kernels and dense layers untouched."""
   rate, loads = 0.25, np.array([[3.0, 1.0, 2.0, 2.0], [0.0, 4.0, 4.0, 0.0]])  # two MoE layers, 4 experts
   old_bias = np.array([[0.5, -0.5, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
   want = old_bias + rate * np.array([[-1, 1, 0, 0], [1, -1, -1, 1]])
-  moved = {"gate": {"kernel": np.full((2, 4), 7.0), "bias": np.full(4, 9.0)}}  # what an optimizer might have done
-  if scanned:  # stacked: loads on axis 0, params on param_scan_axis 1
-    old = {"layers": {"mlp": {"gate": {"kernel": np.zeros((2, 2, 4)), "bias": old_bias.T}}}}
-    new = {"layers": {"mlp": jax.tree.map(lambda v: np.stack([v, v], axis=1), moved)}}
-    got = moe.update_routing_bias(old, new, {"layers": {"mlp": {"expert_load": loads}}}, rate, 1)
-    np.testing.assert_array_equal(np.asarray(got["layers"]["mlp"]["gate"]["bias"]).T, want)
-    np.testing.assert_array_equal(got["layers"]["mlp"]["gate"]["kernel"], 7.0)
+  kw = dict(num_experts=4, num_experts_per_tok=2, routed_bias=True, routed_bias_update_rate=rate)
+  model = build(model_name="tests/tiny-deepseek3", scan_layers=scanned, **kw)  # layer 0 dense, 1 and 2 MoE
+  before = nnx.state(model, nnx.Param).to_pure_dict()
+  layers = model.decoder.layers
+  if scanned:  # a dense prefix group and one stacked MoE group: loads stacked on axis 0, params on param_scan_axis 1
+    layers.block_0.mlp.gate.bias[...] = old_bias.T
+    stats = {"prefix": {}, "block_0": {"mlp": {"expert_load": jnp.asarray(loads)}}}
   else:
-    old = {"layers": {str(i): {"mlp": {"gate": {"bias": old_bias[i - 1]}}} for i in (1, 2)}}
-    old["layers"]["0"] = {"mlp": {"wi_0": np.zeros(2)}}
-    new = {"layers": {str(i): {"mlp": moved} for i in (1, 2)} | {"0": {"mlp": {"wi_0": np.ones(2)}}}}
-    load_tree = {"layers": {str(i): {"mlp": {"expert_load": loads[i - 1]}} for i in (1, 2)}}
-    got = moe.update_routing_bias(old, new, load_tree, rate, 1)
     for i in (1, 2):
-      np.testing.assert_array_equal(np.asarray(got["layers"][str(i)]["mlp"]["gate"]["bias"]), want[i - 1])
-    np.testing.assert_array_equal(got["layers"]["0"]["mlp"]["wi_0"], 1.0)
-  np.testing.assert_allclose(moe.max_load_ratio({"a": loads}), 2.0)  # layer 2: max 4 / mean 2
+      layers[i].mlp.gate.bias[...] = old_bias[i - 1]
+    stats = {0: {}} | {i: {"mlp": {"expert_load": jnp.asarray(loads[i - 1])}} for i in (1, 2)}
+  model.post_update(stats)
+  after = nnx.state(model, nnx.Param).to_pure_dict()
+  if scanned:
+    np.testing.assert_array_equal(np.asarray(layers.block_0.mlp.gate.bias[...]).T, want)
+  else:
+    for i in (1, 2):
+      np.testing.assert_array_equal(np.asarray(layers[i].mlp.gate.bias[...]), want[i - 1])
+  flat_before, flat_after = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (before, after))
+  untouched = [p for p in flat_before if not is_routing_bias(p)]
+  assert untouched and all(np.array_equal(flat_before[p], flat_after[p]) for p in untouched)
+  np.testing.assert_allclose(moe.stats_metrics(stats)["moe_max_load_ratio"], 2.0)  # layer 2: max 4 / mean 2
 
 
 _BIAS_STEPS = 8
@@ -501,9 +518,7 @@ def _deepseek_run(rate: float, **kw):
     # Experts 0 and 1 start favoured: most tokens pick them until the rule evens the loads.
     skew = np.array([0.3, 0.3, 0, 0, 0, 0, 0, 0], np.float32)
     state["params"] = jax.tree_util.tree_map_with_path(
-        lambda p, v: np.broadcast_to(skew[:, None] if v.ndim == 2 else skew, v.shape).copy()
-        if moe.is_routing_bias(p)
-        else v,
+        lambda p, v: np.broadcast_to(skew[:, None] if v.ndim == 2 else skew, v.shape).copy() if is_routing_bias(p) else v,
         state["params"],
     )
     state = jax.device_put(state, setup.state_shardings)
@@ -526,7 +541,7 @@ def bias_runs():
 
 
 def _biases(params) -> list[np.ndarray]:
-  return [np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0] if moe.is_routing_bias(p)]
+  return [np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0] if is_routing_bias(p)]
 
 
 def test_routing_bias_follows_the_rule_in_training(bias_runs):
@@ -536,9 +551,9 @@ def test_routing_bias_follows_the_rule_in_training(bias_runs):
 
   @jax.jit
   def loads(params):
-    model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest, copy=True)
-    model(batch["inputs"], batch["inputs_position"], batch["inputs_segmentation"])
-    return moe.expert_loads(model)
+    model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
+    _, aux = model(batch["inputs"], batch["inputs_position"], batch["inputs_segmentation"], return_aux=True)
+    return model.aux_terms(aux)["stats"]
 
   load = np.asarray(jax.tree.leaves(loads(params))[0])  # scanned MoE block: [moe layers, experts]
   real = int((batch["inputs_segmentation"] != 0).sum())

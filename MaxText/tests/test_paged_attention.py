@@ -1,4 +1,5 @@
-"""Paged KV cache: logits equal the contiguous cache's, page bookkeeping, Pallas kernel conventions, config errors."""
+"""Paged KV cache: logits equal the contiguous cache's and the full forward (MLA's latent cache included), page
+bookkeeping, Pallas kernel conventions, config errors."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,10 @@ from flax import nnx
 
 from MaxText.config_schema import ConfigError
 from MaxText.inference import engine as engine_lib
-from MaxText.inference import offline, page_manager, paged_attention
+from MaxText.inference import page_manager
+from MaxText.inference import scheduler as scheduler_lib
 from MaxText.layers.attentions import attention_mask, dot_product_attention
+from MaxText.layers.cache import paged as paged_attention
 from MaxText.tests import model_test_utils as mtu
 
 SEQ = 28
@@ -21,16 +24,23 @@ def engines(model_name):
   model = mtu.build(**kw)
   contiguous = engine_lib.Engine(mtu.config_of(**kw), num_slots=3)
   paged = engine_lib.Engine(mtu.config_of(**kw, **PAGED), num_slots=3)
-  return contiguous, paged, contiguous.place_params(nnx.state(model, nnx.Param).to_pure_dict())
+  return contiguous, paged, contiguous.place_params(nnx.state(model, nnx.Param).to_pure_dict()), model
 
 
-@pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-gemma3"])
+def decode_prompts(engine, params, prompts, **kw):
+  scheduler = scheduler_lib.Scheduler(engine, params, max_prefills_per_step=engine.dims.num_slots)
+  return scheduler_lib.decode_prompts(scheduler, prompts, **kw)
+
+
+@pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-gemma3", "tests/tiny-deepseek2"])
 def test_paged_logits_equal_contiguous(model_name):
   """Three slots whose pages interleave (each grows a page at a time), teacher-forced; then slot 0 is released and
-  refilled with a new prompt that reuses freed pages while the others go on. Gemma 3: sliding-window local layers
-  (window 8 < sequence) and global layers."""
-  contiguous, paged, params = engines(model_name)
+  refilled with a new prompt that reuses freed pages while the others go on. Both caches give the full forward's
+  logits (f32). Gemma 3: sliding-window local layers (window 8 < sequence) and global layers; DeepSeek V2: MLA's
+  keys-only latent cache, contiguous and paged."""
+  contiguous, paged, params, model = engines(model_name)
   toks = np.random.default_rng(0).integers(0, contiguous.config.vocab_size, (4, SEQ)).astype(np.int32)
+  full = np.asarray(mtu.forward(model, toks, np.broadcast_to(np.arange(SEQ, dtype=np.int32), toks.shape), None))
   spec = paged.page_spec
   pages = page_manager.PageManager(spec.num_pages, spec.tokens_per_page, spec.max_pages_per_slot, 3)
   c_state, p_state = contiguous.init_decode_state(), paged.init_decode_state()
@@ -55,22 +65,23 @@ def test_paged_logits_equal_contiguous(model_name):
   for t in range(10):
     if t == 5:
       start(0, 3, 6)  # slot 0 leaves; a new prompt takes its slot and freed pages
-    feed = np.zeros((3,), np.int32)
+    feed, expected = np.zeros((3,), np.int32), np.zeros((3, full.shape[-1]), np.float32)
     for slot, (row, n) in lengths.items():
       pages.ensure(slot, n + 1)
-      feed[slot] = toks[row, n]
+      feed[slot], expected[slot] = toks[row, n], full[row, n]
       lengths[slot] = (row, n + 1)
     p_state = paged.set_page_table(p_state, pages.table)
     c_state["tokens"], p_state["tokens"] = jnp.asarray(feed), jnp.asarray(feed)
     c_state, _, c_logits = contiguous.generate_with_logits(params, c_state)
     p_state, _, p_logits = paged.generate_with_logits(params, p_state)
     np.testing.assert_allclose(np.asarray(p_logits), np.asarray(c_logits), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(c_logits), expected, atol=1e-4, rtol=0)
   held = pages.table[pages.table > 0]
   assert len(set(held.tolist())) == held.size  # no page is shared by two slots
   assert not np.all(np.diff(pages.table[1, : pages.held(1)]) == 1)  # slot 1's pages are not one contiguous run
-  # Offline decoding (the decode CLI and the API) allocates and frees pages itself: 5 prompts through 3 slots.
+  # The Scheduler (decode CLI, API, server) allocates and frees pages itself: 5 prompts through 3 slots.
   prompts = [toks[i % 4, : 3 + 3 * i].tolist() for i in range(5)]
-  assert offline.decode_prompts(paged, params, prompts, max_new_tokens=9) == offline.decode_prompts(
+  assert decode_prompts(paged, params, prompts, max_new_tokens=9) == decode_prompts(
       contiguous, params, prompts, max_new_tokens=9
   )
 
@@ -138,8 +149,8 @@ def test_write_tokens_past_the_table_go_to_scratch_page():
     ],
 )
 def test_config_errors(overrides, match):
-  config = mtu.config_of(model_name="tests/tiny-llama", **{**PAGED, **overrides})
-  with pytest.raises(ConfigError, match=match):
+  with pytest.raises(ConfigError, match=match):  # when the config is built (MaxText/config/checks.py)
+    config = mtu.config_of(model_name="tests/tiny-llama", **{**PAGED, **overrides})
     paged_attention.page_spec_from_config(config, config.max_target_length)
 
 

@@ -339,6 +339,16 @@ def test_config_is_read_only():
   assert config.steps == BASE["steps"]
 
 
+def test_building_a_config_has_no_process_side_effects(monkeypatch):
+  def refuse(raw):
+    raise AssertionError(f"pyconfig.initialize called distributed.setup({len(raw)} values)")
+
+  monkeypatch.setattr(pyconfig.distributed, "setup", refuse)
+  assert build("reuse_host_memory=true", "hardware=cpu").process_count == 1
+  # Several processes are the start-up's job: asking pyconfig alone for them is an error, not a hang.
+  assert config_error("coordinator_address=localhost:1", "num_processes=2", "process_id=0").startswith("num_processes:")
+
+
 def test_unknown_attribute_suggests_a_key():
   with pytest.raises(AttributeError, match="'steps'"):
     _ = build().stepz
@@ -514,8 +524,9 @@ def test_cli_missing_config_file_exits_2():
 
 _REFAULT_PROBE = """
 import ctypes, resource, sys
-from MaxText import distributed, pyconfig
-pyconfig.initialize(["", sys.argv[1], "hardware=cpu", "reuse_host_memory=" + sys.argv[2]])
+from MaxText import distributed, pyconfig, startup
+build = startup.start if sys.argv[3] == "startup" else pyconfig.initialize
+build(["", sys.argv[1], "hardware=cpu", "reuse_host_memory=" + sys.argv[2]])
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -532,12 +543,14 @@ print(distributed.reuse_host_memory_applied(), faults_of_a_fresh_256_mib_buffer(
 """
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_reuse_host_memory_stops_refaulting_freed_buffers(reuse):
+@pytest.mark.parametrize("reuse, build_with", [(True, "startup"), (False, "startup"), (True, "initialize")])
+def test_reuse_host_memory_stops_refaulting_freed_buffers(reuse, build_with):
   """With reuse_host_memory (before JAX starts), a big buffer freed and allocated again reuses the same pages;
-  without it glibc maps fresh ones, faulted in (and zero-filled) again: 65536 4 KiB pages for 256 MiB."""
+  without it glibc maps fresh ones, faulted in (and zero-filled) again: 65536 4 KiB pages for 256 MiB.
+  Only the entry points' start-up applies it: pyconfig.initialize has no side effects."""
+  applied_expected = reuse and build_with == "startup"
   out = subprocess.run(
-      [sys.executable, "-c", _REFAULT_PROBE, str(BASE_YML), str(reuse).lower()],
+      [sys.executable, "-c", _REFAULT_PROBE, str(BASE_YML), str(reuse).lower(), build_with],
       env={k: v for k, v in os.environ.items() if not k.startswith(pyconfig.ENV_PREFIX)},
       capture_output=True,
       text=True,
@@ -546,8 +559,8 @@ def test_reuse_host_memory_stops_refaulting_freed_buffers(reuse):
   )
   assert out.returncode == 0, out.stderr[-2000:]
   applied, faults = out.stdout.split()[-2:]
-  assert applied == str(reuse)
-  if reuse:
+  assert applied == str(applied_expected)
+  if applied_expected:
     assert int(faults) < 2000
   else:
     assert int(faults) > 30000

@@ -16,7 +16,7 @@ import uvicorn
 from flax import nnx
 
 from MaxText import serve
-from MaxText.inference import batch_sampling, offline
+from MaxText.inference import sampling
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import scheduler as scheduler_lib
 from MaxText.tests import model_test_utils as mtu
@@ -29,8 +29,10 @@ PAGED = {"attention": "paged", "pagedattn_tokens_per_page": 4}
 def reference():
   """Greedy decode of one prompt alone: the contiguous engine with one slot."""
   engine = engine_lib.Engine(mtu.config_of(**MODEL), num_slots=1)
-  params = engine.place_params(nnx.state(mtu.build(**MODEL), nnx.Param).to_pure_dict())
-  return lambda prompt, n: offline.decode_prompts(engine, params, [prompt], max_new_tokens=n)[0]
+  scheduler = scheduler_lib.Scheduler(
+      engine, engine.place_params(nnx.state(mtu.build(**MODEL), nnx.Param).to_pure_dict())
+  )
+  return lambda prompt, n: scheduler_lib.decode_prompts(scheduler, [prompt], max_new_tokens=n)[0]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,8 @@ def test_32_concurrent_requests_equal_decoding_alone(warm, reference):
   def request(i):
     prompt = rng.integers(0, 256, int(rng.integers(1, 17))).tolist()
     sampled = i % 4 == 3
-    settings = batch_sampling.RowSettings(temperature=0.9, top_k=20, top_p=0.9, seed=i) if sampled else None
-    return scheduler_lib.Request(prompt, int(rng.integers(1, 17)), settings or batch_sampling.RowSettings())
+    settings = sampling.SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=i) if sampled else None
+    return scheduler_lib.Request(prompt, int(rng.integers(1, 17)), settings or sampling.SamplingParams())
 
   requests = [request(i) for i in range(32)]
   with scheduler_lib.CompileCounter() as serving:
@@ -191,8 +193,8 @@ def test_openai_client_completions_stream_and_not(live):
   assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
   # Greedy through the server = the engine alone on the same ids (up to the eos the server stops at).
   contiguous = engine_lib.Engine(mtu.config_of(**MODEL, **SERVER_DIMS), num_slots=1)
-  alone = offline.decode_prompts(
-      contiguous, server.scheduler.params, [[server.tokenizer.bos_id] + ids], max_new_tokens=12
+  alone = scheduler_lib.decode_prompts(
+      scheduler_lib.Scheduler(contiguous, server.scheduler.params), [[server.tokenizer.bos_id] + ids], max_new_tokens=12
   )[0]
   expected = alone[: alone.index(server.tokenizer.eos_id)] if server.tokenizer.eos_id in alone else alone
   assert full.choices[0].text == server.tokenizer.decode(expected)

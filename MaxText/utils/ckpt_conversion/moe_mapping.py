@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from MaxText.layers.decoders import moe_layer_flags
+from MaxText.layers.moe import moe_layer_flags
 from MaxText.utils.ckpt_conversion import weight_mapping
 from MaxText.utils.ckpt_conversion.weight_mapping import Rule
 
@@ -26,7 +26,7 @@ _MOE = "decoder/layers/{i}/mlp"
 
 
 def moe_layers(config) -> tuple[int, ...]:
-  """Indices of the decoder layers that are MoE (decoders.moe_layer_flags)."""
+  """Indices of the decoder layers that are MoE (moe.moe_layer_flags)."""
   return tuple(i for i, moe in enumerate(moe_layer_flags(config)) if moe)
 
 
@@ -80,29 +80,6 @@ def experts(
   ]
 
 
-def fused_experts(config, *, maxtext: str = _MOE, hf: str, layers: Sequence[int]) -> list[Rule]:
-  """5.x fused `{hf}.gate_up_proj` [E, 2*mlp, embed] and `{hf}.down_proj` [E, embed, mlp] <-> wi_0, wi_1, wo."""
-  e, m, n = config.emb_dim, config.moe_mlp_dim, config.num_experts
-  return [
-      Rule(
-          (f"{maxtext}/wi_0", f"{maxtext}/wi_1"),
-          (f"{hf}.gate_up_proj",),
-          ((n, 2 * m, e),),
-          lambda a: [np.swapaxes(a[0][:, :m], 1, 2), np.swapaxes(a[0][:, m:], 1, 2)],
-          lambda a: [np.concatenate([np.swapaxes(a[0], 1, 2), np.swapaxes(a[1], 1, 2)], axis=1)],
-          tuple(layers),
-      ),
-      Rule(
-          (f"{maxtext}/wo",),
-          (f"{hf}.down_proj",),
-          ((n, e, m),),
-          lambda a: [np.swapaxes(a[0], 1, 2)],
-          lambda a: [np.ascontiguousarray(np.swapaxes(a[0], 1, 2))],
-          tuple(layers),
-      ),
-  ]
-
-
 def shared_experts(config, *, maxtext: str = f"{_MOE}/shared_experts", hf: str, layers: Sequence[int]) -> list[Rule]:
   """The shared experts' gated MLP (gate_proj/up_proj/down_proj names) of width shared_experts * moe_mlp_dim."""
   width = config.shared_experts * config.moe_mlp_dim
@@ -130,22 +107,38 @@ def rename_experts(name: str, parent: str, family_parent: str, expert_names: dic
 
 
 @dataclasses.dataclass(frozen=True)
-class _Info:
+class TensorInfo:
   shape: tuple[int, ...]
   dtype: np.dtype
 
 
-class PerExpertView:
-  """A SafetensorsReader-like view in which fused `*.experts.gate_up_proj` / `*.experts.down_proj` tensors appear as
+class TensorView:
+  """A SafetensorsReader-like view (names(), tensors[name].shape/.dtype, read(name)) of a reader's tensors in which
+  subclasses replace some tensors by virtual ones: `self.tensors[name] = TensorInfo(...)` and
+  `self._virtual[name] = () -> array`."""
+
+  def __init__(self, reader):
+    self.reader = reader
+    self.tensors: dict[str, TensorInfo] = {}
+    self._virtual: dict = {}
+
+  def names(self) -> list[str]:
+    return list(self.tensors)
+
+  def read(self, name: str) -> np.ndarray:
+    make = self._virtual.get(name)
+    return self.reader.read(name) if make is None else make()
+
+
+class PerExpertView(TensorView):
+  """A view in which fused `*.experts.gate_up_proj` / `*.experts.down_proj` tensors appear as
   `*.experts.{j}.gate_proj.weight`, `up_proj`, `down_proj` (other tensors unchanged).
 
   Each fused tensor is read once per run of reads of its experts (the last one is cached), not once per expert.
   """
 
   def __init__(self, reader):
-    self.reader = reader
-    self.tensors: dict[str, _Info] = {}
-    self._source: dict[str, tuple[str, int, slice]] = {}  # virtual name -> (fused name, expert, row slice)
+    super().__init__(reader)
     self._cache: tuple[str | None, np.ndarray | None] = (None, None)
     for name in reader.names():
       info = reader.tensors[name]
@@ -162,18 +155,12 @@ class PerExpertView:
         for j in range(shape[0]):
           for part, rows in parts:
             virtual = f"{head}.{j}.{part}.weight"
-            self.tensors[virtual] = _Info(out_shape, dtype)
-            self._source[virtual] = (name, j, rows)
+            self.tensors[virtual] = TensorInfo(out_shape, dtype)
+            self._virtual[virtual] = lambda name=name, j=j, rows=rows: self._expert(name, j, rows)
       else:
-        self.tensors[name] = _Info(shape, dtype)
+        self.tensors[name] = TensorInfo(shape, dtype)
 
-  def names(self) -> list[str]:
-    return list(self.tensors)
-
-  def read(self, name: str) -> np.ndarray:
-    if name not in self._source:
-      return self.reader.read(name)
-    fused, j, rows = self._source[name]
+  def _expert(self, fused: str, j: int, rows: slice) -> np.ndarray:
     if self._cache[0] != fused:
       self._cache = (None, None)  # drop the previous fused tensor before reading the next
       self._cache = (fused, self.reader.read(fused))

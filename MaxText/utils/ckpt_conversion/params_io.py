@@ -83,8 +83,7 @@ class ParamsReader:
     self.tree = checkpointing.stored_params_tree(path)
     root = epath.Path(path)
     self.items = root / checkpointing.ITEMS if (root / checkpointing.ITEMS).exists() else root
-    layers = self.tree.get("decoder", {}).get("layers", {})
-    self.unscanned = bool(layers) and all(str(k).isdigit() for k in layers)
+    self.unscanned = checkpointing.layers_are_unscanned(self.tree)
 
   def shape(self, path: Path) -> tuple[int, ...]:
     node: Any = self.tree

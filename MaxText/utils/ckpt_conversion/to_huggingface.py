@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from MaxText import pyconfig
+from MaxText import models, pyconfig
 from MaxText.config_schema import ConfigError
 from MaxText.layers.decoders import moe_layer_flags, stack_layout
 from MaxText.utils.ckpt_conversion import cli, params_io, to_maxtext, weight_mapping
@@ -35,9 +35,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def hf_config_json(config) -> dict[str, Any]:
   """config.json for the config, after checking transformers would read it back as the same model."""
-  module = weight_mapping.family_for_config(config)
-  fields = module.hf_config(config)
-  architecture, model_type = weight_mapping.hf_architecture(module, config)
+  spec = models.get(config.decoder_block)
+  if not spec.converts:
+    raise weight_mapping.UnsupportedCheckpointError(f"decoder_block {spec.name!r} has no Hugging Face mapping")
+  fields = spec.hf.config_to_hf(config)
+  architecture, model_type = spec.architecture_for(config)
   _, back = to_maxtext.model_keys({**fields, "architectures": [architecture], "model_type": model_type})
   differs = [f"{k}={config.get(k)!r} (reads back as {v!r})" for k, v in back.items() if config.get(k) != v]
   if differs:
@@ -54,10 +56,10 @@ def convert(config, hf_output_path: str, max_shard_bytes: int = 5 * 10**9):
   start = time.time()
   if not config.load_parameters_path:
     raise ConfigError(f"load_parameters_path: required; usage: {USAGE}")
-  module = weight_mapping.family_for_config(config)
+  spec = models.get(config.decoder_block)
   config_json = hf_config_json(config)
   reader = params_io.ParamsReader(config.load_parameters_path)
-  rules = module.hf_weights(config)
+  rules = spec.hf.weights(config)
   num_layers = config.num_decoder_layers
   layout = stack_layout(moe_layer_flags(config))
   dtype = np.dtype(config.weight_dtype)

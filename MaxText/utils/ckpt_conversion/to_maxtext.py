@@ -23,8 +23,10 @@ import numpy as np
 import yaml
 from flax import nnx, traverse_util
 
+from MaxText import config as config_keys
 from MaxText import pyconfig
 from MaxText.layers import model_creation, scan_layout
+from MaxText import models
 from MaxText.layers.decoders import LAYERS_PATH, moe_layer_flags, stack_layout
 from MaxText.utils.ckpt_conversion import cli, params_io, weight_mapping
 from MaxText.utils.ckpt_conversion.safetensors_io import SafetensorsReader
@@ -34,73 +36,10 @@ logger = logging.getLogger("MaxText")
 TOOL_KEYS = ("hf_model_path", "output_directory")
 USAGE = "python3 -m MaxText.utils.ckpt_conversion.to_maxtext hf_model_path=DIR output_directory=OUT [key=value ...]"
 
-# The keys that define a model's architecture: model.yml writes every one of them (base.yml's value unless the
-# family's config_from_hf sets it), so the file means the same model whatever base.yml's defaults become.
-MODEL_KEYS = (
-    "decoder_block",
-    "global_parameter_scale",
-    "base_emb_dim",
-    "base_num_query_heads",
-    "base_num_kv_heads",
-    "base_mlp_dim",
-    "base_num_decoder_layers",
-    "head_dim",
-    "vocab_size",
-    "mlp_activations",
-    "normalization_type",
-    "normalization_layer_epsilon",
-    "normalization_scale_offset",
-    "use_bias",
-    "use_qk_norm",
-    "logits_via_embedding",
-    "scale_embedding_by_sqrt_dim",
-    "trainable_position_size",
-    "final_logits_soft_cap",
-    "attn_logits_soft_cap",
-    "query_pre_attn_scalar",
-    "sliding_window_size",
-    "sliding_window_pattern",
-    "rope_type",
-    "rope_max_timescale",
-    "rope_min_timescale",
-    "rope_scaling_factor",
-    "rope_low_freq_factor",
-    "rope_high_freq_factor",
-    "rope_original_max_position_embeddings",
-    "local_rope_max_timescale",
-    # Llama 4 attention (layers/attentions.py)
-    "chunk_attn_window_size",
-    "nope_layer_interval",
-    "use_qk_l2_norm",
-    "attn_temperature_tuning",
-    "attn_temperature_floor_scale",
-    "attn_temperature_scale",
-    # mixture of experts (layers/moe.py)
-    "num_experts",
-    "num_experts_per_tok",
-    "moe_mlp_dim",
-    "shared_experts",
-    "routed_score_func",
-    "routed_bias",
-    "routed_scaling_factor",
-    "norm_topk_prob",
-    "n_routing_groups",
-    "topk_routing_group",
-    "first_num_dense_layers",
-    "interleave_moe_layer_step",
-    "moe_input_scaled_by_router",
-    # YaRN RoPE (layers/embeddings.py) and Multi-head Latent Attention (layers/mla.py)
-    "rope_yarn_beta_fast",
-    "rope_yarn_beta_slow",
-    "rope_yarn_mscale",
-    "rope_yarn_mscale_all_dim",
-    "attention_type",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-)
+# The keys that define a model's architecture (declared with model=True in MaxText/config/): model.yml writes
+# every one of them (base.yml's value unless the family's config_from_hf sets it), so the file means the same
+# model whatever base.yml's defaults become.
+MODEL_KEYS = config_keys.MODEL_KEYS
 
 
 def base_defaults() -> dict[str, Any]:
@@ -120,14 +59,14 @@ def model_keys(hf_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
   architecture = (hf_config.get("architectures") or [None])[0]
   if architecture is None:
     raise weight_mapping.UnsupportedCheckpointError(
-        f"config.json names no architectures; supported: {', '.join(weight_mapping.supported_architectures())}"
+        f"config.json names no architectures; supported: {', '.join(models.supported_architectures())}"
     )
-  block, module = weight_mapping.family_for_architecture(architecture)
-  keys = module.config_from_hf(weight_mapping.HFConfig(hf_config, getattr(module, "HF_DEFAULTS", {})))
-  keys["decoder_block"] = block
+  spec = models.for_architecture(architecture)
+  keys = spec.hf.config_from_hf(weight_mapping.HFConfig(hf_config, spec.hf.defaults))
+  keys["decoder_block"] = spec.name
   unknown = sorted(set(keys) - set(MODEL_KEYS))
   if unknown:
-    raise ValueError(f"MaxText/models/{block}.py config_from_hf returned keys outside MODEL_KEYS: {unknown}")
+    raise ValueError(f"decoder_block {spec.name!r}: config_from_hf returned keys outside MODEL_KEYS: {unknown}")
   defaults = base_defaults()
   return architecture, {k: keys.get(k, defaults[k]) for k in MODEL_KEYS}
 
@@ -174,12 +113,12 @@ def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] 
   out.mkdir(parents=True, exist_ok=True)
   write_model_yml(out / "model.yml", hf_model_path, architecture, keys)
   config = pyconfig.initialize(["", str(out / "model.yml"), *overrides], log_config=False)
-  module = weight_mapping.family_for_config(config)
-  rules = module.hf_weights(config)
-  reader = getattr(module, "hf_reader", lambda r: r)(SafetensorsReader(hf_model_path))
+  spec = models.get(config.decoder_block)
+  rules = spec.hf.weights(config)
+  reader = spec.reader(SafetensorsReader(hf_model_path))
   available = {}
   for name in reader.names():
-    canonical = weight_mapping.tensor_name(module, name)
+    canonical = spec.tensor_name(name)
     if canonical is not None:
       available[canonical] = name
 

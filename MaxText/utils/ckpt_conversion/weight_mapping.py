@@ -1,35 +1,20 @@
-"""How a model family describes its Hugging Face checkpoints, and how a config.json finds its family.
+"""The rule toolkit every family's Hugging Face mapping is written with (families: MaxText/models/, each a spec).
 
-A family module in MaxText/models/ that converts to and from Hugging Face defines:
-  HF_ARCHITECTURES   config.json `architectures` names it reads; the first is the one it writes
-  HF_MODEL_TYPE      the `model_type` it writes
-  hf_architecture(config) -> (architecture, model_type)   optional: which one a config is written as
-  config_from_hf(hf: HFConfig) -> dict     MaxText model keys for a checkpoint's config.json
-  hf_config(config) -> dict                config.json fields for a MaxText config (to_huggingface adds the rest)
-  hf_weights(config) -> list[Rule]         every parameter, as rules between MaxText paths and Hugging Face tensors
-  hf_tensor_name(name) -> str | None       optional: a checkpoint's tensor name in the family's spelling (None: skip)
-  hf_reader(reader) -> reader              optional: a view of the checkpoint's tensors (names(), tensors[name].shape,
-                                           read(name)), e.g. fused expert tensors as per-expert ones (moe_mapping.py)
-
-Rule paths are MaxText params in the unscanned layout, '/'-joined ("decoder/layers/{i}/mlp/wo/kernel"); "{i}" marks
-a rule applied once per decoder layer (or per layer in its `layers`), with the same "{i}" in its Hugging Face names.
-Transforms only transpose, reshape, split, stack and concatenate, so HF -> MaxText -> HF reproduces every tensor bit
-for bit.
+A Rule ties MaxText params to Hugging Face tensors with two transforms. Rule paths are MaxText params in the
+unscanned layout, '/'-joined ("decoder/layers/{i}/mlp/wo/kernel"); "{i}" marks a rule applied once per decoder
+layer (or per layer in its `layers`), with the same "{i}" in its Hugging Face names. Transforms only transpose,
+reshape, split, stack and concatenate, so HF -> MaxText -> HF reproduces every tensor bit for bit.
+HFConfig reads a config.json in either transformers spelling (4.x and 5.x).
 """
 
 import dataclasses
-import importlib
 import math
-import pathlib
-from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 Shape = int | Sequence[int]
 Arrays = list[np.ndarray]
-
-MODELS_DIR = pathlib.Path(__file__).resolve().parents[2] / "models"
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -116,7 +101,7 @@ def norm(config, maxtext: str, hf: str, dim: int) -> list[Rule]:
   return rules
 
 
-# ---------------------------------------------------------------- the Llama naming most families share
+# ---------------------------------------------------------------- the naming most families share (Llama's)
 
 
 def attention(
@@ -169,16 +154,6 @@ def embeddings_and_head(config, hf: str = "model") -> list[Rule]:
   if not config.logits_via_embedding:
     rules.append(linear("logits_dense/kernel", "lm_head.weight", config.emb_dim, config.vocab_size))
   return rules
-
-
-def llama_layer(config) -> list[Rule]:
-  """A pre-norm layer in Llama's names: input_layernorm, self_attn, post_attention_layernorm, mlp."""
-  layer = "decoder/layers/{i}"
-  rules = norm(config, f"{layer}/pre_self_attention_layer_norm", "model.layers.{i}.input_layernorm", config.emb_dim)
-  rules += norm(
-      config, f"{layer}/post_self_attention_layer_norm", "model.layers.{i}.post_attention_layernorm", config.emb_dim
-  )
-  return rules + attention(config) + gated_mlp(config)
 
 
 # ---------------------------------------------------------------- config.json
@@ -362,115 +337,3 @@ def layer_types(config) -> list[str]:
     )
     kinds.append("sliding_attention" if local else "full_attention")
   return kinds
-
-
-# ---------------------------------------------------------------- family lookup
-
-
-def family_modules() -> dict[str, ModuleType]:
-  """decoder_block -> family module, for every family file that defines a Hugging Face mapping."""
-  out = {}
-  for path in sorted(MODELS_DIR.glob("*.py")):
-    if path.stem.startswith("_"):
-      continue
-    module = importlib.import_module(f"MaxText.models.{path.stem}")
-    if hasattr(module, "HF_ARCHITECTURES"):
-      out[path.stem] = module
-  return out
-
-
-def supported_architectures() -> list[str]:
-  return sorted(a for m in family_modules().values() for a in m.HF_ARCHITECTURES)
-
-
-def family_for_architecture(architecture: str) -> tuple[str, ModuleType]:
-  for block, module in family_modules().items():
-    if architecture in module.HF_ARCHITECTURES:
-      return block, module
-  raise UnsupportedCheckpointError(
-      f"architecture {architecture!r} is not supported; supported: {', '.join(supported_architectures())}"
-  )
-
-
-def family_for_config(config) -> ModuleType:
-  families = family_modules()
-  if config.decoder_block not in families:
-    raise UnsupportedCheckpointError(
-        f"decoder_block {config.decoder_block!r} has no Hugging Face mapping; families with one: {sorted(families)}"
-    )
-  return families[config.decoder_block]
-
-
-def hf_architecture(module: ModuleType, config) -> tuple[str, str]:
-  """(architecture, model_type) a config is written as: the family's `hf_architecture(config)` where it writes
-  several (DeepSeek V2/V3), else its first HF_ARCHITECTURES entry and HF_MODEL_TYPE."""
-  choose = getattr(module, "hf_architecture", None)
-  return choose(config) if choose is not None else (module.HF_ARCHITECTURES[0], module.HF_MODEL_TYPE)
-
-
-def tensor_name(module: ModuleType, name: str) -> str | None:
-  """A checkpoint tensor's name in the family's spelling, or None for tensors that hold no parameters."""
-  if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
-    return None
-  rename = getattr(module, "hf_tensor_name", None)
-  return rename(name) if rename is not None else name
-
-
-# ---------------------------------------------------------------- the Llama config.json most families share
-
-
-def llama_config(hf: HFConfig, *, has_mlp_bias: bool = True) -> dict[str, Any]:
-  """MaxText model keys for a Llama-style config.json (dims, norm epsilon, tying, gated MLP, RoPE, biases).
-
-  `has_mlp_bias=False` for families whose MLP never has biases (there attention_bias must be false too).
-  """
-  hidden, heads = hf.require("hidden_size"), hf.require("num_attention_heads")
-  attention_bias = bool(hf.get("attention_bias", False))
-  mlp_bias = bool(hf.get("mlp_bias", False)) if has_mlp_bias else False
-  if attention_bias != mlp_bias:
-    raise UnsupportedCheckpointError(
-        f"attention_bias={attention_bias} with mlp_bias={mlp_bias}: biases must be on both or neither (use_bias)"
-    )
-  act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-  keys = dict(
-      base_emb_dim=hidden,
-      base_num_query_heads=heads,
-      base_num_kv_heads=hf.get("num_key_value_heads") or heads,
-      base_mlp_dim=hf.require("intermediate_size"),
-      base_num_decoder_layers=hf.require("num_hidden_layers"),
-      head_dim=hf.get("head_dim") or hidden // heads,
-      vocab_size=hf.require("vocab_size"),
-      normalization_layer_epsilon=float(hf.get("rms_norm_eps") or 1e-6),
-      logits_via_embedding=bool(hf.get("tie_word_embeddings")),
-      mlp_activations=[activation_name(act), "linear"],
-      use_bias=attention_bias,
-  )
-  keys.update(rope_keys(hf.rope(), hf.get("max_position_embeddings")))
-  return keys
-
-
-def llama_hf_config(config, *, has_mlp_bias: bool = True) -> dict[str, Any]:
-  """The Llama-style config.json fields for a MaxText config (both RoPE spellings, so 4.x and 5.x read it)."""
-  acts = list(config.mlp_activations)
-  if len(acts) != 2 or acts[1] != "linear":
-    raise UnsupportedCheckpointError(f"mlp_activations {acts}: Hugging Face's gated MLP needs [activation, linear]")
-  rope = hf_rope(config)
-  fields = dict(
-      hidden_size=config.emb_dim,
-      intermediate_size=config.mlp_dim,
-      num_hidden_layers=config.num_decoder_layers,
-      num_attention_heads=config.num_query_heads,
-      num_key_value_heads=config.num_kv_heads,
-      head_dim=config.head_dim,
-      vocab_size=config.vocab_size,
-      rms_norm_eps=config.normalization_layer_epsilon,
-      tie_word_embeddings=config.logits_via_embedding,
-      hidden_act=hf_activation_name(acts[0]),
-      max_position_embeddings=config.max_target_length,
-      attention_bias=config.use_bias,
-      rope_parameters=rope,
-      **legacy_rope(rope),
-  )
-  if has_mlp_bias:
-    fields["mlp_bias"] = config.use_bias
-  return fields

@@ -1,11 +1,13 @@
-"""The paged KV cache of one attention layer (`attention: paged`): keys/values in fixed-size pages shared by all slots.
+"""The paged KV cache (`attention: paged`): keys/values in fixed-size pages shared by all rows (see
+MaxText.layers.cache).
 
 Pages are [kv_heads, num_pages, tokens_per_page, head_dim] (the layout of the Pallas paged-attention kernels); each
-slot's page table row maps its token t to page `table[t // tokens_per_page]`, offset `t % tokens_per_page`. The
-host-side PageManager decides which pages a slot holds; this module only reads and writes them.
+row's page table maps its token t to page `table[t // tokens_per_page]`, offset `t % tokens_per_page`. The
+host-side PageManager (MaxText.inference.page_manager) decides which pages a row holds; this module only reads and
+writes them. The keys-only variant (`store_values=False`) pages MLA's latent cache.
 
 Decode attention has two implementations (`paged_attention_kernel`):
-- jax: gathers each slot's pages into a [batch, kv_heads, pages x tokens_per_page, head_dim] view and runs the
+- jax: gathers each row's pages into a [batch, kv_heads, pages x tokens_per_page, head_dim] view and runs the
   same masked attention as the contiguous cache (any backend; sliding windows and soft caps included), so its logits
   equal the contiguous cache's.
 - pallas: `jax.experimental.pallas.ops.gpu.paged_attention` on GPU, which reads the pages in place. It has no
@@ -16,15 +18,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from MaxText.config import choices
 from MaxText.config_schema import ConfigError
-from MaxText.inference.kvcache import AttentionView, KVCacheVar
+from MaxText.layers.cache.base import LENGTH_NAMES, AttentionView, Cache, cache_var
 
-KERNELS = ("auto", "jax", "pallas")
+KERNELS = choices("paged_attention_kernel")
 PAGE_NAMES = ("cache_heads", None, None, "cache_kv")
 TABLE_NAMES = ("cache_batch", None)
-LENGTH_NAMES = ("cache_batch",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ def page_spec_from_config(config, max_cache_length: int, backend: str | None = N
     raise ConfigError("quantize_kvcache: the int8 KV cache is not available with attention=paged")
   backend = backend or jax.default_backend()
   kernel = config.paged_attention_kernel
-  masked = config.sliding_window_size > 0 or getattr(config, "chunk_attn_window_size", 0) > 0
+  masked = config.sliding_window_size > 0 or config.chunk_attn_window_size > 0
   if kernel == "pallas":
     if backend != "gpu":
       raise ConfigError(f"paged_attention_kernel: pallas runs on GPU only, the backend is {backend!r} (use jax)")
@@ -92,60 +93,58 @@ def gather_pages(pages: jax.Array, table: jax.Array) -> jax.Array:
   return jnp.swapaxes(rows.reshape(heads, table.shape[0], table.shape[1] * per_page, dim), 0, 1)
 
 
-class PagedKVCache(nnx.Module):
+class PagedKVCache(Cache):
   """Key/value pages [kv_heads, num_pages, tokens_per_page, head_dim], page table [batch, pages_per_slot] and
-  filled lengths [batch] of one attention layer. Same interface as KVCache (prefill, attention_view, append)."""
+  filled lengths [batch] of one attention layer (values None when keys-only)."""
 
-  def __init__(self, batch: int, spec: PageSpec, num_kv_heads: int, head_dim: int, *, dtype, stack=()):
-    lead = ("layers",) * len(stack)
-
-    def var(value, names):
-      return KVCacheVar(value, out_sharding=lead + names, eager_sharding=False)
-
+  def __init__(
+      self,
+      batch: int,
+      spec: PageSpec,
+      num_kv_heads: int,
+      head_dim: int,
+      *,
+      dtype,
+      stack: tuple[int, ...] = (),
+      store_values: bool = True,
+  ):
     shape = tuple(stack) + (num_kv_heads, spec.num_pages, spec.tokens_per_page, head_dim)
     self.dtype = dtype
-    self.kernel = spec.kernel
-    self.key_pages = var(jnp.zeros(shape, dtype), PAGE_NAMES)
-    self.value_pages = var(jnp.zeros(shape, dtype), PAGE_NAMES)
-    self.page_table = var(jnp.zeros(tuple(stack) + (batch, spec.max_pages_per_slot), jnp.int32), TABLE_NAMES)
-    self.lengths = var(jnp.zeros(tuple(stack) + (batch,), jnp.int32), LENGTH_NAMES)
+    self.kernel = spec.kernel if store_values else "jax"  # the kernel needs values
+    self.key_pages = cache_var(jnp.zeros(shape, dtype), PAGE_NAMES, stack)
+    self.value_pages = cache_var(jnp.zeros(shape, dtype), PAGE_NAMES, stack) if store_values else None
+    self.page_table = cache_var(jnp.zeros(tuple(stack) + (batch, spec.max_pages_per_slot), jnp.int32), TABLE_NAMES, stack)
+    self.lengths = cache_var(jnp.zeros(tuple(stack) + (batch,), jnp.int32), LENGTH_NAMES, stack)
 
-  def _store(self, key: jax.Array, value: jax.Array, start: jax.Array):
-    table = self.page_table[...]
+  def _write(self, key: jax.Array, value: jax.Array | None, table: jax.Array, start: jax.Array):
+    """key/value [B, S, H, D] written at tokens start[b].. of table row b."""
     self.key_pages[...] = write_tokens(self.key_pages[...], table, start, key)
-    self.value_pages[...] = write_tokens(self.value_pages[...], table, start, value)
+    if self.value_pages is not None:
+      self.value_pages[...] = write_tokens(self.value_pages[...], table, start, value)
 
-  def prefill(self, key: jax.Array, value: jax.Array, lengths: jax.Array):
-    """Starts every row afresh with a prompt's keys/values [batch, S, kv_heads, head_dim] (into its pages)."""
+  def _store(self, key: jax.Array, value: jax.Array | None, start: jax.Array):
+    self._write(key, value, self.page_table[...], start)
+
+  def prefill(self, key: jax.Array, value: jax.Array | None, lengths: jax.Array):
     self._store(key, value, jnp.zeros(key.shape[:1], jnp.int32))
     self.lengths[...] = lengths.astype(jnp.int32)
 
-  def attention_view(self, key: jax.Array, value: jax.Array) -> AttentionView:
-    """As KVCache.attention_view, with each row's pages gathered in token order as the cached part."""
-    batch, new = key.shape[:2]
+  def attention_view(self, key: jax.Array, value: jax.Array | None) -> AttentionView:
+    """Each row's pages gathered in token order as the cached part."""
     table = self.page_table[...]
-    length = table.shape[1] * self.key_pages.shape[2]
-    start = self.lengths[...]
-    q_index = start[:, None] + jnp.arange(new, dtype=jnp.int32)
-    cached_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    filled = (cached_index < start[:, None]).astype(jnp.int32)
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2).astype(self.dtype)
-    return AttentionView(
-        keys=(gather_pages(self.key_pages[...], table), heads_first(key)),
-        values=(gather_pages(self.value_pages[...], table), heads_first(value)),
-        q_index=q_index,
-        kv_index=jnp.concatenate([cached_index, q_index], axis=1),
-        kv_segment_ids=jnp.concatenate([filled, jnp.ones((batch, new), jnp.int32)], axis=1),
-    )
+    values = None if self.value_pages is None else gather_pages(self.value_pages[...], table)
+    return self._view(gather_pages(self.key_pages[...], table), values, key, value)
 
-  def append(self, key: jax.Array, value: jax.Array, *, after: jax.Array | None = None):
-    """Writes S new tokens [batch, S, kv_heads, head_dim] after each row's filled part (`after`: see KVCache)."""
-    if after is not None:
-      tie = jnp.zeros((), jnp.float32) * after.reshape(-1)[0].astype(jnp.float32)
-      key, value = key + tie.astype(key.dtype), value + tie.astype(value.dtype)
-    start = self.lengths[...]
-    self._store(key, value, start)
-    self.lengths[...] = start + key.shape[1]
+  def insert(self, prefix: Cache, slots: jax.Array):
+    """Scatters each prefix row into the pages its slot's page table row lists (set_page_table first)."""
+    keys, values = prefix.keys_values()  # [n, H, T, D]
+    heads_second = lambda x: None if x is None else jnp.swapaxes(x, 1, 2)
+    zeros = jnp.zeros(slots.shape, jnp.int32)
+    self._write(heads_second(keys), heads_second(values), self.page_table[...][slots], zeros)
+    self._insert_rows(prefix, slots, ("lengths",))
+
+  def set_page_table(self, table: jax.Array):
+    self.page_table[...] = jnp.broadcast_to(jnp.asarray(table, jnp.int32), self.page_table.shape)
 
   def kernel_attention(self, query: jax.Array, key: jax.Array, value: jax.Array, *, scale: float, soft_cap: float):
     """One new token per row [batch, 1, heads, head_dim]: append it, then attend over the pages with the Pallas

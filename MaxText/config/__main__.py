@@ -1,0 +1,7 @@
+"""`python3 -m MaxText.config --write-base-yml` (see MaxText/config/__init__.py)."""
+
+import sys
+
+from MaxText.config import main
+
+sys.exit(main(sys.argv))

@@ -1,0 +1,178 @@
+"""Cross-key checks on the resolved values: every setting that would make a layer, a cache or an entry point fail.
+
+pyconfig runs `check` once the values are derived (the backend resolved, batch and mesh sizes known), so a bad
+combination is one `CONFIG ERROR: <key>: ...` before anything is built or compiled. Pure functions of the dict.
+"""
+
+from typing import Any, Optional
+
+from MaxText.config import mesh, model, numerics
+from MaxText.config.declare import ConfigError
+
+# Entry points whose start-up passes `program`; each may add its own refusals.
+PROGRAMS = ("train", "train_compile", "decode", "serve", "generate_param_only_checkpoint")
+_TRAINING = ("train", "train_compile")
+
+
+def check(v: dict[str, Any], program: Optional[str] = None):
+  """Raises ConfigError, naming the key, for the first contradiction in the resolved values `v`."""
+  if program is not None and program not in PROGRAMS:
+    raise ValueError(f"program {program!r} is not one of {PROGRAMS}")
+  check_model(v)
+  check_moe(v)
+  check_attention(v)
+  check_paged(v, program)
+  check_quantization(v, program)
+  check_decode(v)
+  check_run(v)
+
+
+def check_model(v: dict):
+  if v["num_query_heads"] % v["num_kv_heads"]:
+    raise ConfigError(
+        f"base_num_query_heads: {v['num_query_heads']} query heads are not divisible by {v['num_kv_heads']} kv heads"
+        " (base_num_kv_heads)"
+    )
+  if v["head_dim"] % 2:
+    raise ConfigError(f"head_dim: {v['head_dim']} must be even for rotary embeddings")
+  acts = v["mlp_activations"]
+  if not acts or any(a not in model.ACTIVATIONS for a in acts):
+    raise ConfigError(f"mlp_activations: {acts} must be a non-empty list from {list(model.ACTIVATIONS)}")
+  check_family(v)
+  if v["max_prefill_predict_length"] > v["max_target_length"]:
+    raise ConfigError(
+        f"max_prefill_predict_length: {v['max_prefill_predict_length']} exceeds"
+        f" max_target_length {v['max_target_length']}"
+    )
+  if 0 < v["trainable_position_size"] < v["max_target_length"]:
+    raise ConfigError(
+        f"max_target_length: {v['max_target_length']} exceeds the {v['trainable_position_size']} learned positions"
+        " (trainable_position_size)"
+    )
+
+
+def check_family(v: dict):
+  """decoder_block names a registered family, and the family's own constraints hold (models.validate_config)."""
+  from MaxText import models  # pylint: disable=import-outside-toplevel  # the registry imports Flax: only when asked
+
+  models.validate_config(v)
+
+
+def check_moe(v: dict):
+  """Mixture-of-experts keys that contradict each other (MaxText/layers/moe.py)."""
+  if v["num_experts"] == 1:
+    return  # a dense model: the other MoE keys are unused
+  acts = v["mlp_activations"]
+  if len(acts) != 2 or acts[1] != "linear":
+    raise ConfigError(f"mlp_activations: {acts}: MoE experts (num_experts > 1) are gated MLPs, [activation, linear]")
+  if v["num_experts_per_tok"] > v["num_experts"]:
+    raise ConfigError(f"num_experts_per_tok: {v['num_experts_per_tok']} exceeds num_experts={v['num_experts']}")
+  groups, keep = v["n_routing_groups"], v["topk_routing_group"]
+  if groups != -1:
+    if groups < 1 or v["num_experts"] % groups:
+      raise ConfigError(f"n_routing_groups: {groups} must divide num_experts={v['num_experts']} (or be -1 = off)")
+    if not 1 <= keep <= groups:
+      raise ConfigError(f"topk_routing_group: {keep} must be in 1..n_routing_groups={groups}")
+    if keep * (v["num_experts"] // groups) < v["num_experts_per_tok"]:
+      raise ConfigError(
+          f"topk_routing_group: {keep} groups of {v['num_experts'] // groups} experts cannot supply"
+          f" num_experts_per_tok={v['num_experts_per_tok']}"
+      )
+  if v["routed_bias_update_rate"] > 0 and not v["routed_bias"]:
+    raise ConfigError("routed_bias_update_rate: > 0 needs routed_bias: true (it updates the routing bias)")
+  if v["moe_input_scaled_by_router"] and v["num_experts_per_tok"] != 1:
+    raise ConfigError("moe_input_scaled_by_router: needs num_experts_per_tok=1 (Llama 4 routes a token to one expert)")
+
+
+def check_attention(v: dict):
+  if v["attention"] == "flash" and v["hardware"] != "tpu":
+    raise ConfigError(
+        f"attention: flash (the Pallas splash-attention kernel) runs on TPU only, but the backend is"
+        f" {v['hardware']!r}; use attention=autoselected (cuDNN on GPU) or attention=dot_product"
+    )
+  if v["attention_type"] == "mla" and v["qk_rope_head_dim"] % 2:
+    raise ConfigError(f"qk_rope_head_dim: {v['qk_rope_head_dim']} must be even for rotary embeddings (MLA)")
+
+
+def check_paged(v: dict, program: Optional[str]):
+  """The paged KV cache (attention=paged; MaxText.serve always pages): sizes, kernel and what it cannot hold.
+
+  layers/cache/paged.page_spec_from_config repeats the size checks for an engine's own cache length.
+  """
+  if v["attention"] != "paged" and program != "serve":
+    return
+  why = "with attention=paged" if v["attention"] == "paged" else "in MaxText.serve (always paged)"
+  if v["quantize_kvcache"]:
+    raise ConfigError(f"quantize_kvcache: the int8 KV cache is not available {why}")
+  per_page, length = v["pagedattn_tokens_per_page"], v["max_target_length"]
+  max_pages = v["pagedattn_max_pages_per_slot"] or -(-length // per_page)
+  if max_pages * per_page < length:
+    raise ConfigError(
+        f"pagedattn_max_pages_per_slot: {max_pages} pages of {per_page} tokens hold fewer than the"
+        f" {length} tokens of max_target_length"
+    )
+  if v["pagedattn_num_pages"] - 1 < max_pages:
+    raise ConfigError(
+        f"pagedattn_num_pages: {v['pagedattn_num_pages']} pages (page 0 is scratch) cannot hold one sequence of"
+        f" {max_pages} pages (raise pagedattn_num_pages or lower max_target_length)"
+    )
+  if v["paged_attention_kernel"] == "pallas":
+    if v["hardware"] != "gpu":
+      raise ConfigError(f"paged_attention_kernel: pallas runs on GPU only, the backend is {v['hardware']!r} (use jax)")
+    if v["sliding_window_size"] > 0 or v["chunk_attn_window_size"] > 0:
+      raise ConfigError(
+          "paged_attention_kernel: the pallas kernel has no sliding window or chunked attention"
+          " (sliding_window_size / chunk_attn_window_size > 0); use jax"
+      )
+
+
+def check_quantization(v: dict, program: Optional[str]):
+  stored_key = next((k for k in ("checkpoint_is_quantized", "save_quantized_params_path") if v[k]), None)
+  if stored_key is None:
+    return
+  if program in _TRAINING:
+    raise ConfigError(f"{stored_key}: a decode key (int8 params cannot be trained); train with quantization=... alone")
+  stored = list(numerics.STORED_QUANTIZATION)
+  if not v["quantization"]:
+    raise ConfigError(f"{stored_key}: needs quantization set to one of {stored}")
+  if v["quantization"] not in stored:
+    raise ConfigError(
+        f"{stored_key}: quantized checkpoints hold int8 weights; quantization={v['quantization']!r} must be one of"
+        f" {stored}"
+    )
+
+
+def check_decode(v: dict):
+  if v["decode_sampling_strategy"] == "topk" and v["decode_sampling_top_k"] == 0:
+    raise ConfigError("decode_sampling_top_k: decode_sampling_strategy topk needs decode_sampling_top_k > 0")
+  if v["decode_sampling_nucleus_p"] <= 0:
+    raise ConfigError(f"decode_sampling_nucleus_p: {v['decode_sampling_nucleus_p']} must be in (0, 1] (1.0 = off)")
+
+
+def check_run(v: dict):
+  if v["load_parameters_path"] and v["load_full_state_path"]:
+    raise ConfigError("load_parameters_path: set either load_parameters_path or load_full_state_path, not both")
+  if "/" in v["run_name"]:
+    raise ConfigError(f"run_name: {v['run_name']!r} must not contain '/'")
+
+
+def check_mesh_keys(v: dict):
+  """mesh_axes, logical_axis_rules and data_sharding name known, distinct mesh axes."""
+  axes = v["mesh_axes"]
+  unknown = [a for a in axes if a not in mesh.MESH_AXES]
+  if unknown or len(set(axes)) != len(axes):
+    raise ConfigError(f"mesh_axes: {axes} must be distinct names from {list(mesh.MESH_AXES)}")
+  for a in mesh.MESH_AXES:
+    if a not in axes and (v[f"ici_{a}_parallelism"] != 1 or v[f"dcn_{a}_parallelism"] not in (1, -1)):
+      raise ConfigError(f"ici_{a}_parallelism: axis {a!r} is not in mesh_axes")
+  for i, rule in enumerate(v["logical_axis_rules"]):
+    if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f"logical_axis_rules[{i}]: expected [logical_name, [mesh_axis, ...]], got {rule!r}")
+    targets = rule[1] if isinstance(rule[1], list) else [rule[1]]
+    bad = [t for t in targets if t not in axes]
+    if bad:
+      raise ConfigError(f"logical_axis_rules[{i}] ({rule[0]}): mesh axes {bad} are not in mesh_axes")
+  for group in v["data_sharding"]:
+    bad = [t for t in (group if isinstance(group, list) else [group]) if t not in axes]
+    if bad:
+      raise ConfigError(f"data_sharding: mesh axes {bad} are not in mesh_axes")

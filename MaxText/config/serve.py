@@ -1,0 +1,28 @@
+"""Config keys: serving (attention: paged; MaxText.serve)."""
+
+from MaxText.config.declare import Int, Key, NONNEG, POS, STR, Str
+
+TITLE = "serving (attention: paged; MaxText.serve)"
+KEYS = (
+    Key(
+        "pagedattn_num_pages",
+        256,
+        Int(2),
+        "KV pages per layer shared by all slots (page 0 is scratch; a request waits while pages run out)",
+    ),
+    Key("pagedattn_tokens_per_page", 16, POS, "tokens per KV page"),
+    Key(
+        "pagedattn_max_pages_per_slot",
+        0,
+        NONNEG,
+        "page table width per slot (0 = enough pages for max_target_length tokens)",
+    ),
+    Key(
+        "paged_attention_kernel",
+        "auto",
+        Str("auto", "jax", "pallas"),
+        "auto (pallas on GPU without sliding window, else jax) | jax (gather pages; any backend) | pallas (GPU)",
+    ),
+    Key("serve_host", "127.0.0.1", STR, "MaxText.serve: address the HTTP server binds (0.0.0.0 for all interfaces)"),
+    Key("port", 8000, Int(0, 65535), "MaxText.serve: HTTP port"),
+)

@@ -1,0 +1,298 @@
+"""The attention core for one layer's queries, keys and values, chosen by `attention` and the backend.
+
+- dot_product (the default; every backend): `dot_product_attention`, plain einsums under an explicit mask (packed
+  segments, sliding windows, chunks, a KV cache's parts). `attention_causal_blocks` > 1 (the CPU default: 4)
+  splits a causal sequence's queries into blocks that skip the masked upper triangle; 1 elsewhere, and whenever
+  the sequence axis is sharded (ops.auto_causal_blocks). Same values as one block.
+- autoselected: `jax.nn.dot_product_attention` with implementation "cudnn" (flash attention) on an NVIDIA GPU
+  when cuDNN's constraints hold, else "xla"; the reason for falling back is logged once.
+- flash: the Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu`) on TPU only.
+
+The fused kernels take query [B,S,Hq,D], key/value [B,S,Hkv,D] of one aligned sequence, causal, with optional
+packed-segment ids ([B,S], 0 = padding) and an optional sliding window, and return [B,S,Hq,D].
+"""
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+logger = logging.getLogger("MaxText")
+
+_LOGGED: set[str] = set()
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def log_once(message: str):
+  """logger.info, once per distinct message (a fallback is said once, not per traced layer)."""
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    logger.info(message)
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array | tuple[jax.Array, ...],
+    value: jax.Array | tuple[jax.Array, ...],
+    mask: jax.Array,
+    *,
+    scale: float,
+    attn_logits_soft_cap: float = 0.0,
+    float32_qk_product: bool = True,
+    float32_logits: bool = True,
+    kv_heads_first: bool = False,
+    causal_blocks: int = 1,
+    key_window: int = 0,
+) -> jax.Array:
+  """Reference attention in plain einsums. query [B,S,Hq,D], key/value [B,T,Hkv,D], mask [B,S,T] -> [B,S,Hq,D].
+
+  The value head dim may differ from the query/key one (the output has the value's).
+  Query heads are grouped onto their kv head by reshaping (no repeat of K/V in memory). `kv_heads_first`: key/value
+  are [B,Hkv,T,D] (the KV cache's layout), so both einsums are plain batched matmuls over (B, Hkv) and XLA never
+  transposes the cache (on CPU that made a decode step's attention ~10x faster). key/value may be tuples of parts
+  (a KV cache and the new tokens) attended as one sequence, concatenated along T, without building the
+  concatenation; the mask then covers the parts' tokens in order.
+
+  `causal_blocks` > 1 (queries and keys the same sequence, and a mask that is causal): see causal_block_attention;
+  `key_window` > 0 there is a static sliding window.
+  """
+  core = dict(
+      scale=scale,
+      attn_logits_soft_cap=attn_logits_soft_cap,
+      float32_qk_product=float32_qk_product,
+      float32_logits=float32_logits,
+  )
+  if causal_blocks > 1 and query.shape[1] > 1:
+    if isinstance(key, (tuple, list)) or kv_heads_first or key.shape[1] != query.shape[1]:
+      raise ValueError("causal_blocks needs one key/value array over the queries' own sequence")
+    return causal_block_attention(query, key, value, mask, causal_blocks, key_window, **core)
+  keys = tuple(key) if isinstance(key, (tuple, list)) else (key,)
+  values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  return _attend(query, keys, values, mask, kv_heads_first=kv_heads_first, **core)
+
+
+def causal_block_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    blocks: int,
+    key_window: int = 0,
+    **core,
+) -> jax.Array:
+  """dot_product_attention over a causal sequence, its queries split into `blocks` blocks, each attending only to
+  the keys up to its own end (with `key_window` > 0 only to the last key_window of those): the masked upper
+  triangle is never computed. The mask still decides every kept entry, so the result is exactly that of one block.
+  """
+  s = query.shape[1]
+  bounds = [round(i * s / blocks) for i in range(blocks + 1)]
+  # Heads-first once, so each block's key range is a plain slice rather than a transpose of its own.
+  key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+  parts = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    if hi == lo:
+      continue
+    k_lo = max(0, lo - key_window + 1) if key_window > 0 else 0
+    keys, values = (key[:, :, k_lo:hi],), (value[:, :, k_lo:hi],)
+    parts.append(_attend(query[:, lo:hi], keys, values, mask[:, lo:hi, k_lo:hi], kv_heads_first=True, **core))
+  return jnp.concatenate(parts, axis=1)
+
+
+def _attend(
+    query: jax.Array,
+    keys: tuple[jax.Array, ...],
+    values: tuple[jax.Array, ...],
+    mask: jax.Array,
+    *,
+    scale: float,
+    attn_logits_soft_cap: float,
+    float32_qk_product: bool,
+    float32_logits: bool,
+    kv_heads_first: bool,
+) -> jax.Array:
+  """One block of dot_product_attention: every query against every key of the parts, under the mask."""
+  b, s, num_q, d = query.shape
+  t_axis = 2 if kv_heads_first else 1
+  num_kv = keys[0].shape[3 - t_axis]
+  kv = "bktd" if kv_heads_first else "btkd"
+  if num_q % num_kv:
+    raise ValueError(f"{num_q} query heads are not a multiple of {num_kv} kv heads")
+  if float32_qk_product:
+    query, keys = query.astype(jnp.float32), tuple(k.astype(jnp.float32) for k in keys)
+  grouped = query.reshape(b, s, num_kv, num_q // num_kv, d)
+  logits = jnp.concatenate([jnp.einsum(f"bskgd,{kv}->bkgst", grouped, k) for k in keys], axis=-1)
+  if float32_logits:
+    logits = logits.astype(jnp.float32)
+  logits = logits * jnp.asarray(scale, logits.dtype)
+  if attn_logits_soft_cap > 0:
+    logits = attn_logits_soft_cap * jnp.tanh(logits / attn_logits_soft_cap)
+  big_negative = jnp.asarray(0.7 * jnp.finfo(logits.dtype).min, logits.dtype)
+  logits = jnp.where(mask[:, None, None, :, :], logits, big_negative)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out, start = None, 0
+  for v in values:
+    p = probs[..., start : start + v.shape[t_axis]].astype(v.dtype)
+    start += v.shape[t_axis]
+    if kv_heads_first:
+      part = jnp.einsum("bkgst,bktd->bkgsd", p, v).transpose(0, 3, 1, 2, 4)
+    else:
+      part = jnp.einsum("bkgst,btkd->bskgd", p, v)
+    out = part if out is None else out + part
+  return out.reshape(b, s, num_q, -1)  # values may be narrower than queries/keys (MLA)
+
+
+def _compute_capability() -> tuple[int, ...] | None:
+  """The first GPU's CUDA compute capability, or None when it has none (CPU, TPU, ROCm)."""
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  if not capability:
+    return None
+  return tuple(int(x) for x in str(capability).split("."))
+
+
+def cudnn_unsupported_reason(
+    query: jax.Array,
+    key: jax.Array,
+    *,
+    backend: str,
+    compute_capability: tuple[int, ...] | None,
+    has_segments: bool,
+) -> str | None:
+  """Why cuDNN flash attention cannot run these inputs (None when it can): backend, dtype, head dim, length, GPU."""
+  if backend != "gpu":
+    return f"backend is {backend!r}, not 'gpu'"
+  if compute_capability is None:
+    return "the GPU reports no CUDA compute capability (not an NVIDIA GPU)"
+  if compute_capability < (8, 0):
+    return f"compute capability {compute_capability} is below 8.0 (Ampere)"
+  if query.dtype not in _CUDNN_DTYPES or key.dtype not in _CUDNN_DTYPES:
+    return f"dtype {jnp.dtype(query.dtype).name} (cuDNN flash attention needs bfloat16 or float16: set dtype)"
+  head_dim = query.shape[-1]
+  head_max = 256 if compute_capability >= (9, 0) else 128
+  if head_dim > head_max or head_dim % 8:
+    return f"head_dim {head_dim} (cuDNN needs a multiple of 8 up to {head_max} on this GPU)"
+  if has_segments and query.shape[1] % 2:
+    return f"sequence length {query.shape[1]} is odd (cuDNN's masked training kernel needs an even length)"
+  return None
+
+
+def autoselected_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    segment_ids: jax.Array | None,
+    *,
+    scale: float,
+    sliding_window_size: int = 0,
+) -> jax.Array:
+  """Causal self-attention through `jax.nn.dot_product_attention`: cuDNN where it can run, XLA otherwise.
+
+  Causality and the window are flags (cuDNN skips the masked blocks); packed segments become a [B,1,S,S] mask.
+  Logits are float32 inside either implementation whatever the input dtype.
+  """
+  key, value = key.astype(query.dtype), value.astype(query.dtype)
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
+  backend = jax.default_backend()
+  reason = cudnn_unsupported_reason(
+      query,
+      key,
+      backend=backend,
+      compute_capability=_compute_capability() if backend == "gpu" else None,
+      has_segments=mask is not None,
+  )
+  implementation = "cudnn" if reason is None else "xla"
+  log_once(
+      "attention=autoselected: cuDNN flash attention"
+      if reason is None
+      else f"attention=autoselected: XLA attention, because {reason}"
+  )
+  return jax.nn.dot_product_attention(
+      query,
+      key,
+      value,
+      mask=mask,
+      scale=scale,
+      is_causal=True,
+      local_window_size=(sliding_window_size - 1, 0) if sliding_window_size > 0 else None,
+      implementation=implementation,
+  )
+
+
+def check_flash_backend(backend: str):
+  """attention=flash runs only on TPU: a clear error elsewhere rather than a Mosaic lowering failure."""
+  if backend != "tpu":
+    raise ValueError(
+        f"attention=flash: the Pallas splash-attention kernel runs on TPU only, but the backend is {backend!r};"
+        " use attention=autoselected (cuDNN on GPU) or attention=dot_product"
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, seq_len: int, sliding_window_size: int, block: int, interpret: bool):
+  # Imported lazily: Pallas' TPU ops are only needed (and only lower) on TPU.
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
+      splash_attention_kernel as kernel_lib,
+      splash_attention_mask as mask_lib,
+  )
+
+  shape = (seq_len, seq_len)
+  if sliding_window_size > 0:
+    one = mask_lib.LocalMask(shape, window_size=(sliding_window_size - 1, 0), offset=0)
+  else:
+    one = mask_lib.CausalMask(shape)
+  # One block size for every pass (forward, dK/dV, dQ).
+  names = ("q", "kv", "kv_compute", "q_dkv", "kv_dkv", "kv_dkv_compute", "q_dq", "kv_dq")
+  blocks = kernel_lib.BlockSizes(**{f"block_{name}": block for name in names})
+  return kernel_lib.make_splash_mha(
+      mask_lib.MultiHeadMask([one] * num_heads),
+      block_sizes=blocks,
+      head_shards=1,
+      q_seq_shards=1,
+      interpret=interpret,
+  )
+
+
+def splash_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    segment_ids: jax.Array | None,
+    *,
+    scale: float,
+    sliding_window_size: int = 0,
+    block_size: int = 512,
+    interpret: bool = False,
+    platform: str | None = None,
+) -> jax.Array:
+  """Causal self-attention with the Pallas TPU splash kernel (`interpret=True` runs it on CPU, for tests).
+
+  The kernel wants [heads, seq, head_dim] per row and unscaled logits, so the query is scaled first and the batch is
+  vmapped. Grouped kv heads are repeated up to the query heads (splash's MHA kernel takes equal head counts).
+  `platform` (default: the running backend) is the one the call lowers for, e.g. "tpu" under jax.export.
+  """
+  if not interpret:
+    check_flash_backend(platform or jax.default_backend())
+  _, s, num_q, _ = query.shape
+  num_kv = key.shape[2]
+  if num_q % num_kv:
+    raise ValueError(f"{num_q} query heads are not a multiple of {num_kv} kv heads")
+  block = min(block_size, s)
+  if s % block:
+    raise ValueError(f"attention=flash: sequence length {s} is not a multiple of the kernel block {block}")
+  kernel = _splash_kernel(num_q, s, sliding_window_size, block, interpret)
+  q = (query * jnp.asarray(scale, query.dtype)).transpose(0, 2, 1, 3)
+  k = jnp.repeat(key.astype(query.dtype), num_q // num_kv, axis=2).transpose(0, 2, 1, 3)
+  v = jnp.repeat(value.astype(query.dtype), num_q // num_kv, axis=2).transpose(0, 2, 1, 3)
+  if segment_ids is None:
+    out = jax.vmap(kernel)(q, k, v)
+  else:
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
+        SegmentIds,
+    )
+
+    segments = SegmentIds(q=segment_ids.astype(np.int32), kv=segment_ids.astype(np.int32))
+    out = jax.vmap(lambda q_, k_, v_, seg: kernel(q_, k_, v_, segment_ids=seg))(q, k, v, segments)
+  return out.transpose(0, 2, 1, 3)

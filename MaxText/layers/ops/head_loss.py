@@ -1,0 +1,73 @@
+"""The output head's matmul fused with the token cross-entropy, with its own backward pass (`head_loss: fused`).
+
+`head_loss` picks how the training loss meets the head:
+- "logits" (the accelerator default): the model computes the logits, then `losses.cross_entropy`, all autodiff'd.
+- "fused" (the CPU default): `fused_head_cross_entropy` takes the final-normed hidden states and the head's
+  kernel and writes the backward out: the logits gradient is softmax - one_hot, formed once, and the two head
+  gradients are plain matmuls. Autodiff of the unfused form scatters into a [tokens, vocab] zero array
+  (take_along_axis) and XLA:CPU then transposes the [tokens, vocab] gradient for the kernel's matmul; on
+  llama-small (vocab 32000) fusing takes the head + loss from 2.9 s to 2.2 s per step (benchmarks/RESULTS.md).
+Values and gradients are the same math. Soft-capped, quantized or biased heads always take the logits path.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from MaxText import sharding
+from MaxText.layers import losses
+
+_LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
+
+
+def _head_logits(x, kernel, kernel_is_vocab_major: bool, compute_dtype):
+  spec = "bse,ve->bsv" if kernel_is_vocab_major else "bse,ev->bsv"
+  logits = jnp.einsum(
+      spec, x.astype(compute_dtype), kernel.astype(compute_dtype), preferred_element_type=jnp.float32
+  ).astype(jnp.float32)
+  return sharding.with_logical_constraint(logits, _LOGITS_AXES)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def fused_head_cross_entropy(
+    x: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    z_loss_multiplier: float,
+    kernel_is_vocab_major: bool,
+    compute_dtype,
+) -> tuple[jax.Array, jax.Array]:
+  """losses.cross_entropy(x @ kernel, targets) for hidden states x [B, S, E] and a head kernel [E, V] ([V, E] when
+  `kernel_is_vocab_major`, a tied embedding table); the matmul runs in compute_dtype with float32 results."""
+  out, _ = _fused_fwd(x, kernel, targets, z_loss_multiplier, kernel_is_vocab_major, compute_dtype)
+  return out
+
+
+def _fused_fwd(x, kernel, targets, z_loss_multiplier, kernel_is_vocab_major, compute_dtype):
+  logits = _head_logits(x, kernel, kernel_is_vocab_major, compute_dtype)
+  total, z_loss, log_z = losses.cross_entropy_and_log_z(logits, targets, z_loss_multiplier)
+  # The logits are kept for the backward pass, as autodiff would keep them: recomputing costs a vocab matmul.
+  return (total, z_loss), (x, kernel, targets, logits, log_z)
+
+
+def _fused_bwd(z_loss_multiplier, kernel_is_vocab_major, compute_dtype, residuals, cotangents):
+  x, kernel, targets, logits, log_z = residuals
+  g_total, g_z = cotangents
+  # d total / d logits = softmax * (1 + 2 z log_z) - one_hot;  d z_loss / d logits = softmax * 2 z log_z.
+  dz = 2.0 * z_loss_multiplier * log_z
+  scale = g_total * (1.0 + dz) + g_z * dz
+  one_hot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+  d_logits = jnp.exp(logits - log_z[..., None]) * scale[..., None] - jnp.where(one_hot, g_total[..., None], 0.0)
+  d_logits = sharding.with_logical_constraint(d_logits.astype(compute_dtype), _LOGITS_AXES)
+  k = kernel.astype(compute_dtype)
+  if kernel_is_vocab_major:
+    dx = jnp.einsum("bsv,ve->bse", d_logits, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bsv,bse->ve", d_logits, x.astype(compute_dtype), preferred_element_type=jnp.float32)
+  else:
+    dx = jnp.einsum("bsv,ev->bse", d_logits, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bse,bsv->ev", x.astype(compute_dtype), d_logits, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype), None
+
+
+fused_head_cross_entropy.defvjp(_fused_fwd, _fused_bwd)

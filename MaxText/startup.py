@@ -1,0 +1,29 @@
+"""Start-up shared by the entry points: the config, with the process set-up its values ask for, in the right order.
+
+    config = startup.start(argv, "train")
+
+1. pyconfig.resolve: the yml chain, model yml, M_<KEY> env and key=value arguments, coerced (JAX untouched).
+2. distributed.setup: `hardware` picks the JAX platform, glibc keeps freed host memory (reuse_host_memory, CPU only),
+   and jax.distributed starts when several processes are asked for; all of it must happen before a JAX backend
+   starts, which is why it cannot wait for the devices to be counted.
+3. pyconfig.build: the device-dependent values (devices, processes, slices, mesh, batch, backend ops) and every
+   cross-key check, then the frozen Config.
+
+A ConfigError at any step is one `CONFIG ERROR:` line on stderr and exit code 2. pyconfig.initialize (tests, Python
+callers) does steps 1 and 3 only.
+"""
+
+from typing import Optional, Sequence
+
+from MaxText import distributed, pyconfig
+from MaxText.config.declare import ConfigError
+
+
+def start(argv: Sequence[str], program: Optional[str] = None, **overrides) -> pyconfig.Config:
+  """The Config for an entry point's argv, after the process set-up; exits 2 on a ConfigError."""
+  try:
+    values = pyconfig.resolve(argv, **overrides)
+    distributed.setup(values)
+    return pyconfig.build(values, program)
+  except ConfigError as e:
+    pyconfig.exit_with_config_error(e)
