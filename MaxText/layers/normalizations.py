@@ -35,7 +35,7 @@ class RMSNorm(nnx.Module):
     return (y * (self.scale_offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(RMSNorm):
   """Mean-and-variance norm over the last axis with a learned scale (plus `scale_offset`) and bias, in float32."""
 
   def __init__(
@@ -43,16 +43,11 @@ class LayerNorm(nnx.Module):
       num_features: int,
       *,
       epsilon: float = 1e-5,
-      dtype: jnp.dtype = jnp.float32,
       weight_dtype: jnp.dtype = jnp.float32,
       scale_names: tuple[str, ...] = ("norm",),
-      scale_offset: float = 0.0,
+      **kw,  # dtype, scale_offset: as RMSNorm
   ):
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.scale_offset = scale_offset
-    init = jnp.full((num_features,), 1.0 - scale_offset, weight_dtype)
-    self.scale = nnx.Param(init, out_sharding=scale_names, eager_sharding=False)
+    super().__init__(num_features, epsilon=epsilon, weight_dtype=weight_dtype, scale_names=scale_names, **kw)
     self.bias = nnx.Param(jnp.zeros((num_features,), weight_dtype), out_sharding=scale_names, eager_sharding=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:
