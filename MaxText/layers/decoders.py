@@ -45,9 +45,6 @@ def scan_axes(param_scan_axis: int) -> nnx.StateAxes:
   return nnx.StateAxes({nnx.Param: param_scan_axis, ...: 0})
 
 
-moe_layer_flags = moe.moe_layer_flags
-
-
 @dataclasses.dataclass(frozen=True)
 class StackLayout:
   """How layers of different kinds are stacked when scanned: `prefix` alike layers, then blocks of `period` layers.
@@ -101,6 +98,11 @@ def stack_layout(kinds: Sequence[Hashable]) -> StackLayout:
   raise AssertionError("unreachable: one block of all layers always fits")
 
 
+def layer_layout(config) -> StackLayout:
+  """The config's StackLayout: its layers' kinds are dense or MoE (moe.moe_layer_flags)."""
+  return stack_layout(moe.moe_layer_flags(config))
+
+
 class LayerGroups(nnx.Module):
   """The scanned stacks of a stack whose layers differ (see StackLayout): attributes prefix, block_0, ..."""
 
@@ -134,8 +136,8 @@ class DecoderStack(nnx.Module):
     self.scan_layers = config.scan_layers
     self.param_scan_axis = config.param_scan_axis
     self.remat_policy = config.remat_policy
-    moe_flags = moe_layer_flags(config)
-    self.layout = stack_layout(moe_flags)
+    moe_flags = moe.moe_layer_flags(config)
+    self.layout = layer_layout(config)
 
     def make_stacked(n, first, out_axes, metadata):
       @nnx.split_rngs(splits=n)

@@ -240,11 +240,11 @@ def test_expert_parallel_equals_unsharded(capacity_factor):
 
 
 def test_moe_layer_flags_and_stack_layouts():
-  flags = decoders.moe_layer_flags(
+  flags = moe.moe_layer_flags(
       moe_config(base_num_decoder_layers=6, first_num_dense_layers=1, interleave_moe_layer_step=2)
   )
   assert flags == [False, True, False, True, False, True]
-  assert decoders.moe_layer_flags(config_of(model_name="tests/tiny-llama")) == [False, False]
+  assert moe.moe_layer_flags(config_of(model_name="tests/tiny-llama")) == [False, False]
   assert decoders.stack_layout([True] * 4) == decoders.StackLayout(4, 0, 1)
   assert decoders.stack_layout([False, True, True, True]) == decoders.StackLayout(4, 1, 1)
   assert decoders.stack_layout(flags) == decoders.StackLayout(6, 0, 2)

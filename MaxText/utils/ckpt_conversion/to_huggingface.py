@@ -22,7 +22,7 @@ import numpy as np
 
 from MaxText import models, pyconfig
 from MaxText.config_schema import ConfigError
-from MaxText.layers.decoders import moe_layer_flags, stack_layout
+from MaxText.layers.decoders import layer_layout
 from MaxText.utils.ckpt_conversion import cli, params_io, to_maxtext, weight_mapping
 from MaxText.utils.ckpt_conversion.safetensors_io import SafetensorsWriter
 
@@ -61,7 +61,7 @@ def convert(config, hf_output_path: str, max_shard_bytes: int = 5 * 10**9):
   reader = params_io.ParamsReader(config.load_parameters_path)
   rules = spec.hf.weights(config)
   num_layers = config.num_decoder_layers
-  layout = stack_layout(moe_layer_flags(config))
+  layout = layer_layout(config)
   dtype = np.dtype(config.weight_dtype)
   entries = [
       (name, shape, dtype)

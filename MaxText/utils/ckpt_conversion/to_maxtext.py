@@ -27,7 +27,7 @@ from MaxText import config as config_keys
 from MaxText import pyconfig
 from MaxText.layers import model_creation, scan_layout
 from MaxText import models
-from MaxText.layers.decoders import LAYERS_PATH, moe_layer_flags, stack_layout
+from MaxText.layers.decoders import LAYERS_PATH, layer_layout
 from MaxText.utils.ckpt_conversion import cli, params_io, weight_mapping
 from MaxText.utils.ckpt_conversion.safetensors_io import SafetensorsReader
 
@@ -129,7 +129,7 @@ def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] 
       scan_layout.scanned_to_unscanned(abstract, config.param_scan_axis) if config.scan_layers else abstract
   )
   consumed = _check_rules(config, rules, reader, available, set(unscanned))
-  layout = stack_layout(moe_layer_flags(config))
+  layout = layer_layout(config)
   writer = params_io.StreamingParamsWriter(str(out / "params"), flush_bytes=flush_bytes)
   for rule in rules:
     if not rule.per_layer:
