@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from MaxText import pyconfig, sharding, train
+from MaxText import pyconfig, sharding, storage, train
 from MaxText.config_schema import ConfigError
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import loading, sampling
@@ -135,6 +135,7 @@ def load(config_path: str, **config_keys) -> Model:
 
   Raises config_schema.ConfigError for bad keys, a missing checkpoint or one that does not match the config.
   """
+  storage.configure()  # as the entry points do: STORAGE_EMULATOR_HOST implies the clients' emulator settings
   config = engine_lib.unrolled_config(pyconfig.initialize(["", config_path], **config_keys))
   mesh = sharding.create_mesh(config)
   _, _, abstract_params, param_shardings = train.build_model_skeleton(config, mesh)

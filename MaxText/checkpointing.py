@@ -1,8 +1,11 @@
 """Orbax checkpoints: {checkpoint_dir}/{step}/{items,iter}, params-only export, and resume.
 
 `items` holds the train state {step, params, opt_state} (pure dicts of arrays); `iter` holds each
-process's data-iterator position as JSON. Orbax writes a step into a temporary directory and renames it
-when every item is committed, so an interrupted save is never listed and never loaded.
+process's data-iterator position as JSON. Locally Orbax writes a step into a temporary directory and renames it
+when every item is committed; on object stores (gs://) it writes the step directory in place and adds
+`commit_success.txt` last. Either way only committed steps are listed, loaded, or taken as "the newest step"
+(`committed_steps`), so an interrupted save (even kill -9 mid-write) is never read and is replaced on the next save.
+Paths may be local or any URL epath and tensorstore both support (MaxText/storage.py).
 """
 
 import dataclasses
@@ -14,10 +17,58 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from MaxText import storage
+
 logger = logging.getLogger("MaxText")
 
 ITEMS = "items"
 ITER = "iter"
+COMMIT_MARKER = "commit_success.txt"  # Orbax's marker of a finished step on object stores (no atomic rename)
+_TMP_INFIX = ".orbax-checkpoint-tmp"
+
+
+def is_committed(step_dir) -> bool:
+  """True when the step (or params-only) checkpoint directory finished writing."""
+  path = storage.as_path(step_dir)
+  if _TMP_INFIX in path.name:
+    return False
+  if storage.is_remote(step_dir):
+    return (path / COMMIT_MARKER).exists()
+  return path.is_dir()
+
+
+def committed_steps(directory) -> list[int]:
+  """Steps under a checkpoints/ `directory` that finished writing, newest first (reads only)."""
+  path = storage.as_path(directory)
+  if not path.exists():
+    return []
+  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()]
+  return [s for s in sorted(steps, reverse=True) if is_committed(path / str(s))]
+
+
+def resolve(path) -> str:
+  """A checkpoint directory to read: `path` itself (a step or params-only checkpoint) or, for a run's
+  checkpoints/ directory, its newest committed step. FileNotFoundError says which it was not."""
+  p = storage.as_path(path)
+  if not p.exists():
+    raise FileNotFoundError(storage.describe_failure(path))
+  if (p / ITEMS).exists() or (p / "_METADATA").exists() or (p / "_CHECKPOINT_METADATA").exists():
+    if not is_committed(path):
+      raise FileNotFoundError(f"{path} is an unfinished (uncommitted) checkpoint")
+    return str(path)
+  steps = committed_steps(path)
+  if not steps:
+    raise FileNotFoundError(f"{path} holds no committed checkpoint (neither a step directory nor a checkpoints/ dir)")
+  return storage.join(path, str(steps[0]))
+
+
+def holds_full_state(path) -> bool:
+  """True when the checkpoint at `path` (step or params-only directory) has an optimizer state."""
+  items = _items_path(path)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(items)
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+  return "opt_state" in tree
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
@@ -93,7 +144,7 @@ def create_manager(config) -> Optional[ocp.CheckpointManager]:
       create=True,
   )
   return ocp.CheckpointManager(
-      epath.Path(config.checkpoint_dir),
+      storage.as_path(storage.absolute(config.checkpoint_dir)),
       options=options,
       item_handlers={ITEMS: ocp.StandardCheckpointHandler(), ITER: DataIteratorHandler()},
   )
@@ -103,10 +154,15 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -
   args = {ITEMS: ocp.args.StandardSave(state)}
   if _checkpointable(data_iterator):
     args[ITER] = DataIteratorSave(data_iterator)
+  step_dir = epath.Path(manager.directory) / str(step)
   if step in manager.all_steps():
     # Only reached when resuming skipped this step as unreadable: replace it rather than fail the run.
     logger.warning("WARNING: replacing unreadable checkpoint at step %d", step)
     manager.delete(step)
+  elif storage.is_remote(manager.directory) and step_dir.exists():
+    # A save killed mid-write on an object store leaves the step directory without its commit marker.
+    logger.warning("WARNING: removing the unfinished checkpoint at %s before saving step %d again", step_dir, step)
+    step_dir.rmtree()
   saved = manager.save(step, args=ocp.args.Composite(**args), force=True)
   if saved:
     logger.info(
@@ -129,7 +185,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, shardings, da
   previous one, so a damaged latest checkpoint costs one checkpoint period rather than the run.
   """
   target = _abstract_with_shardings(abstract_state, shardings)
-  steps = sorted(manager.all_steps(), reverse=True)
+  listed = set(manager.all_steps())
+  steps = [s for s in committed_steps(manager.directory) if s in listed]
   for i, step in enumerate(steps):
     args = {ITEMS: ocp.args.StandardRestore(target)}
     has_iter = (epath.Path(manager.directory) / str(step) / ITER).exists()
@@ -167,7 +224,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, shardings, da
 
 
 def _items_path(path: str) -> epath.Path:
-  path = epath.Path(path)
+  path = storage.as_path(storage.absolute(path))
   if not path.exists():
     raise FileNotFoundError(f"checkpoint path {path} does not exist")
   if (path / ITEMS).exists():  # a step directory of a training run: use its state item
@@ -233,5 +290,5 @@ def load_full_state(path: str, abstract_state, shardings):
 def save_params(path: str, params):
   """Writes a params-only checkpoint that `load_parameters_path` (train, decode, api) reads."""
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(epath.Path(path).absolute(), {"params": params}, force=True)
+    ckptr.save(storage.as_path(storage.absolute(path)), {"params": params}, force=True)
     ckptr.wait_until_finished()

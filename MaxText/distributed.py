@@ -5,6 +5,7 @@ pyconfig.build); building a config alone never calls it. `detect_hardware` and `
 """
 
 import ctypes
+import glob
 import importlib.metadata
 import importlib.util
 import logging
@@ -62,6 +63,19 @@ def _accelerator_plugin_installed() -> bool:
   return importlib.util.find_spec("jax_plugins") is not None
 
 
+# Device nodes an accelerator driver creates: TPU v4 (accel), v5e/v5p/v6e (vfio), NVIDIA, AMD ROCm.
+_ACCELERATOR_NODES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def accelerator_present() -> bool:
+  """Whether this host has a GPU/TPU that an installed plugin could drive; starts nothing.
+
+  An installed plugin alone does not make a host an accelerator host: a CPU machine with libtpu (for ahead-of-time
+  TPU compiles) runs on the CPU, and takes the CPU set-up (host memory reuse) like a machine without the plugin.
+  """
+  return _accelerator_plugin_installed() and any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
+
+
 def reuse_host_memory() -> bool:
   """Makes glibc malloc keep freed memory for reuse; True if applied (glibc only, once per process).
 
@@ -97,15 +111,19 @@ def setup(raw: dict[str, Any]) -> None:
   that already happened (tests build many configs in one process).
   """
   hardware = raw["hardware"]
-  if hardware != "auto" and not _backends_initialized():
-    jax.config.update("jax_platforms", _PLATFORM[hardware])
+  if not _backends_initialized():
+    if raw["compile_topology"]:
+      # An ahead-of-time compile targets the TPU compiler's devices; the process itself runs on the host CPU.
+      jax.config.update("jax_platforms", "cpu")
+    elif hardware != "auto":
+      jax.config.update("jax_platforms", _PLATFORM[hardware])
+    elif not jax.config.jax_platforms and _accelerator_plugin_installed() and not accelerator_present():
+      # A plugin without its hardware (libtpu on a CPU host): go straight to the CPU, without the plugin's failed
+      # start-up and its warnings.
+      jax.config.update("jax_platforms", "cpu")
   if raw["reuse_host_memory"] and not _backends_initialized():
     platforms = jax.config.jax_platforms or ""
-    if (
-        hardware == "cpu"
-        or platforms == "cpu"
-        or (hardware == "auto" and not platforms and not _accelerator_plugin_installed())
-    ):
+    if hardware == "cpu" or platforms == "cpu" or (hardware == "auto" and not platforms and not accelerator_present()):
       reuse_host_memory()
 
   if raw["skip_jax_distributed_system"] or raw["num_processes"] == 1:

@@ -1,13 +1,25 @@
-"""Training metrics: analytic FLOPs, device peaks, and the writers (stdout line, TensorBoard, JSON lines)."""
+"""Training metrics: analytic FLOPs, device peaks, and the writers (stdout line, TensorBoard, JSON lines).
+
+The TensorBoard directory and the JSON-lines files may be in a bucket (gs://, s3://, ...). Objects there cannot be
+appended to, and tensorboardX's own gs:// writer re-uploads its whole event file on every flush (bytes uploaded
+grow with the square of the run's length). Here, every log_period steps, TensorBoard events go up as a new event
+file holding only the events since the last flush (TensorBoard reads all event files of a directory, in name
+order), and JSON lines are appended with GCS compose (only the new lines travel; other schemes rewrite the file).
+"""
 
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
+import time
+import uuid
 from typing import Any, Optional
 
 import jax
 
+from MaxText import storage
 from MaxText.layers import blocks, moe
 
 logger = logging.getLogger("MaxText")
@@ -92,6 +104,97 @@ _STANDARD = {
 }
 
 
+class _BucketEventWriter:
+  """TensorBoard scalars for a directory in a bucket, uploaded in pieces that are never rewritten.
+
+  Events are written by a local tensorboardX writer; `flush` closes its file (so it holds every event) and
+  uploads it as `<bucket dir>/events.out.tfevents.<s>.<host>.<µs>`; the next event opens a new piece.
+  """
+
+  def __init__(self, url: str):
+    self.url = url
+    self._dir = storage.as_path(url)
+    self._local = tempfile.mkdtemp(prefix="maxtext-tensorboard-")
+    self._writer = None
+    self._last_us = 0
+
+  def add_scalar(self, key: str, value: float, step: int):
+    if self._writer is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
+      # tensorboardX names files by the second: a microsecond suffix keeps pieces (of this run or of a resumed one
+      # that starts within the same second) apart and in the order TensorBoard must read them.
+      self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
+      self._writer = SummaryWriter(self._local, filename_suffix=f".{self._last_us}")
+    self._writer.add_scalar(key, value, step)
+
+  def flush(self):
+    if self._writer is None:
+      return
+    self._writer.close()
+    self._writer = None
+    for name in sorted(os.listdir(self._local)):
+      local = os.path.join(self._local, name)
+      with open(local, "rb") as f:
+        (self._dir / name).write_bytes(f.read())
+      os.remove(local)
+
+  def close(self):
+    self.flush()  # on failure the local pieces stay
+    shutil.rmtree(self._local, ignore_errors=True)
+
+  def unwritten(self) -> str:
+    return f"their events stay in {self._local}"
+
+
+class _BucketAppender:
+  """A text file in a bucket, appended to at each `flush` (gs://: GCS compose, so only the new bytes travel)."""
+
+  def __init__(self, url: str):
+    import fsspec  # pylint: disable=import-outside-toplevel
+
+    self.url = url
+    self._fs, self._path = fsspec.core.url_to_fs(url)
+    self._compose = storage.scheme(url) in ("gs", "gcs")
+    self._pending: list[str] = []
+
+  def write(self, text: str):
+    self._pending.append(text)
+
+  def flush(self):
+    if not self._pending:
+      return
+    data = "".join(self._pending).encode("utf-8")
+    if not self._fs.exists(self._path):
+      self._fs.pipe_file(self._path, data)
+    elif self._compose:
+      piece = f"{self._path}.append-{uuid.uuid4().hex}"
+      self._fs.pipe_file(piece, data)
+      self._fs.merge(self._path, [self._path, piece])
+      self._fs.rm_file(piece)
+    else:  # no server-side append: rewrite (fine for metrics files, a few hundred bytes per step)
+      self._fs.pipe_file(self._path, self._fs.cat_file(self._path) + data)
+    self._pending = []
+
+  def close(self):
+    self.flush()
+
+  def unwritten(self) -> str:
+    return f"{len(self._pending)} lines are lost"
+
+
+def _flush_remote(writer, closing: bool = False):
+  """Flushes a bucket writer; a failed upload warns (and is retried at the next flush) instead of ending the run."""
+  try:
+    if closing:
+      writer.close()
+    else:
+      writer.flush()
+  except Exception as e:  # pylint: disable=broad-exception-caught  # fsspec clients raise many types
+    then = writer.unwritten() if closing else "retrying at the next flush"
+    logger.warning("Metrics: cannot write to %s (%s); %s", writer.url, storage.describe_failure(writer.url, e), then)
+
+
 class MetricLogger:
   """Writes one step's metrics to stdout, TensorBoard and JSON lines (process 0 only)."""
 
@@ -105,18 +208,26 @@ class MetricLogger:
     self._json_files = []
     if not self.is_primary:
       return
-    if config.enable_tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-
-      self._tb = SummaryWriter(config.tensorboard_dir)
     paths = []
     if config.write_metrics_to_run_dir:
-      paths.append(os.path.join(config.metrics_dir, "metrics.jsonl"))
+      paths.append(("base_output_directory", storage.join(config.metrics_dir, "metrics.jsonl")))
     if config.metrics_file:
-      paths.append(config.metrics_file)
-    for path in paths:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      self._json_files.append(open(path, "a", encoding="utf-8"))
+      paths.append(("metrics_file", config.metrics_file))
+    for key, path in paths:
+      if storage.is_remote(path):
+        # Fail now, naming the key, rather than at the first flush with steps already trained.
+        storage.check_writable(key, path.rsplit("/", 1)[0], probe_name=f".{os.path.basename(path)}.probe")
+        self._json_files.append(_BucketAppender(path))
+      else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._json_files.append(open(path, "a", encoding="utf-8"))
+    if config.enable_tensorboard:
+      if storage.is_remote(config.tensorboard_dir):
+        self._tb = _BucketEventWriter(config.tensorboard_dir)
+      else:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
+        self._tb = SummaryWriter(config.tensorboard_dir)
 
   def perf(self, step_seconds: float) -> dict[str, float]:
     tflops_per_sec = self.tflops_per_step / step_seconds
@@ -153,19 +264,28 @@ class MetricLogger:
   def write(self, step: int, record: dict[str, Any]):
     if not self.is_primary:
       return
+    flush_now = step % self.config.log_period == 0
     if self._tb is not None:
       for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
           self._tb.add_scalar(key, value, step)
-      if step % self.config.log_period == 0:
-        self._tb.flush()
+      if flush_now:
+        if isinstance(self._tb, _BucketEventWriter):
+          _flush_remote(self._tb)
+        else:
+          self._tb.flush()
     for f in self._json_files:
       f.write(json.dumps({"step": step, **{k: v for k, v in record.items() if k != "step"}}) + "\n")
-      f.flush()
+      if not isinstance(f, _BucketAppender):
+        f.flush()
+      elif flush_now:  # bucket objects in pieces, every log_period steps
+        _flush_remote(f)
 
   def close(self):
-    if self._tb is not None:
-      self._tb.close()
-    for f in self._json_files:
-      f.close()
+    for f in [self._tb] * (self._tb is not None) + self._json_files:
+      if isinstance(f, (_BucketEventWriter, _BucketAppender)):
+        _flush_remote(f, closing=True)
+      else:
+        f.close()
+    self._tb = None
     self._json_files = []

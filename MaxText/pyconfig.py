@@ -95,7 +95,19 @@ def _unknown_key(key: str, where: str) -> ConfigError:
   return ConfigError(f"{key}: unknown key in {where}{_did_you_mean(key, SCHEMA)}")
 
 
-def _resolve_config_path(path: str, relative_to: Optional[pathlib.Path] = None) -> pathlib.Path:
+def _resolve_config_path(path: str, relative_to=None):
+  if "://" in path or (relative_to is not None and not isinstance(relative_to, pathlib.Path)):
+    # A config in a bucket (gs://...), or a parent named by one: read through etils.epath (gcsfs/fsspec).
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    remote = epath.Path(path) if "://" in path or relative_to is None else epath.Path(relative_to) / path
+    try:
+      if remote.is_file():
+        return remote
+    except Exception as e:  # pylint: disable=broad-exception-caught  # fsspec/gcsfs raise their own kinds
+      raise ConfigError(f"config file {path!r}: cannot read {remote}: {e}") from None
+    if "://" in path:
+      raise ConfigError(f"config file {path!r} not found")
   candidates = [pathlib.Path(path)]
   if relative_to is not None:
     candidates.insert(0, relative_to / path)
@@ -106,9 +118,9 @@ def _resolve_config_path(path: str, relative_to: Optional[pathlib.Path] = None) 
   raise ConfigError(f"config file {path!r} not found (looked in: {', '.join(str(c) for c in candidates)})")
 
 
-def _read_yaml(path: pathlib.Path) -> dict[str, Any]:
+def _read_yaml(path) -> dict[str, Any]:
   try:
-    with open(path, encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f:
       data = yaml.safe_load(f)
   except yaml.YAMLError as e:
     raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
@@ -119,7 +131,7 @@ def _read_yaml(path: pathlib.Path) -> dict[str, Any]:
   return data
 
 
-def _load_yaml_chain(path: pathlib.Path, seen: tuple = ()) -> dict[str, Any]:
+def _load_yaml_chain(path, seen: tuple = ()) -> dict[str, Any]:
   """Reads a yml and its `base_config:` ancestors; the child's keys win."""
   if path in seen:
     raise ConfigError(f"base_config: cycle through {path}")
@@ -252,18 +264,22 @@ def _derive(values: dict) -> dict:
   if v["lr_schedule_type"] == "wsd" and v["warmup_steps_fraction"] + v["wsd_decay_steps_fraction"] > 1:
     raise ConfigError("wsd_decay_steps_fraction: warmup_steps_fraction + wsd_decay_steps_fraction must not exceed 1")
 
-  # Devices, mesh and batch.
-  v["hardware"] = distributed.detect_hardware(v["hardware"])
+  # Devices, mesh and batch: the local ones, or those of the TPU slice an ahead-of-time compile targets.
+  if v["compile_topology"]:
+    _derive_compile_target(v)
+  else:
+    v["hardware"] = distributed.detect_hardware(v["hardware"])
+    v["num_devices"] = jax.device_count()
+    v["process_count"] = jax.process_count()
+    v["process_index"] = jax.process_index()
   checks.check_mesh_keys(v)
-  v["num_devices"] = jax.device_count()
-  v["process_count"] = jax.process_count()
-  v["process_index"] = jax.process_index()
   if v["num_processes"] > 1 and v["process_count"] != v["num_processes"] and not v["skip_jax_distributed_system"]:
     raise ConfigError(
         f"num_processes: {v['num_processes']} asked for, but JAX runs {v['process_count']} process(es); an entry"
         " point starts jax.distributed (MaxText/startup.py), pyconfig.initialize never does"
     )
-  v["num_slices"] = distributed.num_slices(v["num_slices"])
+  if not v["compile_topology"]:
+    v["num_slices"] = distributed.num_slices(v["num_slices"])
   if v["num_devices"] % v["num_slices"]:
     raise ConfigError(f"num_slices: {v['num_devices']} devices do not split into {v['num_slices']} slices")
   v["ici_parallelism"] = _fill_parallelism(v, "ici", v["num_devices"] // v["num_slices"], "devices per slice")
@@ -305,6 +321,22 @@ def _derive(values: dict) -> dict:
   v["tensorboard_dir"] = f"{run_dir}/tensorboard"
   v["metrics_dir"] = f"{run_dir}/metrics"
   return v
+
+
+def _derive_compile_target(v: dict):
+  """hardware, device and slice counts of `compile_topology` x `compile_topology_num_slices` (one compiling process)."""
+  from MaxText import topology  # pylint: disable=import-outside-toplevel
+
+  target = topology.lookup(v["compile_topology"])
+  topology.require_libtpu()
+  if v["hardware"] not in ("auto", "tpu"):
+    raise ConfigError(f"hardware: {v['hardware']!r} contradicts compile_topology={v['compile_topology']} (a TPU slice)")
+  slices = v["compile_topology_num_slices"]
+  if v["num_slices"] not in (-1, slices):
+    raise ConfigError(
+        f"num_slices: {v['num_slices']} contradicts compile_topology_num_slices={slices} (leave num_slices at -1)"
+    )
+  v.update(hardware="tpu", num_devices=target.chips * slices, num_slices=slices, process_count=1, process_index=0)
 
 
 def _resolve_backend_ops(v: dict):

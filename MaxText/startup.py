@@ -2,6 +2,8 @@
 
     config = startup.start(argv, "train")
 
+0. storage.configure: STORAGE_EMULATOR_HOST (a GCS emulator) implies every storage client's test settings; set
+   before gcsfs is imported, since it reads some of them at import.
 1. pyconfig.resolve: the yml chain, model yml, M_<KEY> env and key=value arguments, coerced (JAX untouched).
 2. distributed.setup: `hardware` picks the JAX platform, glibc keeps freed host memory (reuse_host_memory, CPU only),
    and jax.distributed starts when several processes are asked for; all of it must happen before a JAX backend
@@ -15,12 +17,13 @@ callers) does steps 1 and 3 only.
 
 from typing import Optional, Sequence
 
-from MaxText import distributed, pyconfig
+from MaxText import distributed, pyconfig, storage
 from MaxText.config.declare import ConfigError
 
 
 def start(argv: Sequence[str], program: Optional[str] = None, **overrides) -> pyconfig.Config:
   """The Config for an entry point's argv, after the process set-up; exits 2 on a ConfigError."""
+  storage.configure()
   try:
     values = pyconfig.resolve(argv, **overrides)
     distributed.setup(values)

@@ -8,6 +8,7 @@ stalls the device queue.
 
 import logging
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -19,12 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
+from jax.experimental import multihost_utils, serialize_executable
 
-from MaxText import checkpointing, input_pipeline, metrics, optimizers, pyconfig, sharding, startup
+from MaxText import checkpointing, input_pipeline, metrics, optimizers, pyconfig, sharding, startup, storage
 from MaxText.config_schema import ConfigError
 from MaxText.layers import model_creation
+from MaxText.layers.ops import head_loss
 
 logger = logging.getLogger("MaxText")
 
@@ -177,7 +180,9 @@ def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool
       return_hidden=True,
       return_aux=True,
   )
-  per_token, z_loss = model.cross_entropy(hidden, batch["targets"], config.z_loss_multiplier)
+  per_token, z_loss = head_loss.tiled_cross_entropy(
+      model, hidden, batch["targets"], config.z_loss_multiplier, config.num_vocab_tiling
+  )
   mask = (batch["targets_segmentation"] != 0).astype(jnp.float32)
   tokens = mask.sum()
   terms = model.aux_terms(model_aux)
@@ -261,12 +266,49 @@ def compile_train_step(setup: TrainSetup, batch_shapes):
   return step, evaluate, data_shardings
 
 
+def _signature(tree) -> list[tuple]:
+  """(shape, dtype) of every array leaf: what a compiled step takes."""
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+  return [(tuple(x.shape), str(x.dtype)) for x in leaves]
+
+
+def save_compiled_step(compiled, path: str):
+  """Serializes a compiled train step (executable + argument/result trees), as MaxText.train_compile writes it."""
+  payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+  with epath.Path(path).open("wb") as f:
+    pickle.dump(
+        {"executable": payload, "in_tree": in_tree, "out_tree": out_tree, "inputs": _signature(compiled.args_info)}, f
+    )
+
+
+def load_compiled_step(path: str, args):
+  """The step save_compiled_step wrote, loaded on this backend; ConfigError unless it takes `args`' structure."""
+  try:
+    with epath.Path(path).open("rb") as f:
+      saved = pickle.load(f)
+  except (OSError, pickle.UnpicklingError, KeyError, EOFError) as e:
+    raise ConfigError(f"compiled_trainstep_file: cannot read {path}: {e}") from None
+  if saved["in_tree"] != jax.tree.structure((args, {})) or saved["inputs"] != _signature(args):
+    raise ConfigError(
+        f"compiled_trainstep_file: {path} was compiled for another model, optimizer or batch layout than this"
+        " config's; compile it again with python3 -m MaxText.train_compile and the same keys"
+    )
+  try:
+    return serialize_executable.deserialize_and_load(saved["executable"], saved["in_tree"], saved["out_tree"])
+  except Exception as e:  # pylint: disable=broad-exception-caught  # XLA raises plain RuntimeErrors
+    raise ConfigError(
+        f"compiled_trainstep_file: {path} does not load on this backend ({jax.default_backend()}, "
+        f"{jax.device_count()} devices); it must run on the topology it was compiled for: {e}"
+    ) from None
+
+
 # ----------------------------------------------------------------------------- loop
 
 
 def _check_output_dir(config):
   """Fails before any compile if the run directory cannot be written (and records the config there)."""
-  if config.base_output_directory.startswith("gs://"):
+  if storage.is_remote(config.run_dir):  # gs://...: missing bucket, no credentials -> one CONFIG ERROR
+    storage.check_writable("base_output_directory", config.run_dir, f".write_probe_{jax.process_index()}")
     return
   try:
     os.makedirs(config.run_dir, exist_ok=True)
@@ -280,7 +322,7 @@ def _check_output_dir(config):
 
 def _check_free_space(config, state_bytes: int):
   """A checkpoint that cannot fit would fail mid-run: say so before training starts."""
-  if not config.enable_checkpointing or config.base_output_directory.startswith("gs://"):
+  if not config.enable_checkpointing or storage.is_remote(config.run_dir):
     return
   free = shutil.disk_usage(config.run_dir).free
   need = state_bytes // max(jax.process_count(), 1)
@@ -292,9 +334,8 @@ def _check_free_space(config, state_bytes: int):
 
 
 def _write_config(config):
-  if config.save_config_to_output and jax.process_index() == 0 and not config.base_output_directory.startswith("gs://"):
-    with open(os.path.join(config.run_dir, "config.yml"), "w", encoding="utf-8") as f:
-      f.write(config.to_yaml())
+  if config.save_config_to_output and jax.process_index() == 0:
+    storage.as_path(storage.join(config.run_dir, "config.yml")).write_text(config.to_yaml())
 
 
 def _restore_or_init(setup: TrainSetup, manager, train_iter):
@@ -305,6 +346,17 @@ def _restore_or_init(setup: TrainSetup, manager, train_iter):
     if state is not None:
       logger.info("Resuming run %s from step %d", config.run_name, step)
       return state, step
+  if config.checkpoint_path:
+    path = checkpointing.resolve(config.checkpoint_path)
+    if checkpointing.holds_full_state(path):
+      logger.info("Loading full state from %s (checkpoint_path)", path)
+      state = checkpointing.load_full_state(path, setup.abstract_state, setup.state_shardings)
+      return state, int(state["step"])
+    logger.info("Loading parameters from %s (checkpoint_path; fresh optimizer, step 0)", path)
+    params = checkpointing.load_params(
+        path, setup.abstract_state["params"], setup.param_shardings, config.param_scan_axis
+    )
+    return setup.state_from_params(params), 0
   if config.load_full_state_path:
     logger.info("Loading full state from %s", config.load_full_state_path)
     state = checkpointing.load_full_state(config.load_full_state_path, setup.abstract_state, setup.state_shardings)
@@ -367,6 +419,10 @@ def train(config) -> list[dict[str, Any]]:
     key = "checkpoint_is_quantized" if config.checkpoint_is_quantized else "save_quantized_params_path"
     raise ConfigError(f"{key}: a decode key (int8 params cannot be trained); train with quantization=... alone")
   _check_output_dir(config)
+  if config.checkpoint_path:  # before any compile: a missing bucket / step is one CONFIG ERROR
+    from MaxText.inference import loading  # pylint: disable=import-outside-toplevel
+
+    loading.checkpoint_path_source(config.checkpoint_path)
   pyconfig.log_config(config)
   _write_config(config)
   mesh = sharding.create_mesh(config)
@@ -386,7 +442,10 @@ def train(config) -> list[dict[str, Any]]:
     first_batch = next(train_iter)
     step_fn, evaluate, _ = compile_train_step(setup, first_batch)
     tflops = metrics.training_tflops_per_device(config)
-    compiled = step_fn.lower(state, first_batch).compile()
+    if config.compiled_trainstep_file:
+      compiled = load_compiled_step(config.compiled_trainstep_file, (state, first_batch))
+    else:
+      compiled = step_fn.lower(state, first_batch).compile()
     _log_startup(config, setup, tflops, compiled)
     metric_logger = metrics.MetricLogger(config, tflops[0])
     loop = TrainLoop(config, compiled, evaluate, manager, metric_logger, train_iter, eval_iter)

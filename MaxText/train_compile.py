@@ -9,21 +9,29 @@ device (arguments, outputs, temporaries) and the analytic TFLOPs per step, so an
 
 import logging
 import sys
+import time
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from MaxText import metrics, sharding, startup, train
+from MaxText import aot_report, metrics, sharding, startup, topology, train
 
 logger = logging.getLogger("MaxText")
 
 _BATCH_KEYS = ("inputs", "inputs_position", "inputs_segmentation", "targets", "targets_position", "targets_segmentation")
 
 
+def target_devices(config):
+  """The devices to compile for: compile_topology's TPU slice(s), else the local ones."""
+  if config.compile_topology:
+    return topology.devices(config.compile_topology, config.compile_topology_num_slices)
+  return None
+
+
 def compile_train_step(config):
   """(compiled step, TrainSetup) for abstract inputs on the config's mesh."""
-  mesh = sharding.create_mesh(config)
+  mesh = sharding.create_mesh(config, target_devices(config))
   setup = train.TrainSetup(config, mesh)
   shape = (config.global_batch_size_to_load, config.max_target_length)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in _BATCH_KEYS}
@@ -36,33 +44,61 @@ def compile_train_step(config):
 
 
 def report(config, compiled, setup) -> dict:
-  mem = compiled.memory_analysis()
+  """Prints and returns the per-device cost of the compiled step: memory (against the chip's HBM on a TPU slice),
+  analytic and compiler FLOPs, and the bytes each collective kind moves (MaxText/aot_report.py)."""
+  target = topology.target(config)
+  mem = aot_report.memory(compiled, target.generation.hbm_bytes if target else None)
   total, weights, attention = metrics.training_tflops_per_device(config)
-  gib = 2**30
+  flops = aot_report.compiler_flops(compiled)
+  collectives = aot_report.collective_bytes(compiled.as_text(), config.num_devices)
   out = {
       "parameters": setup.num_params,
       "tflops_per_device_per_step": total,
-      "argument_gib": mem.argument_size_in_bytes / gib,
-      "output_gib": mem.output_size_in_bytes / gib,
-      "temp_gib": mem.temp_size_in_bytes / gib,
-      "alias_gib": mem.alias_size_in_bytes / gib,
+      "compiler_tflops_per_device_per_step": None if flops is None else flops / 1e12,
+      "collectives": collectives,
+      **mem,
   }
-  # Donated state is aliased: it is counted once, in the arguments.
-  out["total_gib"] = out["argument_gib"] + out["output_gib"] + out["temp_gib"] - out["alias_gib"]
-  print(f"model {config.model_name}: {setup.num_params:,} parameters on {config.num_devices} {config.hardware} devices")
-  print(f"TFLOPs per step per device: {total:.4f} (weight matmuls {weights:.4f}, attention {attention:.4f})")
+  where = f"{config.num_devices} {config.hardware} devices"
+  if target:
+    slices = config.compile_topology_num_slices
+    where = (
+        f"{slices} x {target.name} ({target.topology_name}, {config.num_devices} chips)"
+        if slices > 1
+        else (f"{target.name} ({target.topology_name}, {config.num_devices} chips)")
+    )
+  mesh = ", ".join(f"{a}={n}" for a, n in zip(config.mesh_axes, config.ici_parallelism) if n > 1) or "one device"
+  dcn = ", ".join(f"{a}={n}" for a, n in zip(config.mesh_axes, config.dcn_parallelism) if n > 1)
+  print(f"model {config.model_name}: {setup.num_params:,} parameters on {where}")
+  print(f"mesh: ici {mesh}" + (f"; dcn {dcn}" if dcn else ""))
+  compiler = "n/a" if flops is None else f"{flops / 1e12:.4f}"
   print(
-      f"memory per device: arguments {out['argument_gib']:.3f} GiB, outputs {out['output_gib']:.3f} GiB,"
-      f" temporaries {out['temp_gib']:.3f} GiB, aliased {out['alias_gib']:.3f} GiB -> about {out['total_gib']:.3f} GiB"
+      f"TFLOPs per step per device: {total:.4f} (weight matmuls {weights:.4f}, attention {attention:.4f});"
+      f" compiler's count {compiler} (its cost model counts each loop body, e.g. the scanned layers, once)"
   )
+  print(aot_report.memory_line(mem))
+  print(aot_report.collectives_line(collectives))
   return out
 
 
 def main(argv: Sequence[str]):
   logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
   config = startup.start(argv, "train_compile")
-  compiled, setup = compile_train_step(config)
+  start = time.perf_counter()
+  try:
+    compiled, setup = compile_train_step(config)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler refuses a program whose buffers exceed HBM: that is this tool's answer, not a crash.
+    print(f"DOES NOT FIT: {str(e).splitlines()[0]}")
+    print("try: remat_policy=full, a smaller per_device_batch_size, more fsdp/tensor/expert sharding, or more chips")
+    sys.exit(1)
+  seconds = time.perf_counter() - start
   report(config, compiled, setup)
+  print(f"compile time: {seconds:.1f} s")
+  if config.compiled_trainstep_file:
+    train.save_compiled_step(compiled, config.compiled_trainstep_file)
+    print(f"compiled train step written to {config.compiled_trainstep_file}")
 
 
 if __name__ == "__main__":

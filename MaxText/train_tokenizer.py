@@ -16,7 +16,7 @@ from typing import Iterator
 
 from etils import epath
 
-from MaxText import pyconfig
+from MaxText import pyconfig, storage
 from MaxText.config_schema import ConfigError
 from MaxText.input_pipeline import documents
 
@@ -80,10 +80,13 @@ def train(config) -> bytes:
 
 def main(argv) -> None:
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  storage.configure()
   config = pyconfig.initialize_or_exit(argv)
   if not config.tokenizer_path:
     pyconfig.exit_with_config_error(ConfigError("tokenizer_path: where to write the trained model"))
   try:
+    if storage.is_remote(config.tokenizer_path):  # before training, not after
+      storage.check_writable("tokenizer_path", str(storage.as_path(config.tokenizer_path).parent))
     model = train(config)
   except ConfigError as e:
     pyconfig.exit_with_config_error(e)

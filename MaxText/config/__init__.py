@@ -12,6 +12,7 @@ import sys
 from typing import Any, Sequence
 
 from MaxText.config import (
+    aot,
     attention,
     checkpoint,
     data,
@@ -30,7 +31,22 @@ from MaxText.config.declare import ConfigError, Derived, Field, Key
 
 __all__ = ["ConfigError", "Derived", "Field", "Key", "SECTIONS", "KEYS", "DERIVED", "SCHEMA", "MODEL_KEYS"]
 
-SECTIONS = (run, model, moe, attention, numerics, training, metrics, checkpoint, data, decode, serve, mesh, processes)
+SECTIONS = (
+    run,
+    model,
+    moe,
+    attention,
+    numerics,
+    training,
+    metrics,
+    checkpoint,
+    data,
+    decode,
+    serve,
+    mesh,
+    processes,
+    aot,
+)
 KEYS: dict[str, Key] = {k.name: k for section in SECTIONS for k in section.KEYS}
 DERIVED: dict[str, Derived] = {d.name: d for section in SECTIONS for d in getattr(section, "DERIVED", ())}
 SCHEMA: dict[str, Field] = {name: k.field for name, k in KEYS.items()}

@@ -11,6 +11,15 @@ KEYS = (
     Key("load_parameters_path", "", STR, "params-only checkpoint to start from (fresh optimizer, step 0)"),
     Key("load_full_state_path", "", STR, "full train state checkpoint to start from"),
     Key(
+        "checkpoint_path",
+        "",
+        STR,
+        "checkpoint to decode / api.load / start training from (local or gs://...): a run's checkpoints/ directory"
+        " (its newest committed step) or one step or params-only checkpoint directory, either layer layout. Train:"
+        " a full train state resumes its step and optimizer, params-only starts at step 0 (as load_full_state_path /"
+        " load_parameters_path do; set at most one of the three). The run's own checkpoints still win on restart",
+    ),
+    Key(
         "param_checkpoint_output_path",
         "",
         STR,

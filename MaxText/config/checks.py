@@ -10,7 +10,8 @@ from MaxText.config import mesh, model, numerics
 from MaxText.config.declare import ConfigError
 
 # Entry points whose start-up passes `program`; each may add its own refusals.
-PROGRAMS = ("train", "train_compile", "decode", "serve", "generate_param_only_checkpoint")
+PROGRAMS = ("train", "train_compile", "decode", "decode_compile", "serve", "generate_param_only_checkpoint")
+_COMPILERS = ("train_compile", "decode_compile")  # entry points that may target a slice this host lacks
 _TRAINING = ("train", "train_compile")
 
 
@@ -18,12 +19,18 @@ def check(v: dict[str, Any], program: Optional[str] = None):
   """Raises ConfigError, naming the key, for the first contradiction in the resolved values `v`."""
   if program is not None and program not in PROGRAMS:
     raise ValueError(f"program {program!r} is not one of {PROGRAMS}")
+  if v["compile_topology"] and program is not None and program not in _COMPILERS:
+    raise ConfigError(
+        f"compile_topology: {program} runs on this host's devices; compile for {v['compile_topology']} with"
+        " python3 -m MaxText.train_compile (or MaxText.decode_compile)"
+    )
   check_model(v)
   check_moe(v)
-  check_attention(v)
+  check_attention(v, program)
   check_paged(v, program)
   check_quantization(v, program)
   check_decode(v)
+  check_vocab_tiling(v)
   check_run(v)
 
 
@@ -78,18 +85,40 @@ def check_moe(v: dict):
           f"topk_routing_group: {keep} groups of {v['num_experts'] // groups} experts cannot supply"
           f" num_experts_per_tok={v['num_experts_per_tok']}"
       )
+  if v["moe_grouped_matmul"] == "megablox" and v["hardware"] != "tpu":
+    raise ConfigError(
+        f"moe_grouped_matmul: megablox (a Pallas TPU kernel) runs on TPU only, but the backend is {v['hardware']!r};"
+        " use ragged_dot or auto"
+    )
   if v["routed_bias_update_rate"] > 0 and not v["routed_bias"]:
     raise ConfigError("routed_bias_update_rate: > 0 needs routed_bias: true (it updates the routing bias)")
   if v["moe_input_scaled_by_router"] and v["num_experts_per_tok"] != 1:
     raise ConfigError("moe_input_scaled_by_router: needs num_experts_per_tok=1 (Llama 4 routes a token to one expert)")
 
 
-def check_attention(v: dict):
+def check_flash_lengths(v: dict, program: Optional[str]):
+  """The splash kernel tiles the sequence it attends over: training's max_target_length, or a decode program's
+  longest prefill (shorter prefill buckets the kernel cannot tile use dot_product, layers/attentions.py)."""
+  from MaxText.layers.ops import attention as ops  # pylint: disable=import-outside-toplevel  # imports jax
+
+  decoding = program in ("decode", "decode_compile", "serve")
+  key = "max_prefill_predict_length" if decoding else "max_target_length"
+  reason = ops.splash_unsupported_reason(v[key])
+  if reason:
+    raise ConfigError(
+        f"{key}: attention=flash: {reason} (use a multiple of {ops.SPLASH_BLOCK}, or one of"
+        f" {ops.SPLASH_MIN_BLOCK}, {2 * ops.SPLASH_MIN_BLOCK}, {3 * ops.SPLASH_MIN_BLOCK}, {ops.SPLASH_BLOCK})"
+    )
+
+
+def check_attention(v: dict, program: Optional[str] = None):
   if v["attention"] == "flash" and v["hardware"] != "tpu":
     raise ConfigError(
         f"attention: flash (the Pallas splash-attention kernel) runs on TPU only, but the backend is"
         f" {v['hardware']!r}; use attention=autoselected (cuDNN on GPU) or attention=dot_product"
     )
+  if v["attention"] == "flash":
+    check_flash_lengths(v, program)
   if v["attention_type"] == "mla" and v["qk_rope_head_dim"] % 2:
     raise ConfigError(f"qk_rope_head_dim: {v['qk_rope_head_dim']} must be even for rotary embeddings (MLA)")
 
@@ -117,8 +146,10 @@ def check_paged(v: dict, program: Optional[str]):
         f" {max_pages} pages (raise pagedattn_num_pages or lower max_target_length)"
     )
   if v["paged_attention_kernel"] == "pallas":
-    if v["hardware"] != "gpu":
-      raise ConfigError(f"paged_attention_kernel: pallas runs on GPU only, the backend is {v['hardware']!r} (use jax)")
+    if v["hardware"] not in ("gpu", "tpu"):
+      raise ConfigError(
+          f"paged_attention_kernel: pallas runs on GPU or TPU only, the backend is {v['hardware']!r} (use jax)"
+      )
     if v["sliding_window_size"] > 0 or v["chunk_attn_window_size"] > 0:
       raise ConfigError(
           "paged_attention_kernel: the pallas kernel has no sliding window or chunked attention"
@@ -142,6 +173,13 @@ def check_quantization(v: dict, program: Optional[str]):
     )
 
 
+def check_vocab_tiling(v: dict):
+  """num_vocab_tiling cuts the sequence (layers/ops/head_loss.tiled_cross_entropy) into equal chunks."""
+  n, length = v["num_vocab_tiling"], v["max_target_length"]
+  if length % n:
+    raise ConfigError(f"num_vocab_tiling: {n} chunks do not divide the sequence of max_target_length={length} tokens")
+
+
 def check_decode(v: dict):
   if v["decode_sampling_strategy"] == "topk" and v["decode_sampling_top_k"] == 0:
     raise ConfigError("decode_sampling_top_k: decode_sampling_strategy topk needs decode_sampling_top_k > 0")
@@ -152,6 +190,9 @@ def check_decode(v: dict):
 def check_run(v: dict):
   if v["load_parameters_path"] and v["load_full_state_path"]:
     raise ConfigError("load_parameters_path: set either load_parameters_path or load_full_state_path, not both")
+  for other in ("load_parameters_path", "load_full_state_path"):
+    if v["checkpoint_path"] and v[other]:
+      raise ConfigError(f"checkpoint_path: set either checkpoint_path or {other}, not both")
   if "/" in v["run_name"]:
     raise ConfigError(f"run_name: {v['run_name']!r} must not contain '/'")
 

@@ -83,7 +83,9 @@ KEYS = (
 )
 
 DERIVED = (
-    Derived("num_devices", int, "jax.device_count(): devices in the job, over all processes"),
+    Derived(
+        "num_devices", int, "devices in the job over all processes (jax.device_count()), or compile_topology's chips"
+    ),
     Derived("ici_parallelism", list, "the ici_*_parallelism degrees in mesh_axes order, -1 filled"),
     Derived("dcn_parallelism", list, "the dcn_*_parallelism degrees in mesh_axes order, -1 filled"),
 )

@@ -5,7 +5,13 @@ from MaxText.config.declare import BOOL, Derived, Float, Key, NONNEG, POS, STR, 
 TITLE = "metrics and profiling"
 KEYS = (
     Key("enable_tensorboard", True, BOOL, "write TensorBoard scalars under {run}/tensorboard"),
-    Key("metrics_file", "", STR, 'also append per-step metrics as JSON lines to this path ("" = off)'),
+    Key(
+        "metrics_file",
+        "",
+        STR,
+        "also append per-step metrics as JSON lines to this path, local or gs://... (a bucket object is appended to"
+        ' every log_period steps) ("" = off)',
+    ),
     Key("write_metrics_to_run_dir", True, BOOL, "always append JSON-lines metrics to {run}/metrics/metrics.jsonl"),
     Key(
         "device_peak_tflops",

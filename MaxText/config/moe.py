@@ -22,6 +22,14 @@ KEYS = (
         "num_experts tokens per batch row, the rest dropped",
     ),
     Key(
+        "moe_grouped_matmul",
+        "auto",
+        Str("auto", "ragged_dot", "megablox"),
+        "dropless experts' grouped matmul: ragged_dot (jax.lax.ragged_dot, every backend) | megablox (the Pallas TPU "
+        "gmm kernel, TPU only; its weight gradient skips other experts' rows, where TPU's ragged_dot transpose is a "
+        "masked dense matmul over all experts) | auto = megablox on TPU, ragged_dot elsewhere",
+    ),
+    Key(
         "load_balance_loss_weight",
         0.0,
         Float(0.0),

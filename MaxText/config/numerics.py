@@ -1,6 +1,6 @@
 """Config keys: numerics and memory."""
 
-from MaxText.config.declare import BOOL, DTYPES, Int, Key, Str
+from MaxText.config.declare import BOOL, DTYPES, Int, Key, POS, Str
 
 TITLE = "numerics and memory"
 # Quantization modes whose kernels can be stored quantized (int8 + scale): checkpoint_is_quantized and
@@ -39,5 +39,13 @@ KEYS = (
         Str("auto", "logits", "fused"),
         "fused = output head + cross-entropy in one custom VJP that never hands [batch, seq, vocab] logits to "
         "autodiff (CPU-tuned) | logits = the plain path | auto = fused on CPU, logits elsewhere",
+    ),
+    Key(
+        "num_vocab_tiling",
+        1,
+        POS,
+        "training: compute the output head + loss in this many sequence chunks, one at a time (forward and "
+        "backward), so only one chunk's [batch, seq / N, vocab] logits is live; must divide max_target_length "
+        "(1 = off)",
     ),
 )

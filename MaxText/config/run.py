@@ -27,8 +27,9 @@ KEYS = (
         "reuse_host_memory",
         True,
         BOOL,
-        "CPU backend (hardware cpu, or auto with no GPU/TPU plugin installed): glibc malloc keeps freed memory in "
-        "one heap for reuse, so XLA's per-step temporaries are not fresh zero-filled pages each step",
+        "CPU backend (hardware cpu, or auto on a host without a GPU/TPU, whatever plugins are installed): glibc "
+        "malloc keeps freed memory in one heap for reuse, so XLA's per-step temporaries are not fresh zero-filled "
+        "pages each step",
     ),
     Key("log_config", True, BOOL, "log the resolved config at start"),
     Key(

@@ -38,7 +38,7 @@ KEYS = (
     Key("abort_on_nan_loss", True, BOOL, "stop the run at the first NaN/Inf loss"),
     Key("eval_interval", -1, Int(-1), "run eval every N steps (-1 = never)"),
     Key("eval_steps", 1, POS, "batches per eval"),
-    Key("log_period", 100, POS, "flush TensorBoard every N steps"),
+    Key("log_period", 100, POS, "flush TensorBoard (and metrics files in a bucket) every N steps"),
 )
 
 DERIVED = (

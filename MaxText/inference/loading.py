@@ -1,16 +1,16 @@
 """Finding and loading the parameters to decode with, with errors that name the cause.
 
-Sources, in order: `load_parameters_path`, `load_full_state_path` (a params-only checkpoint or a training step
-directory), else the newest committed checkpoint of `run_name`. Scanned or unscanned layouts load into either.
+Sources, in order: `checkpoint_path` (a run's checkpoints/ directory, whose newest committed step is used, or one
+step / params-only directory), `load_parameters_path`, `load_full_state_path` (a params-only checkpoint or a training
+step directory), else the newest committed checkpoint of `run_name`. Any of them may be local or gs://...
+Scanned or unscanned layouts load into either.
 """
 
 import logging
 
 import jax
-import orbax.checkpoint as ocp
-from etils import epath
 
-from MaxText import checkpointing
+from MaxText import checkpointing, storage
 from MaxText.config_schema import ConfigError
 from MaxText.layers import quantization, scan_layout
 
@@ -19,20 +19,29 @@ logger = logging.getLogger("MaxText")
 
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
   """`{checkpoint_dir}/{step}` of the newest committed step, or None; reads only (creates nothing)."""
-  if not epath.Path(checkpoint_dir).exists():
-    return None
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(epath.Path(checkpoint_dir), options=options) as manager:
-    step = manager.latest_step()
-  return None if step is None else f"{checkpoint_dir}/{step}"
+  steps = checkpointing.committed_steps(checkpoint_dir)
+  return storage.join(checkpoint_dir, str(steps[0])) if steps else None
+
+
+def checkpoint_path_source(path: str) -> str:
+  """The directory `checkpoint_path` names to read (see checkpointing.resolve); ConfigError naming the key."""
+  storage.check_readable("checkpoint_path", path)
+  try:
+    return checkpointing.resolve(path)
+  except FileNotFoundError as e:
+    raise ConfigError(f"checkpoint_path: {e}") from None
 
 
 def checkpoint_source(config) -> tuple[str, str]:
   """(config key that names the source, path) of the parameters to load; ConfigError when there are none."""
+  if config.checkpoint_path:
+    return "checkpoint_path", checkpoint_path_source(config.checkpoint_path)
   for key in ("load_parameters_path", "load_full_state_path"):
     path = getattr(config, key)
     if path:
-      if not epath.Path(path).exists():
+      if storage.is_remote(path):
+        storage.check_readable(key, path)  # names a missing bucket or missing credentials
+      elif not storage.exists(path):
         raise ConfigError(f"{key}: no checkpoint at {path}")
       return key, path
   path = latest_checkpoint(config.checkpoint_dir)

@@ -1,4 +1,4 @@
-"""Random-access record sources over files: ArrayRecord, Parquet, JSON lines and plain text.
+"""Random-access record sources over files: ArrayRecord, Parquet, JSON lines and plain text, local or in a bucket.
 
 ArrayRecord is read record by record (each process touches only its own records). Parquet, JSON-lines and text
 have no record index, so a file is loaded into memory (only the needed columns, as Arrow arrays) the first time
@@ -7,16 +7,23 @@ memory, convert them to ArrayRecord. Sources drop their
 loaded data when pickled, so grain worker processes load what they read themselves.
 
 Records come out as dicts (column -> value) or, for text files and raw-text ArrayRecords, as str.
+
+Paths may be URLs (gs://, s3://, ... through etils.epath / fsspec; ArrayRecord through array_record's own reader,
+which knows local files and gs://). Globs may use `**` (any depth), in buckets too: epath refuses it, so bucket globs
+go through fsspec (one listing of the prefix) and local ones through the glob module.
 """
 
 import bisect
+import glob
 import json
+import os
 import pathlib
 from typing import Any, Optional, Sequence
 
 import grain
 from etils import epath
 
+from MaxText import storage
 from MaxText.config_schema import ConfigError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -52,10 +59,23 @@ def _has_wildcard(path: str) -> bool:
 
 
 def _glob(pattern: str) -> list[str]:
-  parts = pattern.split("/")
-  first = next(i for i, part in enumerate(parts) if _has_wildcard(part))
-  root = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
-  return sorted(str(p) for p in epath.Path(root).glob("/".join(parts[first:])) if p.is_file())
+  return [f for f, _ in _glob_sizes(pattern)]
+
+
+def _glob_sizes(pattern: str) -> list[tuple[str, Optional[int]]]:
+  """(file, size or None when not listed) for every file `pattern` matches, sorted by name."""
+  if storage.is_remote(pattern):
+    import fsspec  # pylint: disable=import-outside-toplevel
+
+    fs, _ = fsspec.core.url_to_fs(pattern)
+    prefix = storage.scheme(pattern) + "://"
+    found = fs.glob(pattern, detail=True)
+    return sorted(
+        (prefix + name.split("://", 1)[-1], info.get("size"))
+        for name, info in found.items()
+        if info.get("type") == "file"
+    )
+  return sorted((p, None) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
 
 
 def parse_mixture(spec: str, key: str) -> list[tuple[str, float]]:
@@ -82,20 +102,27 @@ def parse_mixture(spec: str, key: str) -> list[tuple[str, float]]:
 def expand(pattern: str, key: str) -> list[str]:
   """The files a glob (or plain path) names, sorted; ConfigError names `key` when there are none or one is empty."""
   resolved = resolve_path(pattern)
-  if _has_wildcard(resolved):
-    files = _glob(resolved)
-    if not files:
-      raise ConfigError(f"{key}: glob {pattern!r} matches no files")
-  else:
-    if not epath.Path(resolved).exists():
-      raise ConfigError(f"{key}: {pattern} does not exist")
-    if epath.Path(resolved).is_dir():
-      raise ConfigError(f"{key}: {pattern} is a directory; give a file or a glob such as {pattern.rstrip('/')}/*")
-    files = [resolved]
-  for f in files:
-    if epath.Path(f).stat().length == 0:
-      raise ConfigError(f"{key}: {f} is empty")
-  return files
+  problem = storage.credentials_problem(resolved)  # before gcsfs, which would retry for minutes
+  if problem:
+    raise ConfigError(f"{key}: {problem}")
+  try:
+    if _has_wildcard(resolved):
+      found = _glob_sizes(resolved)
+      if not found:
+        raise ConfigError(f"{key}: glob {pattern!r} matches no files")
+    else:
+      storage.check_readable(key, resolved)
+      if epath.Path(resolved).is_dir():
+        raise ConfigError(f"{key}: {pattern} is a directory; give a file or a glob such as {pattern.rstrip('/')}/*")
+      found = [(resolved, None)]
+    for f, size in found:
+      if (epath.Path(f).stat().length if size is None else size) == 0:
+        raise ConfigError(f"{key}: {f} is empty")
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-exception-caught  # fsspec clients raise many types
+    raise ConfigError(f"{key}: {storage.describe_failure(resolved, e)}") from None
+  return [f for f, _ in found]
 
 
 def file_type(files: Sequence[str], requested: str, key: str) -> str:

@@ -1,9 +1,12 @@
-"""dataset_type=hf: Hugging Face `datasets` over local files (json, parquet, text, arrow, csv) or a local dataset.
+"""dataset_type=hf: Hugging Face `datasets` over data files (json, parquet, text, arrow, csv) or a dataset directory.
 
 `hf_path` names a packaged builder (`json`, `parquet`, `text`, `arrow`, `csv`) that reads `hf_data_files` /
-`hf_eval_files`, or a local directory: one written by `save_to_disk`, or one `load_dataset` understands, read at
+`hf_eval_files`, or a directory: one written by `save_to_disk`, or one `load_dataset` understands, read at
 `train_split` / `eval_split`. Datasets are memory-mapped Arrow tables with random access, so the shared grain
 pipeline runs on top and the iterator is checkpointable like the grain one.
+
+Files and directories may be in a bucket (gs://...): `datasets` copies them to local disk through fsspec first
+(data files into HF_DATASETS_CACHE, a saved dataset into a temporary directory).
 """
 
 import grain

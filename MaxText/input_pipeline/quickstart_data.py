@@ -48,6 +48,8 @@ def build(force: bool = False) -> tuple[pathlib.Path, pathlib.Path]:
 
 def build_if_default(pattern: str) -> None:
   """Builds the corpus when `pattern` names one of its files and that file is missing (first use)."""
+  if "://" in pattern:  # a bucket, never the corpus
+    return
   path = pathlib.Path(pattern)
   candidates = [path] if path.is_absolute() else [pathlib.Path.cwd() / path, file_sources.REPO_ROOT / path]
   if any(c.resolve() in (TRAIN_FILE, EVAL_FILE) and not c.exists() for c in candidates):

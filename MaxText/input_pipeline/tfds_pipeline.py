@@ -3,10 +3,13 @@
 Needs no TensorFlow: `tfds.data_source`-style random access decodes records with numpy. `dataset_name`
 (`name[/config][:version]`) is looked up under `dataset_path`; with an empty `dataset_name`, `dataset_path`
 is itself a prepared dataset directory (the one holding dataset_info.json), opened with `builder_from_directory`.
+`dataset_path` may be a bucket URL (gs://...): tfds reads its metadata through etils.epath and the array_record
+shards through array_record's own GCS reader.
 """
 
 import grain
 
+from MaxText import storage
 from MaxText.config_schema import ConfigError
 from MaxText.input_pipeline import file_sources, text_pipeline
 
@@ -17,8 +20,7 @@ def _builder(name: str, config, name_key: str):
   data_dir = file_sources.resolve_path(config.dataset_path)
   if not data_dir:
     raise ConfigError("dataset_path: required for dataset_type=tfds (the TFDS data_dir or a prepared dataset dir)")
-  if not file_sources.epath.Path(data_dir).exists():
-    raise ConfigError(f"dataset_path: {data_dir} does not exist")
+  storage.check_readable("dataset_path", data_dir, kind="dir")  # missing bucket / object / credentials, named
   try:
     if name:
       return tfds.builder(name, data_dir=data_dir)

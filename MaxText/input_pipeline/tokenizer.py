@@ -1,4 +1,4 @@
-"""Tokenizers from local files: SentencePiece (.model), Hugging Face (tokenizer.json) and tiktoken (.tiktoken).
+"""Tokenizers from local or bucket (gs://, s3://, ...) files: SentencePiece .model, HF tokenizer.json, .tiktoken.
 
 All three share one small interface (`encode`, `decode`, `vocab_size`, `bos_id`, `eos_id`, `pad_id`) so the
 data pipelines, the tokenizer trainer and decoding never ask which kind they hold. A `TokenizerSpec` is the
@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from etils import epath
 
+from MaxText import storage
 from MaxText.config_schema import ConfigError
 from MaxText.input_pipeline import file_sources
 
@@ -217,8 +218,7 @@ def load_tokenizer(spec: TokenizerSpec) -> Tokenizer:
   if not spec.path:
     raise ConfigError("tokenizer_path: required for real data (set it to a .model, tokenizer.json or .tiktoken file)")
   spec = dataclasses.replace(spec, path=file_sources.resolve_path(spec.path))
-  if not epath.Path(spec.path).exists():
-    raise ConfigError(f"tokenizer_path: {spec.path} does not exist")
+  storage.check_readable("tokenizer_path", spec.path)  # missing bucket / object / credentials, named
   try:
     return _KINDS[spec.tokenizer_type](spec)
   except ConfigError:

@@ -10,6 +10,8 @@ model_mode "prefill" attends like training and fills the cache; "autoregressive"
 (`init_cache` creates the cache first, see MaxText.layers.cache).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,7 +24,7 @@ from MaxText.layers.linears import DenseGeneral
 from MaxText.layers.quantization import spec_from_config
 from MaxText.layers.normalizations import RMSNorm
 from MaxText.layers.ops.attention import autoselected_attention, dot_product_attention, log_once
-from MaxText.layers.ops.attention import splash_attention
+from MaxText.layers.ops.attention import splash_attention, splash_unsupported_reason
 
 MODEL_MODES = ("train", "prefill", "autoregressive")
 _BATCH_LEN = ("activation_batch", "activation_length")
@@ -95,6 +97,9 @@ class Attention(nnx.Module):
     self.num_query_heads, self.num_kv_heads, self.head_dim = config.num_query_heads, config.num_kv_heads, head_dim
     self.dtype = config.dtype
     self.attention_kind = config.attention  # checked by pyconfig (MaxText/config/checks.py), flash off TPU included
+    # flash lowers for the config's hardware (tpu under compile_topology, on a CPU host) and shards over the mesh.
+    self.hardware = config.hardware
+    self.logical_axis_rules = config.logical_axis_rules
     self.sliding_window_size = config.sliding_window_size if sliding_window_size is None else sliding_window_size
     self.sliding_window_pattern = config.sliding_window_pattern
     self.attn_logits_soft_cap = config.attn_logits_soft_cap
@@ -241,8 +246,14 @@ class Attention(nnx.Module):
         log_once(f"attention={kind}: attn_logits_soft_cap needs the dot_product path; using it")
       elif self.chunk_attn_window_size > 0 and chunked is not False:
         log_once(f"attention={kind}: chunked attention (chunk_attn_window_size) needs the dot_product path")
+      elif kind == "flash" and splash_unsupported_reason(query.shape[1]):
+        # Only a prefill bucket shorter than the config's length (checked at config time) gets here.
+        log_once(f"attention=flash: {splash_unsupported_reason(query.shape[1])}; using dot_product for it")
       else:
-        kernel = splash_attention if kind == "flash" else autoselected_attention
+        if kind == "flash":
+          kernel = functools.partial(splash_attention, platform=self.hardware, logical_axis_rules=self.logical_axis_rules)
+        else:
+          kernel = autoselected_attention
 
         def fused(window):
           return kernel(query, key, value, q_segment_ids, scale=self.scale, sliding_window_size=window)
@@ -341,7 +352,14 @@ class Attention(nnx.Module):
     position, and chunks from the row's start (a cached row holds one sequence, so its indices are its positions).
     """
     if self.kv_cache.kernel == "pallas":
-      return self.kv_cache.kernel_attention(query, key, value, scale=self.scale, soft_cap=self.attn_logits_soft_cap)
+      return self.kv_cache.kernel_attention(
+          query,
+          key,
+          value,
+          scale=self.scale,
+          soft_cap=self.attn_logits_soft_cap,
+          logical_axis_rules=self.logical_axis_rules,
+      )
     view = self.kv_cache.attention_view(key, value)
     context = self.attend(
         query,

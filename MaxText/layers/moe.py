@@ -15,16 +15,60 @@ to `MoeBlock.post_update`, DeepSeek V3's aux-loss-free rule for the selection bi
 count in neither.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from MaxText import sharding
 from MaxText.layers import params
 from MaxText.layers.linears import MlpBlock, activation
+
+GROUPED_MATMULS = ("ragged_dot", "megablox")
+_MEGABLOX_TILE = 512  # the largest tile along each of m, k, n; 1024 overflows tgmm's VMEM on v5e
+
+
+def resolve_grouped_matmul(choice: str, hardware: str) -> str:
+  """moe_grouped_matmul: auto -> megablox on TPU (its tgmm weight gradient skips the other experts' rows, where
+  ragged_dot's transpose on TPU is a dense masked matmul over every expert), ragged_dot elsewhere."""
+  if choice == "auto":
+    return "megablox" if hardware == "tpu" else "ragged_dot"
+  return choice
+
+
+def _axes(entry) -> tuple:
+  """A PartitionSpec entry as a tuple of mesh axis names."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def grouped_matmul(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "ragged_dot", interpret: bool = False
+) -> jax.Array:
+  """lhs [m, k] rows sorted by group, rhs [groups, k, n], group_sizes [groups] (summing to at most m) -> [m, n]:
+  each group's rows times its matrix. `impl`: ragged_dot (jax.lax) or megablox (the Pallas TPU gmm kernel;
+  `interpret=True` runs it on CPU)."""
+  if impl == "ragged_dot":
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+  if impl != "megablox":
+    raise ValueError(f"grouped matmul {impl!r} is not one of {GROUPED_MATMULS}")
+  from jax.experimental.pallas.ops.tpu import megablox  # pylint: disable=import-outside-toplevel  # TPU-only op
+
+  m, k = lhs.shape
+  n = rhs.shape[2]
+  # The kernel tiles m exactly: pad the rows to a whole tile. Zero rows past sum(group_sizes) belong to no group.
+  tm = min(_MEGABLOX_TILE, -(-m // 128) * 128)
+  padded = -(-m // tm) * tm
+  if padded != m:
+    lhs = jnp.pad(lhs, ((0, padded - m), (0, 0)))
+  tiling = (tm, min(_MEGABLOX_TILE, k), min(_MEGABLOX_TILE, n))
+  out = megablox.gmm(lhs, rhs, group_sizes, lhs.dtype, tiling, None, None, False, interpret)
+  return out[:m]
 
 
 class Router(nnx.Module):
@@ -155,6 +199,8 @@ class MoeBlock(nnx.Module):
     else:
       self.shared_experts = None
     self.bias_update_rate = config.routed_bias_update_rate
+    self.grouped_matmul = resolve_grouped_matmul(config.moe_grouped_matmul, config.hardware)
+    self.interpret = False  # megablox in Pallas interpret mode (a CPU test's switch; TPU only otherwise)
 
   def route(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(weights [T, k], experts [T, k], scores [T, E]) for tokens [T, embed]."""
@@ -212,7 +258,35 @@ class MoeBlock(nnx.Module):
     return tuple(w[...].astype(self.dtype) for w in (self.wi_0, self.wi_1, self.wo))
 
   def _dropless(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
-    """Token copies sorted by expert through grouped matmuls, weighted, and summed back per token."""
+    """Token copies sorted by expert through grouped matmuls, weighted, and summed back per token.
+
+    Under a mesh each shard of the token batch sorts and multiplies its own tokens (shard_map): a global sort
+    would gather every token onto every device, and the Pallas megablox kernel is opaque to GSPMD anyway. The
+    expert weights enter whole along the expert and embed dims (GSPMD gathers them, as FSDP does for any layer)
+    and split along the MLP dim by the tensor axes, whose partial outputs are summed.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    wi_0, wi_1, wo = self._kernels()
+    if mesh.empty or mesh.size == 1:
+      return self._dropless_local(tokens, weights, experts, wi_0, wi_1, wo, ())
+    rules = self.config.logical_axis_rules
+    token_spec = sharding.logical_to_mesh_spec(("activation_batch",), rules, mesh, experts.shape[:1])
+    token_axes = set(_axes(token_spec[0] if len(token_spec) else None))
+    mlp_spec = sharding.logical_to_mesh_spec(("mlp",), rules, mesh, (self.config.moe_mlp_dim,))
+    mlp_axes = tuple(a for a in _axes(mlp_spec[0] if len(mlp_spec) else None) if a not in token_axes)
+    mlp = mlp_axes[0] if len(mlp_axes) == 1 else (mlp_axes or None)
+    rows = P(token_spec[0] if len(token_spec) else None, None)
+    w_in, w_out = P(None, None, mlp), P(None, mlp, None)
+
+    def body(tokens, weights, experts, wi_0, wi_1, wo):
+      return self._dropless_local(tokens, weights, experts, wi_0, wi_1, wo, mlp_axes)
+
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(rows, rows, rows, w_in, w_in, w_out), out_specs=rows, check_vma=False
+    )(tokens, weights, experts, wi_0, wi_1, wo)
+
+  def _dropless_local(self, tokens, weights, experts, wi_0, wi_1, wo, mlp_axes: tuple) -> jax.Array:
+    """_dropless on one shard's tokens; `mlp_axes`: the mesh axes the MLP dim is split over (outputs psum'd)."""
     c = self.config
     t, k = experts.shape
     flat = experts.reshape(-1)
@@ -222,11 +296,13 @@ class MoeBlock(nnx.Module):
     xs = tokens.astype(self.dtype)[order // k]
     if c.moe_input_scaled_by_router:
       xs = (xs.astype(jnp.float32) * w_sorted).astype(self.dtype)
-    wi_0, wi_1, wo = self._kernels()
-    h0 = checkpoint_name(jax.lax.ragged_dot(xs, wi_0, sizes), "mlpwi_0")
-    h1 = checkpoint_name(jax.lax.ragged_dot(xs, wi_1, sizes), "mlpwi_1")
+    matmul = functools.partial(grouped_matmul, impl=self.grouped_matmul, interpret=self.interpret)
+    h0 = checkpoint_name(matmul(xs, wi_0, sizes), "mlpwi_0")
+    h1 = checkpoint_name(matmul(xs, wi_1, sizes), "mlpwi_1")
     hidden = checkpoint_name(self.activation(h0) * h1, "mlp_hidden")
-    ys = checkpoint_name(jax.lax.ragged_dot(hidden, wo, sizes), "mlpwo").astype(jnp.float32)
+    ys = checkpoint_name(matmul(hidden, wo, sizes), "mlpwo").astype(jnp.float32)
+    if mlp_axes:
+      ys = jax.lax.psum(ys, mlp_axes)
     if not c.moe_input_scaled_by_router:
       ys = ys * w_sorted
     unsorted = ys[jnp.argsort(order)]  # a gather back to (token, slot) order

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from MaxText import metrics, optimizers, pyconfig, sharding, train
+from MaxText.config_schema import ConfigError
 from MaxText.layers import decoders, model_creation, moe, scan_layout
 from MaxText.tests.model_test_utils import build, config_of, make_config
 from MaxText.tests.model_test_utils import inputs as model_inputs
@@ -580,3 +581,47 @@ def test_bias_rule_evens_the_loads(bias_runs):
   off = [h["learning/moe_max_load_ratio"] for h in bias_runs["off"][3]]
   np.testing.assert_allclose(on[0], off[0], rtol=0.05)  # same start and batch (layouts may round a near-tie apart)
   assert on[-1] < 0.8 * on[0] and on[-1] < 0.8 * off[-1], (on, off)
+
+
+@pytest.mark.parametrize("rows", [200, 1024])
+def test_megablox_grouped_matmul_equals_ragged_dot(rows):
+  """moe_grouped_matmul=megablox (the Pallas TPU kernel, interpreted on CPU) gives ragged_dot's values and gradients,
+  an empty group and rows that are not a whole tile included."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  x = jax.random.normal(keys[0], (rows, 64))
+  w = jax.random.normal(keys[1], (4, 64, 96)) / 8
+  sizes = jnp.array([rows // 4, 0, rows // 2, rows - rows // 4 - rows // 2], jnp.int32)
+
+  def loss(impl):
+    return lambda x, w: jnp.sum(jnp.sin(moe.grouped_matmul(x, w, sizes, impl=impl, interpret=True)))
+
+  got = jax.value_and_grad(loss("megablox"), argnums=(0, 1))(x, w)
+  want = jax.value_and_grad(loss("ragged_dot"), argnums=(0, 1))(x, w)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4), got, want)
+
+
+def test_megablox_moe_block_sharded_equals_ragged_dot_unsharded():
+  """The MoE block with megablox (interpreted) per shard under expert=2 x fsdp=2 x tensor=2 equals the unsharded
+  ragged_dot block, values and gradients."""
+  x = inputs(shape=(8, S, 64))
+
+  def loss_and_grads(block, x):
+    return nnx.value_and_grad(lambda block: jnp.mean(block(x)[0] ** 2))(block)
+
+  want_loss, want_grads = nnx.jit(loss_and_grads)(make_block(moe_config()), x)
+  config = moe_config(ici_expert_parallelism=2, ici_fsdp_parallelism=2, ici_tensor_parallelism=2)
+  mesh = sharding.create_mesh(config)
+  block = make_block(config)
+  block.grouped_matmul, block.interpret = "megablox", True  # the config refuses megablox off TPU
+  state = nnx.state(block)
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    nnx.update(block, jax.device_put(state, sharding.state_shardings(state, config.logical_axis_rules, mesh)))
+    got_loss, got_grads = nnx.jit(loss_and_grads)(block, x)
+  np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), got_grads, want_grads)
+
+
+def test_megablox_off_tpu_is_a_config_error():
+  with pytest.raises(ConfigError, match=r"^moe_grouped_matmul: megablox .* TPU only, but the backend is 'cpu'"):
+    moe_config(moe_grouped_matmul="megablox")
+  assert moe.MoeBlock(moe_config(), rngs=nnx.Rngs(0)).grouped_matmul == "ragged_dot"  # auto off TPU

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental.pallas import tpu as pltpu
 
 from MaxText.config_schema import ConfigError
 from MaxText.inference import engine as engine_lib
@@ -120,14 +121,38 @@ def test_pallas_kernel_conventions_match_gathered_attention(soft_cap):
   kernel = paged_attention.pallas_decode_attention(
       query, k_pages, v_pages, table, lengths, scale=scale, soft_cap=soft_cap, interpret=True
   )
-  index = jnp.broadcast_to(jnp.arange(per_slot * per_page), (batch, per_slot * per_page))
+  np.testing.assert_allclose(kernel, _gathered(query, k_pages, v_pages, table, lengths, scale, soft_cap), atol=1e-5)
+
+
+def _gathered(query, k_pages, v_pages, table, lengths, scale, soft_cap):
+  """The portable path's decode attention over each row's first lengths[b] paged tokens: [B, heads, D]."""
+  batch, tokens = table.shape[0], table.shape[1] * k_pages.shape[2]
+  index = jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
   filled = (index < lengths[:, None]).astype(jnp.int32)
   mask = attention_mask(jnp.ones((batch, 1), jnp.int32), filled, (lengths - 1)[:, None], index)
   keys, values = paged_attention.gather_pages(k_pages, table), paged_attention.gather_pages(v_pages, table)
-  reference = dot_product_attention(
+  return dot_product_attention(
       query[:, None], keys, values, mask, scale=scale, attn_logits_soft_cap=soft_cap, kv_heads_first=True
   )[:, 0]
-  np.testing.assert_allclose(kernel, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("soft_cap", [0.0, 5.0])
+def test_tpu_pallas_kernel_matches_gathered_attention(soft_cap):
+  """The Pallas TPU kernel (interpreted on CPU) on scattered pages and ragged lengths equals the gather path. It reads
+  keys/values as bfloat16, so they are drawn bfloat16-exact here and only the arithmetic is compared."""
+  rng = np.random.default_rng(1)
+  heads, kv_heads, dim, num_pages, per_page, batch, per_slot = 4, 2, 128, 14, 8, 3, 4
+  draw = lambda shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16).astype(jnp.float32)
+  k_pages, v_pages = draw((kv_heads, num_pages, per_page, dim)), draw((kv_heads, num_pages, per_page, dim))
+  table = jnp.asarray(rng.permutation(np.arange(1, num_pages))[: batch * per_slot].reshape(batch, per_slot), jnp.int32)
+  lengths = jnp.array([3, 9, 32], jnp.int32)
+  query = jnp.asarray(rng.standard_normal((batch, heads, dim)), jnp.float32)
+  scale = 0.1
+  with pltpu.force_tpu_interpret_mode():
+    kernel = paged_attention.pallas_decode_attention(
+        query, k_pages, v_pages, table, lengths, scale=scale, soft_cap=soft_cap, platform="tpu"
+    )
+  np.testing.assert_allclose(kernel, _gathered(query, k_pages, v_pages, table, lengths, scale, soft_cap), atol=2e-6)
 
 
 def test_write_tokens_past_the_table_go_to_scratch_page():
@@ -142,7 +167,7 @@ def test_write_tokens_past_the_table_go_to_scratch_page():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"paged_attention_kernel": "pallas"}, "paged_attention_kernel: pallas runs on GPU only"),
+        ({"paged_attention_kernel": "pallas"}, "paged_attention_kernel: pallas runs on GPU or TPU only"),
         ({"quantize_kvcache": True}, "quantize_kvcache"),
         ({"pagedattn_num_pages": 4}, "pagedattn_num_pages: 4 pages"),
         ({"pagedattn_max_pages_per_slot": 2}, "pagedattn_max_pages_per_slot: 2 pages of 4 tokens"),
@@ -158,6 +183,12 @@ def test_auto_kernel_is_jax_on_cpu_and_without_window_on_gpu():
   config = mtu.config_of(model_name="tests/tiny-llama", **PAGED)
   assert paged_attention.page_spec_from_config(config, 32).kernel == "jax"
   assert paged_attention.page_spec_from_config(config, 32, backend="gpu").kernel == "pallas"
+  # TPU's kernel reads keys/values as bfloat16: auto takes it for a bfloat16 cache only.
+  assert paged_attention.page_spec_from_config(config, 32, backend="tpu").kernel == "jax"
+  bf16 = mtu.config_of(model_name="tests/tiny-llama", dtype="bfloat16", **PAGED)
+  assert paged_attention.page_spec_from_config(bf16, 32, backend="tpu") == paged_attention.PageSpec(
+      24, 4, 8, "pallas", "tpu"
+  )
   windowed = mtu.config_of(model_name="tests/tiny-mistral", **PAGED)
   assert paged_attention.page_spec_from_config(windowed, 32, backend="gpu").kernel == "jax"
   assert jax.default_backend() == "cpu"

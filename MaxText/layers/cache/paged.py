@@ -10,32 +10,40 @@ Decode attention has two implementations (`paged_attention_kernel`):
 - jax: gathers each row's pages into a [batch, kv_heads, pages x tokens_per_page, head_dim] view and runs the
   same masked attention as the contiguous cache (any backend; sliding windows and soft caps included), so its logits
   equal the contiguous cache's.
-- pallas: `jax.experimental.pallas.ops.gpu.paged_attention` on GPU, which reads the pages in place. It has no
-  sliding window, so configs with one are refused. It is imported only when selected.
+- pallas: reads the pages in place with a Pallas kernel: `jax.experimental.pallas.ops.gpu.paged_attention` on GPU,
+  `jax.experimental.pallas.ops.tpu.paged_attention` on TPU (which reads keys/values as bfloat16, so auto picks it
+  only for dtype bfloat16). Neither has a sliding window, so configs with one are refused. Under a mesh the kernel
+  runs in a shard_map over the slot and kv-head shards (a Pallas call is opaque to GSPMD). It is imported only when
+  selected.
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from MaxText import sharding
 from MaxText.config import choices
 from MaxText.config_schema import ConfigError
 from MaxText.layers.cache.base import LENGTH_NAMES, AttentionView, Cache, cache_var
 
 KERNELS = choices("paged_attention_kernel")
+TPU_TOKENS_PER_BLOCK = 512  # tokens the TPU kernel reads per compute block (pages_per_compute_block x page size)
+PALLAS_PLATFORMS = ("gpu", "tpu")
 PAGE_NAMES = ("cache_heads", None, None, "cache_kv")
 TABLE_NAMES = ("cache_batch", None)
 
 
 @dataclasses.dataclass(frozen=True)
 class PageSpec:
-  """Dimensions of the paged cache and the decode attention implementation ("jax" or "pallas")."""
+  """Dimensions of the paged cache and the decode attention implementation ("jax" or "pallas" for `platform`)."""
 
   num_pages: int
   tokens_per_page: int
   max_pages_per_slot: int
   kernel: str = "jax"
+  platform: str = "gpu"  # the Pallas kernel's platform (gpu | tpu); unused by "jax"
 
   @property
   def max_tokens_per_slot(self) -> int:
@@ -43,7 +51,8 @@ class PageSpec:
 
 
 def page_spec_from_config(config, max_cache_length: int, backend: str | None = None) -> PageSpec:
-  """The PageSpec for `config` (attention: paged), checked against the cache length and the backend."""
+  """The PageSpec for `config` (attention: paged), checked against the cache length and the backend (default: the
+  config's hardware, which is tpu when compiling for a compile_topology on a CPU host)."""
   per_page = config.pagedattn_tokens_per_page
   max_pages = config.pagedattn_max_pages_per_slot or -(-max_cache_length // per_page)
   if max_pages * per_page < max_cache_length:
@@ -58,20 +67,23 @@ def page_spec_from_config(config, max_cache_length: int, backend: str | None = N
     )
   if config.quantize_kvcache:
     raise ConfigError("quantize_kvcache: the int8 KV cache is not available with attention=paged")
-  backend = backend or jax.default_backend()
+  backend = backend or getattr(config, "hardware", None) or jax.default_backend()
   kernel = config.paged_attention_kernel
   masked = config.sliding_window_size > 0 or config.chunk_attn_window_size > 0
   if kernel == "pallas":
-    if backend != "gpu":
-      raise ConfigError(f"paged_attention_kernel: pallas runs on GPU only, the backend is {backend!r} (use jax)")
+    if backend not in PALLAS_PLATFORMS:
+      raise ConfigError(f"paged_attention_kernel: pallas runs on GPU or TPU only, the backend is {backend!r} (use jax)")
     if masked:
       raise ConfigError(
           "paged_attention_kernel: the pallas kernel has no sliding window or chunked attention"
           " (sliding_window_size / chunk_attn_window_size > 0); use jax"
       )
   elif kernel == "auto":
-    kernel = "pallas" if backend == "gpu" and not masked else "jax"
-  return PageSpec(config.pagedattn_num_pages, per_page, max_pages, kernel)
+    # The TPU kernel reads keys/values as bfloat16: auto takes it only for a bfloat16 cache, never rounding an f32 one.
+    exact = backend == "gpu" or config.dtype == "bfloat16"
+    kernel = "pallas" if backend in PALLAS_PLATFORMS and not masked and exact else "jax"
+  platform = backend if backend in PALLAS_PLATFORMS else "gpu"
+  return PageSpec(config.pagedattn_num_pages, per_page, max_pages, kernel, platform)
 
 
 def write_tokens(pages: jax.Array, table: jax.Array, start: jax.Array, new: jax.Array) -> jax.Array:
@@ -111,6 +123,7 @@ class PagedKVCache(Cache):
     shape = tuple(stack) + (num_kv_heads, spec.num_pages, spec.tokens_per_page, head_dim)
     self.dtype = dtype
     self.kernel = spec.kernel if store_values else "jax"  # the kernel needs values
+    self.platform = spec.platform
     self.key_pages = cache_var(jnp.zeros(shape, dtype), PAGE_NAMES, stack)
     self.value_pages = cache_var(jnp.zeros(shape, dtype), PAGE_NAMES, stack) if store_values else None
     self.page_table = cache_var(jnp.zeros(tuple(stack) + (batch, spec.max_pages_per_slot), jnp.int32), TABLE_NAMES, stack)
@@ -146,41 +159,87 @@ class PagedKVCache(Cache):
   def set_page_table(self, table: jax.Array):
     self.page_table[...] = jnp.broadcast_to(jnp.asarray(table, jnp.int32), self.page_table.shape)
 
-  def kernel_attention(self, query: jax.Array, key: jax.Array, value: jax.Array, *, scale: float, soft_cap: float):
+  def kernel_attention(
+      self,
+      query: jax.Array,
+      key: jax.Array,
+      value: jax.Array,
+      *,
+      scale: float,
+      soft_cap: float,
+      logical_axis_rules=None,
+  ):
     """One new token per row [batch, 1, heads, head_dim]: append it, then attend over the pages with the Pallas
-    GPU kernel (it reads the cache in place, so the write comes first)."""
+    kernel of the cache's platform (it reads the cache in place, so the write comes first). Under a mesh
+    (jax.set_mesh) with `logical_axis_rules`, the kernel runs on each device's slots and kv heads (shard_map)."""
     if query.shape[1] != 1:
       raise ValueError(f"the paged kernel decodes one token per row, got {query.shape[1]}")
     self.append(key, value)
-    out = pallas_decode_attention(
-        query[:, 0].astype(self.dtype),
-        self.key_pages[...],
-        self.value_pages[...],
-        self.page_table[...],
-        self.lengths[...],
-        scale=scale,
-        soft_cap=soft_cap,
-    )
-    return out[:, None]
+    args = (query[:, 0].astype(self.dtype), self.key_pages[...], self.value_pages[...])
+    args += (self.page_table[...], self.lengths[...])
+
+    def attend(q, k_pages, v_pages, table, lengths):
+      return pallas_decode_attention(
+          q, k_pages, v_pages, table, lengths, scale=scale, soft_cap=soft_cap, platform=self.platform
+      )
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if logical_axis_rules is not None and not mesh.empty and mesh.size > 1:
+      attend = _sharded(attend, mesh, logical_axis_rules, args)
+    return attend(*args)[:, None]
 
 
-def pallas_decode_attention(query, key_pages, value_pages, table, lengths, *, scale, soft_cap, interpret=False):
-  """query [B, heads, D] over each row's first lengths[b] paged tokens with the Pallas GPU kernel -> [B, heads, D].
+def _sharded(attend, mesh, rules, args):
+  """`attend` in a shard_map: slots over cache_batch's mesh axes, query and kv heads over cache_heads' (the query
+  heads of one kv head stay on its device); every device keeps all pages of its kv heads (pages hold every slot)."""
+  query, k_pages = args[0], args[1]
+  batch = sharding.logical_to_mesh_spec(("cache_batch",), rules, mesh, query.shape[:1])
+  heads = sharding.logical_to_mesh_spec(("cache_heads",), rules, mesh, k_pages.shape[:1])
+  b = batch[0] if len(batch) else None
+  h = heads[0] if len(heads) else None
+  q_spec, page_spec = P(b, h, None), P(h, None, None, None)
+  specs = (q_spec, page_spec, page_spec, P(b, None), P(b))
+  return jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)
 
-  The kernel does not scale the logits, so the queries are scaled first (the soft cap then applies to scaled logits,
-  as in dot_product_attention). `interpret` runs the kernel in Pallas' interpreter (any backend; for tests).
+
+def pallas_decode_attention(
+    query, key_pages, value_pages, table, lengths, *, scale, soft_cap, interpret=False, platform="gpu"
+):
+  """query [B, heads, D] over each row's first lengths[b] paged tokens with the Pallas kernel of `platform` (gpu or
+  tpu) -> [B, heads, D].
+
+  The kernels do not scale the logits, so the queries are scaled first (the soft cap then applies to scaled logits,
+  as in dot_product_attention). `interpret` runs the GPU kernel in Pallas' interpreter (any backend; for tests);
+  the TPU kernel interprets under `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`.
   """
+  q = (query.astype(jnp.float32) * scale).astype(query.dtype)
+  cap = soft_cap if soft_cap > 0 else None
+  if platform == "tpu":
+    # pylint: disable-next=import-outside-toplevel
+    from jax.experimental.pallas.ops.tpu import paged_attention as pallas_tpu
+
+    pages_per_block = _largest_divisor(table.shape[-1], max(1, TPU_TOKENS_PER_BLOCK // key_pages.shape[2]))
+    return pallas_tpu.paged_attention(
+        q,
+        key_pages,
+        value_pages,
+        lengths,
+        table,
+        attn_logits_soft_cap=cap,
+        pages_per_compute_block=pages_per_block,
+    )
+  if platform != "gpu":
+    raise ValueError(f"the Pallas paged kernel runs on {list(PALLAS_PLATFORMS)}, not {platform!r}")
   # pylint: disable-next=import-outside-toplevel
   from jax.experimental.pallas.ops.gpu import paged_attention as pallas_paged
 
-  q = (query.astype(jnp.float32) * scale).astype(query.dtype)
   return pallas_paged.paged_attention(
       q,
       key_pages,
       value_pages,
       table,
       lengths,
-      attn_logits_soft_cap=soft_cap if soft_cap > 0 else None,
+      attn_logits_soft_cap=cap,
       interpret=interpret,
       **kernel_blocks(table.shape[-1]),
   )

@@ -17,7 +17,8 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from MaxText import sharding
 
 logger = logging.getLogger("MaxText")
 
@@ -230,6 +231,10 @@ def check_flash_backend(backend: str):
     )
 
 
+SPLASH_BLOCK = 512  # the kernel's block along the sequence, every pass
+SPLASH_MIN_BLOCK = 128  # the TPU kernel tiles the sequence in multiples of 128 (one lane row)
+
+
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, seq_len: int, sliding_window_size: int, block: int, interpret: bool):
   # Imported lazily: Pallas' TPU ops are only needed (and only lower) on TPU.
@@ -255,6 +260,29 @@ def _splash_kernel(num_heads: int, seq_len: int, sliding_window_size: int, block
   )
 
 
+def splash_block(seq_len: int, block_size: int = SPLASH_BLOCK) -> int:
+  """The splash kernel's block along the sequence: block_size, or the whole sequence when shorter."""
+  return min(block_size, seq_len)
+
+
+def splash_unsupported_reason(seq_len: int, block_size: int = SPLASH_BLOCK) -> str | None:
+  """Why the splash kernel cannot tile a sequence of seq_len tokens (None when it can); checked at config time."""
+  block = splash_block(seq_len, block_size)
+  if seq_len % block:
+    return f"sequence length {seq_len} is not a multiple of the kernel block {block}"
+  if block % SPLASH_MIN_BLOCK:
+    return f"sequence length {seq_len} is not a multiple of {SPLASH_MIN_BLOCK} (the TPU kernel's smallest block)"
+  return None
+
+
+def _splash_specs(mesh, rules, shape) -> tuple:
+  """shard_map specs for the kernel's [B,S,H,D] inputs and [B,S] segment ids: batch and heads split as the
+  activations are (logical_axis_rules); the sequence stays whole on every shard (the kernel sees all keys)."""
+  spec = sharding.logical_to_mesh_spec(("activation_batch", None, "activation_heads", None), rules, mesh, shape)
+  spec = tuple(spec) + (None,) * (4 - len(spec))
+  return jax.sharding.PartitionSpec(*spec), jax.sharding.PartitionSpec(spec[0], None)
+
+
 def splash_attention(
     query: jax.Array,
     key: jax.Array,
@@ -263,15 +291,18 @@ def splash_attention(
     *,
     scale: float,
     sliding_window_size: int = 0,
-    block_size: int = 512,
+    block_size: int = SPLASH_BLOCK,
     interpret: bool = False,
     platform: str | None = None,
+    logical_axis_rules=None,
 ) -> jax.Array:
   """Causal self-attention with the Pallas TPU splash kernel (`interpret=True` runs it on CPU, for tests).
 
   The kernel wants [heads, seq, head_dim] per row and unscaled logits, so the query is scaled first and the batch is
   vmapped. Grouped kv heads are repeated up to the query heads (splash's MHA kernel takes equal head counts).
-  `platform` (default: the running backend) is the one the call lowers for, e.g. "tpu" under jax.export.
+  `platform` (default: the running backend) is the one the call lowers for, e.g. "tpu" for an ahead-of-time compile
+  from a CPU host. A Pallas call is opaque to GSPMD (it would gather its inputs onto every device), so under a mesh
+  (jax.set_mesh) with `logical_axis_rules` the kernel runs in a shard_map over the batch and head shards.
   """
   if not interpret:
     check_flash_backend(platform or jax.default_backend())
@@ -279,20 +310,35 @@ def splash_attention(
   num_kv = key.shape[2]
   if num_q % num_kv:
     raise ValueError(f"{num_q} query heads are not a multiple of {num_kv} kv heads")
-  block = min(block_size, s)
-  if s % block:
-    raise ValueError(f"attention=flash: sequence length {s} is not a multiple of the kernel block {block}")
-  kernel = _splash_kernel(num_q, s, sliding_window_size, block, interpret)
-  q = (query * jnp.asarray(scale, query.dtype)).transpose(0, 2, 1, 3)
-  k = jnp.repeat(key.astype(query.dtype), num_q // num_kv, axis=2).transpose(0, 2, 1, 3)
-  v = jnp.repeat(value.astype(query.dtype), num_q // num_kv, axis=2).transpose(0, 2, 1, 3)
-  if segment_ids is None:
-    out = jax.vmap(kernel)(q, k, v)
-  else:
-    from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
-        SegmentIds,
-    )
+  reason = splash_unsupported_reason(s, block_size)
+  if reason:
+    raise ValueError(f"attention=flash: {reason}")
+  block = splash_block(s, block_size)
+  key = jnp.repeat(key.astype(query.dtype), num_q // num_kv, axis=2)
+  value = jnp.repeat(value.astype(query.dtype), num_q // num_kv, axis=2)
+  query = query * jnp.asarray(scale, query.dtype)
+  segments = None if segment_ids is None else segment_ids.astype(jnp.int32)
 
-    segments = SegmentIds(q=segment_ids.astype(np.int32), kv=segment_ids.astype(np.int32))
-    out = jax.vmap(lambda q_, k_, v_, seg: kernel(q_, k_, v_, segment_ids=seg))(q, k, v, segments)
-  return out.transpose(0, 2, 1, 3)
+  def local(q, k, v, seg):
+    # One shard's heads: the kernel's mask is built per head count, so it is made for the local count.
+    kernel = _splash_kernel(q.shape[2], s, sliding_window_size, block, interpret)
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    if seg is None:
+      out = jax.vmap(kernel)(q, k, v)
+    else:
+      from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
+          SegmentIds,
+      )
+
+      out = jax.vmap(lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=SegmentIds(q=s_, kv=s_)))(q, k, v, seg)
+    return out.transpose(0, 2, 1, 3)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if logical_axis_rules is None or mesh.empty or mesh.size == 1:
+    return local(query, key, value, segments)
+  qkv_spec, seg_spec = _splash_specs(mesh, logical_axis_rules, query.shape)
+  if segments is None:
+    body, args, specs = (lambda q, k, v: local(q, k, v, None)), (query, key, value), (qkv_spec,) * 3
+  else:
+    body, args, specs = local, (query, key, value, segments), (qkv_spec,) * 3 + (seg_spec,)
+  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qkv_spec, check_vma=False)(*args)

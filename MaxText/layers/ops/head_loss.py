@@ -8,6 +8,10 @@
   (take_along_axis) and XLA:CPU then transposes the [tokens, vocab] gradient for the kernel's matmul; on
   llama-small (vocab 32000) fusing takes the head + loss from 2.9 s to 2.2 s per step (benchmarks/RESULTS.md).
 Values and gradients are the same math. Soft-capped, quantized or biased heads always take the logits path.
+
+`num_vocab_tiling` N > 1 (`tiled_cross_entropy`) runs either path on N chunks of the sequence, one after another
+under a scan whose body is rematerialized, so only one chunk's [batch, seq / N, vocab] logits (and its gradient) is
+live, in the forward pass and in the backward pass; the head's gradient accumulates over the chunks.
 """
 
 import functools
@@ -71,3 +75,34 @@ def _fused_bwd(z_loss_multiplier, kernel_is_vocab_major, compute_dtype, residual
 
 
 fused_head_cross_entropy.defvjp(_fused_fwd, _fused_bwd)
+
+
+def tiled_cross_entropy(
+    model, hidden: jax.Array, targets: jax.Array, z_loss_multiplier: float, num_tiles: int
+) -> tuple[jax.Array, jax.Array]:
+  """model.cross_entropy(hidden, targets, z_loss_multiplier) (a Transformer's per-token (total, z_loss)), computed
+  over `num_tiles` sequence chunks one at a time (`num_vocab_tiling`).
+
+  hidden [B, S, E] and targets [B, S] are cut along the sequence (S % num_tiles == 0), not along the flattened
+  tokens, so every chunk keeps the batch's sharding and all devices work on each chunk. The scan body is
+  rematerialized: the backward pass recomputes one chunk's logits at a time instead of keeping all of them, and the
+  scan's transpose accumulates the head's gradient over the chunks (XLA keeps that sum sharded like the head).
+  """
+  if num_tiles == 1:
+    return model.cross_entropy(hidden, targets, z_loss_multiplier)
+  batch, length = targets.shape
+  if length % num_tiles:
+    raise ValueError(f"num_vocab_tiling: {num_tiles} chunks do not divide the sequence of {length} tokens")
+  chunk = length // num_tiles
+  # [B, S, ...] -> [N, B, S / N, ...]: chunk n holds tokens n * S/N .. (n+1) * S/N - 1 of every row.
+  split = lambda a: jnp.moveaxis(a.reshape((batch, num_tiles, chunk) + a.shape[2:]), 1, 0)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # in a scan, CSE across iterations cannot happen
+  def one_chunk(x, t):
+    x = sharding.with_logical_constraint(x, sharding.EMBED_ACTIVATION)
+    t = sharding.with_logical_constraint(t, _LOGITS_AXES[:2])
+    return model.cross_entropy(x, t, z_loss_multiplier)
+
+  _, (total, z_loss) = jax.lax.scan(lambda carry, xt: (carry, one_chunk(*xt)), None, (split(hidden), split(targets)))
+  merge = lambda a: jnp.moveaxis(a, 0, 1).reshape(batch, length)
+  return merge(total), merge(z_loss)

@@ -5,7 +5,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-from MaxText import pyconfig
+from MaxText import pyconfig, storage
 from MaxText.config_schema import SCHEMA, ConfigError
 from MaxText.utils.ckpt_conversion.weight_mapping import UnsupportedCheckpointError
 
@@ -42,6 +42,7 @@ def require(own: dict[str, str], key: str, usage: str) -> str:
 def run(main: Callable[[], None]):
   """Runs a tool: config errors exit 2 (one line, no traceback), unsupported or missing checkpoints exit 1."""
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  storage.configure()  # STORAGE_EMULATOR_HOST alone points every storage client at an emulator, as in startup.start
   try:
     main()
   except ConfigError as e:

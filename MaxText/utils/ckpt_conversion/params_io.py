@@ -4,11 +4,16 @@ Writing goes through Orbax's partial saves: each batch of arrays is added to one
 memory, so converting a model never holds all of it. A save briefly needs a second copy of its batch (Orbax's
 serialization buffers), so peak memory is about twice max(batch budget, largest array). Reading restores just the
 arrays asked for, as numpy.
+
+A bucket destination (gs://, ...) is staged on local disk (Orbax's partial saves write local directories only) and
+uploaded at `finalize`: the converted checkpoint then needs that much free space under TMPDIR.
 """
 
 import ctypes
+import logging
 import pathlib
 import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -18,9 +23,10 @@ from etils import epath
 from flax import traverse_util
 from orbax.checkpoint.experimental import v1 as ocp_v1
 
-from MaxText import checkpointing
+from MaxText import checkpointing, storage
 
 Path = tuple[str | int, ...]
+logger = logging.getLogger("MaxText")
 
 
 def release_freed_memory():
@@ -38,9 +44,16 @@ class StreamingParamsWriter:
   """
 
   def __init__(self, path: str, flush_bytes: int = 128 * 2**20):
-    self.path = pathlib.Path(path).absolute()
-    if self.path.exists():
-      raise FileExistsError(f"{self.path} already exists; choose another output directory or remove it")
+    self.remote = storage.as_path(path) if storage.is_remote(path) else None
+    if self.remote is not None:
+      if self.remote.exists():
+        raise FileExistsError(f"{path} already exists; choose another output directory or remove it")
+      self._tmp = tempfile.mkdtemp(prefix="maxtext-params-")
+      self.path = pathlib.Path(self._tmp) / "params"
+    else:
+      self.path = pathlib.Path(path).absolute()
+      if self.path.exists():
+        raise FileExistsError(f"{self.path} already exists; choose another output directory or remove it")
     self.staging = self.path.with_name(self.path.name + ".partial")
     shutil.rmtree(self.staging, ignore_errors=True)  # a conversion that died half way
     self.flush_bytes = flush_bytes
@@ -74,6 +87,25 @@ class StreamingParamsWriter:
     # A partial save keeps the tree under "state/"; that directory alone is the usual params checkpoint.
     shutil.move(self.staging / "state", self.path)
     shutil.rmtree(self.staging)
+    if self.remote is not None:
+      logger.info("Uploading the params checkpoint to %s", self.remote)
+      upload_tree(self.path, str(self.remote))
+      shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+# Orbax's commit marker on object stores, where a checkpoint directory is written in place (no rename): without it
+# Orbax reads the directory as an incomplete checkpoint. Written last, so an interrupted upload stays incomplete.
+COMMIT_MARKER = "commit_success.txt"
+
+
+def upload_tree(local: pathlib.Path, url: str):
+  """Copies the Orbax checkpoint directory `local` to `url` (a bucket prefix), file by file, then commits it."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  fs, root = fsspec.core.url_to_fs(url)
+  for file in sorted(p for p in local.rglob("*") if p.is_file()):
+    fs.put_file(str(file), f"{root}/{file.relative_to(local).as_posix()}")
+  fs.pipe_file(f"{root}/{COMMIT_MARKER}", f"Checkpoint commit was successful to {url}".encode())
 
 
 class ParamsReader:

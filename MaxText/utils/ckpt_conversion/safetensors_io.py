@@ -3,6 +3,9 @@
 The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
 raw bytes. Reading seeks to one tensor's bytes (no mmap, so untouched tensors never count against host memory);
 writing lays out every shard's header first, so tensors can then be written in any order as they are produced.
+Either side may be a bucket (gs://, s3://, ... through etils.epath): reads are ranged reads of the object; writes
+to a bucket go to a local shard first, uploaded (and deleted) as soon as all of its tensors are written, so local
+disk holds about one shard.
 """
 
 import dataclasses
@@ -10,11 +13,16 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import struct
+import tempfile
 from typing import Sequence
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from MaxText import storage
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -42,15 +50,15 @@ def dtype_name(dtype) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-  file: pathlib.Path
+  file: epath.Path
   dtype: np.dtype
   shape: tuple[int, ...]
   start: int  # absolute byte offset in the file
   nbytes: int
 
 
-def _read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
-  with open(path, "rb") as f:
+def _read_header(path: epath.Path) -> dict[str, TensorInfo]:
+  with path.open("rb") as f:
     (length,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(length))
   out = {}
@@ -68,7 +76,7 @@ class SafetensorsReader:
   """All tensors of a checkpoint directory (one file, or shards listed by model.safetensors.index.json)."""
 
   def __init__(self, directory: str | os.PathLike):
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     index = directory / INDEX_FILE
     if index.is_file():
       files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -92,7 +100,7 @@ class SafetensorsReader:
   def read(self, name: str) -> np.ndarray:
     info = self.tensors[name]
     raw = np.empty(info.nbytes, np.uint8)
-    with open(info.file, "rb") as f:
+    with info.file.open("rb") as f:
       f.seek(info.start)
       if f.readinto(raw) != info.nbytes:
         raise ValueError(f"{info.file}: truncated data for tensor {name}")
@@ -108,7 +116,9 @@ class SafetensorsWriter:
       entries: Sequence[tuple[str, tuple[int, ...], np.dtype]],
       max_shard_bytes: int = 5 * 10**9,
   ):
-    self.directory = pathlib.Path(directory)
+    self.remote = storage.as_path(directory) if storage.is_remote(directory) else None
+    self._tmp = tempfile.mkdtemp(prefix="maxtext-safetensors-") if self.remote is not None else None
+    self.directory = pathlib.Path(self._tmp or directory)
     self.directory.mkdir(parents=True, exist_ok=True)
     shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
     size = 0
@@ -121,6 +131,7 @@ class SafetensorsWriter:
       size += nbytes
     self.where: dict[str, tuple[pathlib.Path, int, tuple[int, ...], np.dtype]] = {}
     self.pending = set()
+    self._left: dict[pathlib.Path, int] = {}  # tensors not yet written, per shard
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
       path = self.directory / (SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
@@ -128,7 +139,8 @@ class SafetensorsWriter:
       weight_map.update({name: path.name for name, _, _ in shard})
     if len(shards) > 1:
       index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-      (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+      target = self.remote / INDEX_FILE if self.remote is not None else self.directory / INDEX_FILE
+      target.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
   def _lay_out(self, path: pathlib.Path, shard) -> int:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -145,6 +157,7 @@ class SafetensorsWriter:
       begin = header[name]["data_offsets"][0]
       self.where[name] = (path, 8 + len(text) + begin, shape, dtype)
       self.pending.add(name)
+    self._left[path] = len(shard)
     return offset
 
   def write(self, name: str, array: np.ndarray):
@@ -155,8 +168,25 @@ class SafetensorsWriter:
     with open(path, "r+b") as f:
       f.seek(start)
       array.reshape(-1).view(np.uint8).tofile(f)
-    self.pending.discard(name)
+    if name in self.pending:
+      self.pending.discard(name)
+      self._left[path] -= 1
+      if self._left[path] == 0 and self.remote is not None:
+        _upload(path, self.remote / path.name)
+        path.unlink()
 
   def close(self):
     if self.pending:
       raise ValueError(f"tensors declared but never written: {sorted(self.pending)[:10]}")
+    for path, left in self._left.items():  # shards without tensors (none in practice)
+      if left == 0 and self.remote is not None and path.exists():
+        _upload(path, self.remote / path.name)
+    if self._tmp is not None:
+      shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _upload(local: pathlib.Path, target: epath.Path):
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  fs, remote = fsspec.core.url_to_fs(str(target))
+  fs.put_file(str(local), remote)

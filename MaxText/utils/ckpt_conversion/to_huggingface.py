@@ -7,20 +7,19 @@ P is a params-only checkpoint (to_maxtext, generate_param_only_checkpoint) or a 
 scanned or unscanned. Tensors are written in `weight_dtype`, one rule at a time: host memory stays near one
 parameter (stacked over layers when the checkpoint is scanned), plus Orbax's transient copy while reading it.
 A config whose settings the family's Hugging Face model cannot express (say, a soft cap on a Llama) is refused
-rather than exported as a different model.
+rather than exported as a different model. P and DIR may be buckets (gs://...): each safetensors shard is written
+locally and uploaded as soon as it is complete.
 """
 
 import json
 import logging
-import pathlib
-import shutil
 import sys
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
-from MaxText import models, pyconfig
+from MaxText import models, pyconfig, storage
 from MaxText.config_schema import ConfigError
 from MaxText.layers.decoders import layer_layout
 from MaxText.utils.ckpt_conversion import cli, params_io, to_maxtext, weight_mapping
@@ -69,8 +68,10 @@ def convert(config, hf_output_path: str, max_shard_bytes: int = 5 * 10**9):
       for i in (rule.layer_indices(num_layers) if rule.per_layer else [None])
       for name, shape in zip(rule.hf_names(i), rule.hf_shapes)
   ]
-  out = pathlib.Path(hf_output_path)
-  writer = SafetensorsWriter(out, entries, max_shard_bytes)
+  if storage.is_remote(hf_output_path):
+    storage.check_writable("hf_output_path", hf_output_path)
+  out = storage.as_path(hf_output_path)
+  writer = SafetensorsWriter(hf_output_path, entries, max_shard_bytes)
   axis = config.param_scan_axis
   for rule in rules:
     if not rule.per_layer:
@@ -114,15 +115,15 @@ def _write(writer: SafetensorsWriter, names: list[str], arrays: list[np.ndarray]
     writer.write(name, array.astype(dtype, copy=False))
 
 
-def _copy_tokenizer(config, out: pathlib.Path):
+def _copy_tokenizer(config, out):
   """The Hugging Face tokenizer files next to the config's tokenizer_path, when it names one."""
   if config.tokenizer_type != "huggingface" or not config.tokenizer_path:
     return
-  source = pathlib.Path(config.tokenizer_path)
+  source = storage.as_path(config.tokenizer_path)
   source = source if source.is_dir() else source.parent
   for name in TOKENIZER_FILES:
     if (source / name).is_file():
-      shutil.copy(source / name, out / name)
+      (out / name).write_bytes((source / name).read_bytes())
 
 
 def main(argv: Sequence[str]):

@@ -3,9 +3,11 @@
     python3 -m MaxText.utils.ckpt_conversion.to_maxtext hf_model_path=DIR output_directory=OUT \\
         [scan_layers=true|false] [weight_dtype=float32|bfloat16] [key=value ...]
 
-DIR holds config.json and safetensors (one file or shards with model.safetensors.index.json); nothing is downloaded.
-Writes OUT/model.yml (base_config: base.yml plus every model key derived from config.json, so train, decode and
-api.load take it as their config) and OUT/params (an Orbax params checkpoint for load_parameters_path).
+DIR holds config.json and safetensors (one file or shards with model.safetensors.index.json); nothing is downloaded
+from a hub. Writes OUT/model.yml (base_config: base.yml plus every model key derived from config.json, so train,
+decode and api.load take it as their config) and OUT/params (an Orbax params checkpoint for load_parameters_path).
+DIR and OUT may be buckets (gs://...): tensors are read with ranged reads; the params are staged under TMPDIR (Orbax's
+partial saves write local directories) and uploaded at the end, then model.yml.
 
 Host memory stays near twice the larger of the write batch (`flush_bytes`, 128 MiB) and the largest converted
 array: with scan_layers=true that is one parameter stacked over all layers, with scan_layers=false one layer's
@@ -15,7 +17,9 @@ parameter. Convert big models with scan_layers=false (training and decoding load
 import json
 import logging
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -24,7 +28,7 @@ import yaml
 from flax import nnx, traverse_util
 
 from MaxText import config as config_keys
-from MaxText import pyconfig
+from MaxText import pyconfig, storage
 from MaxText.layers import model_creation, scan_layout
 from MaxText import models
 from MaxText.layers.decoders import LAYERS_PATH, layer_layout
@@ -48,9 +52,10 @@ def base_defaults() -> dict[str, Any]:
 
 
 def read_hf_config(hf_model_path: str) -> dict[str, Any]:
-  path = pathlib.Path(hf_model_path) / "config.json"
+  storage.check_readable("hf_model_path", hf_model_path, kind="dir")  # missing bucket / credentials, named
+  path = storage.as_path(hf_model_path) / "config.json"
   if not path.is_file():
-    raise FileNotFoundError(f"{path} not found (hf_model_path must be a local Hugging Face checkpoint directory)")
+    raise FileNotFoundError(f"{path} not found (hf_model_path must be a Hugging Face checkpoint directory)")
   return json.loads(path.read_text())
 
 
@@ -71,10 +76,11 @@ def model_keys(hf_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
   return architecture, {k: keys.get(k, defaults[k]) for k in MODEL_KEYS}
 
 
-def write_model_yml(path: pathlib.Path, hf_model_path: str, architecture: str, keys: dict[str, Any]):
+def write_model_yml(path: pathlib.Path, hf_model_path: str, architecture: str, keys: dict[str, Any], params: str = ""):
+  """Writes the model's config to `path` (local); `params` is where the params go (default: beside it)."""
   lines = [
-      f"# {architecture} from {pathlib.Path(hf_model_path).absolute()} (MaxText.utils.ckpt_conversion.to_maxtext)",
-      f"# Params: load_parameters_path={path.parent.absolute() / 'params'}",
+      f"# {architecture} from {storage.absolute(hf_model_path)} (MaxText.utils.ckpt_conversion.to_maxtext)",
+      f"# Params: load_parameters_path={params or path.parent.absolute() / 'params'}",
       "base_config: base.yml",
   ]
   lines += [f"{k}: {_yaml_value(v)}" for k, v in keys.items()]
@@ -83,9 +89,9 @@ def write_model_yml(path: pathlib.Path, hf_model_path: str, architecture: str, k
   if positions and positions < defaults["max_target_length"]:  # sequences cannot outgrow a learned position table
     lines.append(f"max_target_length: {positions}")
     lines.append(f"max_prefill_predict_length: {min(positions, defaults['max_prefill_predict_length'])}")
-  tokenizer = pathlib.Path(hf_model_path).absolute() / "tokenizer.json"
-  if tokenizer.is_file():
-    lines += ['tokenizer_type: "huggingface"', f"tokenizer_path: {json.dumps(str(tokenizer))}"]
+  tokenizer = storage.join(storage.absolute(hf_model_path), "tokenizer.json")
+  if storage.as_path(tokenizer).is_file():
+    lines += ['tokenizer_type: "huggingface"', f"tokenizer_path: {json.dumps(tokenizer)}"]
   path.write_text("\n".join(lines) + "\n")
 
 
@@ -107,11 +113,18 @@ def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] 
   """Writes output_directory/{model.yml,params}; returns the MaxText config the params were written for."""
   start = time.time()
   architecture, keys = model_keys(read_hf_config(hf_model_path))
-  out = pathlib.Path(output_directory)
-  if (out / "params").exists():  # checked before anything is written
-    raise FileExistsError(f"{out / 'params'} already exists; choose another output_directory or remove it")
-  out.mkdir(parents=True, exist_ok=True)
-  write_model_yml(out / "model.yml", hf_model_path, architecture, keys)
+  remote = storage.is_remote(output_directory)
+  params_path = storage.join(output_directory, "params") if remote else str(pathlib.Path(output_directory) / "params")
+  if storage.as_path(params_path).exists():  # checked before anything is written
+    raise FileExistsError(f"{params_path} already exists; choose another output_directory or remove it")
+  if remote:
+    storage.check_writable("output_directory", output_directory)
+    # model.yml is built here (pyconfig reads local files) and uploaded once the params are there.
+    out = pathlib.Path(tempfile.mkdtemp(prefix="maxtext-convert-"))
+  else:
+    out = pathlib.Path(output_directory)
+    out.mkdir(parents=True, exist_ok=True)
+  write_model_yml(out / "model.yml", hf_model_path, architecture, keys, params_path if remote else "")
   config = pyconfig.initialize(["", str(out / "model.yml"), *overrides], log_config=False)
   spec = models.get(config.decoder_block)
   rules = spec.hf.weights(config)
@@ -130,7 +143,7 @@ def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] 
   )
   consumed = _check_rules(config, rules, reader, available, set(unscanned))
   layout = layer_layout(config)
-  writer = params_io.StreamingParamsWriter(str(out / "params"), flush_bytes=flush_bytes)
+  writer = params_io.StreamingParamsWriter(params_path, flush_bytes=flush_bytes)
   for rule in rules:
     if not rule.per_layer:
       for path, array in zip(rule.maxtext_paths(), rule.to_maxtext([reader.read(available[n]) for n in rule.hf])):
@@ -162,6 +175,11 @@ def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] 
         writer.add(path, stacked.pop(path))  # the writer's reference is then the only one
       del arrays
   writer.finalize()
+  model_yml = str(out / "model.yml")
+  if remote:
+    model_yml = storage.join(output_directory, "model.yml")
+    storage.as_path(model_yml).write_text((out / "model.yml").read_text())
+    shutil.rmtree(out, ignore_errors=True)
   logger.info(
       "Converted %s (%d tensors, %.2f GB as %s) in %.1fs: config %s, params %s",
       architecture,
@@ -169,8 +187,8 @@ def convert(hf_model_path: str, output_directory: str, overrides: Sequence[str] 
       writer.written / 1e9,
       np.dtype(config.weight_dtype).name,
       time.time() - start,
-      out / "model.yml",
-      out / "params",
+      model_yml,
+      params_path,
   )
   return config
 
