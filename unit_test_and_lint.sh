@@ -7,7 +7,7 @@ python3 -m pylint --rcfile=pylintrc MaxText benchmarks
 # busy. As root (CI) the suite runs in a private network namespace with only loopback up, so the cloud-storage tests
 # (a GCS emulator on 127.0.0.1) run and no client can reach the metadata server or the internet; elsewhere those
 # tests skip, saying why.
-pytest=(python3 -m pytest --pyargs MaxText.tests -n "${PYTEST_WORKERS:-2}" "$@")
+pytest=(python3 -m pytest --pyargs MaxText.tests -n "${PYTEST_WORKERS:-2}" --durations=40 "$@")
 if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null && unshare -n true 2>/dev/null; then
   exec unshare -n bash -c 'ip link set lo up && exec "$@"' isolated "${pytest[@]}"
 fi
