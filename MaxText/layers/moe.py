@@ -67,8 +67,12 @@ def grouped_matmul(
   if padded != m:
     lhs = jnp.pad(lhs, ((0, padded - m), (0, 0)))
   tiling = (tm, min(_MEGABLOX_TILE, k), min(_MEGABLOX_TILE, n))
+  # gmm leaves rows past sum(group_sizes) unwritten, forward and in its lhs gradient: select them to zero on
+  # both sides (a select's gradient is a select, so whatever is left there never reaches a real row).
+  in_groups = (jnp.arange(padded) < jnp.sum(group_sizes))[:, None]
+  lhs = jnp.where(in_groups, lhs, 0)
   out = megablox.gmm(lhs, rhs, group_sizes, lhs.dtype, tiling, None, None, False, interpret)
-  return out[:m]
+  return jnp.where(in_groups, out, 0)[:m]
 
 
 class Router(nnx.Module):
@@ -262,37 +266,62 @@ class MoeBlock(nnx.Module):
 
     Under a mesh each shard of the token batch sorts and multiplies its own tokens (shard_map): a global sort
     would gather every token onto every device, and the Pallas megablox kernel is opaque to GSPMD anyway. The
-    expert weights enter whole along the expert and embed dims (GSPMD gathers them, as FSDP does for any layer)
-    and split along the MLP dim by the tensor axes, whose partial outputs are summed.
+    expert weights stay split over the expert axes (each device holds num_experts / ep experts; GSPMD gathers them
+    only along the FSDP axes) and along the MLP dim over the tensor axes. Each expert-parallel group all-gathers its
+    tokens, every device runs its own experts on the group's tokens, and the partial outputs are reduce-scattered
+    back to the tokens' shards (and summed over the tensor axes).
     """
     mesh = jax.sharding.get_abstract_mesh()
     wi_0, wi_1, wo = self._kernels()
     if mesh.empty or mesh.size == 1:
-      return self._dropless_local(tokens, weights, experts, wi_0, wi_1, wo, ())
-    rules = self.config.logical_axis_rules
+      return self._dropless_local(tokens, weights, experts, wi_0, wi_1, wo, (), ())
+    c = self.config
+    rules = c.logical_axis_rules
     token_spec = sharding.logical_to_mesh_spec(("activation_batch",), rules, mesh, experts.shape[:1])
-    token_axes = set(_axes(token_spec[0] if len(token_spec) else None))
-    mlp_spec = sharding.logical_to_mesh_spec(("mlp",), rules, mesh, (self.config.moe_mlp_dim,))
-    mlp_axes = tuple(a for a in _axes(mlp_spec[0] if len(mlp_spec) else None) if a not in token_axes)
+    token_entry = token_spec[0] if len(token_spec) else None
+    token_axes = _axes(token_entry)
+    exp_spec = sharding.logical_to_mesh_spec(("exp",), rules, mesh, (c.num_experts,))
+    exp_axes = tuple(a for a in _axes(exp_spec[0] if len(exp_spec) else None) if mesh.shape[a] > 1)
+    used = set(token_axes) | set(exp_axes)
+    mlp_spec = sharding.logical_to_mesh_spec(("mlp",), rules, mesh, (c.moe_mlp_dim,))
+    mlp_axes = tuple(a for a in _axes(mlp_spec[0] if len(mlp_spec) else None) if a not in used)
+    exp = exp_axes[0] if len(exp_axes) == 1 else (exp_axes or None)
     mlp = mlp_axes[0] if len(mlp_axes) == 1 else (mlp_axes or None)
-    rows = P(token_spec[0] if len(token_spec) else None, None)
-    w_in, w_out = P(None, None, mlp), P(None, mlp, None)
+    rows = P(token_entry, None)
+    w_in, w_out = P(exp, None, mlp), P(exp, mlp, None)
 
     def body(tokens, weights, experts, wi_0, wi_1, wo):
-      return self._dropless_local(tokens, weights, experts, wi_0, wi_1, wo, mlp_axes)
+      return self._dropless_local(tokens, weights, experts, wi_0, wi_1, wo, exp_axes, mlp_axes, token_axes)
 
     return jax.shard_map(
         body, mesh=mesh, in_specs=(rows, rows, rows, w_in, w_in, w_out), out_specs=rows, check_vma=False
     )(tokens, weights, experts, wi_0, wi_1, wo)
 
-  def _dropless_local(self, tokens, weights, experts, wi_0, wi_1, wo, mlp_axes: tuple) -> jax.Array:
-    """_dropless on one shard's tokens; `mlp_axes`: the mesh axes the MLP dim is split over (outputs psum'd)."""
+  def _dropless_local(
+      self, tokens, weights, experts, wi_0, wi_1, wo, exp_axes: tuple, mlp_axes: tuple, token_axes: tuple = ()
+  ) -> jax.Array:
+    """_dropless on one shard: `exp_axes` split the experts (this device holds wi_0.shape[0] of them; the tokens
+    of the group along those axes are gathered, the outputs reduce-scattered back), `mlp_axes` split the MLP dim
+    (outputs summed)."""
     c = self.config
+    gather = tuple(a for a in exp_axes if a in token_axes)  # expert axes the tokens are split over
+    replicated = tuple(a for a in exp_axes if a not in token_axes)  # expert axes every token shard sees whole
+    if gather:
+      tokens, weights, experts = (jax.lax.all_gather(v, gather, axis=0, tiled=True) for v in (tokens, weights, experts))
     t, k = experts.shape
+    local_experts = wi_0.shape[0]
     flat = experts.reshape(-1)
+    if exp_axes:
+      # This device's experts are [first, first + local_experts); other experts' copies sort last, outside every
+      # group, so the grouped matmuls leave their rows zero.
+      first = jax.lax.axis_index(exp_axes) * local_experts
+      flat = flat - first
+      flat = jnp.where((flat >= 0) & (flat < local_experts), flat, local_experts)
     order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=c.num_experts).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=local_experts + 1)[:local_experts].astype(jnp.int32)
     w_sorted = weights.reshape(-1)[order][:, None]
+    if exp_axes:
+      w_sorted = jnp.where(flat[order][:, None] < local_experts, w_sorted, 0.0)
     xs = tokens.astype(self.dtype)[order // k]
     if c.moe_input_scaled_by_router:
       xs = (xs.astype(jnp.float32) * w_sorted).astype(self.dtype)
@@ -306,7 +335,12 @@ class MoeBlock(nnx.Module):
     if not c.moe_input_scaled_by_router:
       ys = ys * w_sorted
     unsorted = ys[jnp.argsort(order)]  # a gather back to (token, slot) order
-    return unsorted.reshape(t, k, -1).sum(axis=1)
+    out = unsorted.reshape(t, k, -1).sum(axis=1)
+    if replicated:
+      out = jax.lax.psum(out, replicated)
+    if gather:
+      out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)
+    return out
 
   def _capacity(self, x: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
     """GShard-style dispatch per batch row: first choices take expert slots before second choices, then by position."""

@@ -237,6 +237,29 @@ def test_expert_parallel_equals_unsharded(capacity_factor):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), got_grads, want_grads)
 
 
+def test_dropless_expert_parallel_keeps_expert_weights_split():
+  """Under expert=4 the dropless block's compiled forward and backward never gathers a full [num_experts, ...]
+  expert weight: each device multiplies only its own experts (the tokens are gathered instead)."""
+  config = moe_config(num_experts=8, ici_expert_parallelism=4, ici_fsdp_parallelism=2)
+  mesh = sharding.create_mesh(config)
+  block = make_block(config)
+  state = nnx.state(block)
+  x = inputs(shape=(8, S, 64))
+
+  def loss_and_grads(block, x):
+    return nnx.value_and_grad(lambda block: jnp.mean(block(x)[0] ** 2))(block)
+
+  with sharding.use_mesh(mesh, config.logical_axis_rules):
+    nnx.update(block, jax.device_put(state, sharding.state_shardings(state, config.logical_axis_rules, mesh)))
+    hlo = nnx.jit(loss_and_grads).lower(block, x).compile().as_text()
+  gathers = [line for line in hlo.splitlines() if "all-gather(" in line or "all-gather-start(" in line]
+  assert gathers  # the tokens are gathered within each expert group
+  full = [line for line in gathers if "[8,64,96]" in line or "[8,96,64]" in line]
+  assert not full, full
+  local = [line for line in gathers if "[2,64,96]" in line or "[2,96,64]" in line]
+  assert local, gathers  # FSDP still gathers each device's 2 experts over the fsdp axis
+
+
 # ---------------------------------------------------------------- the decoder stack
 
 
