@@ -31,6 +31,8 @@ from MaxText.inference import sampling as sampling_lib
 logger = logging.getLogger("MaxText")
 _IDS = itertools.count()
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax's event for each XLA compile
+# ... and for an executable loaded from the persistent compilation cache instead (jax_compilation_cache_dir)
+CACHE_LOAD_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
 
 
 @dataclasses.dataclass
@@ -396,13 +398,14 @@ def decode_prompts(
 
 
 class CompileCounter:
-  """Counts XLA backend compilations while active (`with CompileCounter() as c: ...; c.count`)."""
+  """Counts executables built while active (`with CompileCounter() as c: ...; c.count`): XLA compiles and loads
+  from the persistent compilation cache, either of which means a new shape or program reached the backend."""
 
   def __init__(self):
     self.count = 0
 
   def _listen(self, event: str, _duration: float, **_):
-    if event == BACKEND_COMPILE_EVENT:
+    if event in (BACKEND_COMPILE_EVENT, CACHE_LOAD_EVENT):
       self.count += 1
 
   def __enter__(self) -> "CompileCounter":
