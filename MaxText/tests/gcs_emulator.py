@@ -195,7 +195,9 @@ def _serve(argv=None):
     sys.exit(f"ERROR: {SKIP_REASON}")
   emu = Emulator([b for b in args.buckets.split(",") if b], port=args.port).start(set_env=False)
   print(f"fake-gcs-server ready: STORAGE_EMULATOR_HOST={emu.host}", flush=True)
-  signal.signal(signal.SIGTERM, lambda *_: (emu.stop(), sys.exit(0)))
+  # Only signal the child here: stop() waits on it, and a wait inside the handler would deadlock on the lock the
+  # interrupted wait below holds (that left an orphaned emulator behind after the end-to-end script).
+  signal.signal(signal.SIGTERM, lambda *_: emu._process.terminate())  # pylint: disable=protected-access
   try:
     emu._process.wait()  # pylint: disable=protected-access
   finally:
