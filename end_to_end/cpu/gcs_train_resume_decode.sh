@@ -34,7 +34,9 @@ python3 - "$OUT/hf" <<'PYEOF'
 import pathlib, sys
 import torch, transformers
 from MaxText import storage
+from MaxText.input_pipeline import quickstart_data
 storage.configure()
+quickstart_data.build()  # the training data, generated from installed packages' docstrings (kept if present)
 torch.manual_seed(0)
 config = transformers.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
