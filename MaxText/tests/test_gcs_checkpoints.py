@@ -15,22 +15,11 @@ import pytest
 from MaxText import api, checkpointing, pyconfig, storage, train
 from MaxText.config_schema import ConfigError
 from MaxText.inference import loading
+from MaxText.tests import test_train
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
-TINY = [
-    "model_name=tests/tiny-llama",
-    "dataset_type=synthetic",
-    "max_target_length=32",
-    "max_prefill_predict_length=16",
-    "vocab_size=256",
-    "log_config=false",
-    "enable_tensorboard=false",
-    "learning_rate=3e-3",
-    "warmup_steps_fraction=0.0",
-    "per_device_batch_size=1",
-    "learning_rate_schedule_steps=5",
-]
+TINY = [*test_train.TINY, "per_device_batch_size=1", "learning_rate_schedule_steps=5"]
 
 
 def config_for(base, *args):
