@@ -14,6 +14,7 @@ import logging
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -193,7 +194,16 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, shardings, da
     if has_iter and _checkpointable(data_iterator):
       args[ITER] = DataIteratorRestore(data_iterator)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(**args))
+      relayout = _relayout_target(epath.Path(manager.directory) / str(step) / ITEMS, abstract_state)
+      if relayout is None:
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+      else:
+        # Written with another pipeline layout: arrays come back in theirs, then are reshaped and placed.
+        logger.info("Checkpoint at step %d has another pipeline layer layout; reshaping it to this run's", step)
+        items = _restore_relayout(epath.Path(manager.directory) / str(step) / ITEMS, relayout, abstract_state, shardings)
+        restored = {ITEMS: items}
+        if ITER in args:
+          restored[ITER] = manager.restore(step, args=ocp.args.Composite(**{ITER: args[ITER]}))[ITER]
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
       first_line = str(e).splitlines()[0][:300] if str(e) else ""
       if any(m in str(e) for m in _MISMATCH_MARKERS):
@@ -259,8 +269,9 @@ def stored_params_tree(path: str) -> dict:
 def load_params(path: str, abstract_params, shardings, param_scan_axis: int = 1):
   """Params from a params-only checkpoint ({"params": ...}) or a full train-state checkpoint.
 
-  The stored layer layout (scanned or unscanned) is detected and converted to `abstract_params`'s, and
-  values are cast to its dtypes, so any of these checkpoints loads into any config of the same model.
+  The stored layer layout (scanned or unscanned; a pipelined run's stage split of the layer axis) is detected and
+  converted to `abstract_params`'s, and values are cast to its dtypes, so any of these checkpoints loads into any
+  config of the same model.
   """
   from MaxText.layers import scan_layout  # pylint: disable=import-outside-toplevel
 
@@ -268,23 +279,82 @@ def load_params(path: str, abstract_params, shardings, param_scan_axis: int = 1)
   stored_unscanned = layers_are_unscanned(stored_params_tree(path))
   want_unscanned = layers_are_unscanned(abstract_params)
   if stored_unscanned == want_unscanned:
-    target = {"params": _abstract_with_shardings(abstract_params, shardings)}
-    return _restore_subtree(items, target)["params"]
+    relayout = _relayout_target(items, {"params": abstract_params})
+    if relayout is None:
+      target = {"params": _abstract_with_shardings(abstract_params, shardings)}
+      return _restore_subtree(items, target)["params"]
+    logger.info("Reshaping the pipeline layer layout of %s to this config's", path)
+    return _restore_relayout(items, relayout, {"params": abstract_params}, {"params": shardings})["params"]
   logger.info(
       "Converting %s layers of %s to the %s layout",
       "unscanned" if stored_unscanned else "scanned",
       path,
       "unscanned" if want_unscanned else "scanned",
   )
+  # Both sides in the scanned layout, where a pipelined run's [R, S, Lps] layer axis is a reshape of [units].
+  host = _restore_subtree(items, {"params": _stored_abstract(items)["params"]})["params"]
+  if stored_unscanned:
+    host = scan_layout.unscanned_to_scanned(host, param_scan_axis)
   plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
-  convert = scan_layout.scanned_to_unscanned if stored_unscanned else scan_layout.unscanned_to_scanned
-  back = scan_layout.unscanned_to_scanned if stored_unscanned else scan_layout.scanned_to_unscanned
-  host = _restore_subtree(items, {"params": convert(plain, param_scan_axis)})["params"]
-  return jax.device_put(back(host, param_scan_axis), shardings)
+  want = scan_layout.unscanned_to_scanned(plain, param_scan_axis) if want_unscanned else plain
+  host = jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype).reshape(a.shape), host, want)
+  if want_unscanned:
+    host = scan_layout.scanned_to_unscanned(host, param_scan_axis)
+  return jax.device_put(host, shardings)
 
 
 def load_full_state(path: str, abstract_state, shardings):
-  return _restore_subtree(_items_path(path), _abstract_with_shardings(abstract_state, shardings))
+  items = _items_path(path)
+  relayout = _relayout_target(items, abstract_state)
+  if relayout is not None:
+    return _restore_relayout(items, relayout, abstract_state, shardings)
+  return _restore_subtree(items, _abstract_with_shardings(abstract_state, shardings))
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _stored_abstract(items: epath.Path):
+  """A checkpoint item's tree as stored (nested dicts/lists of ShapeDtypeStructs), from its metadata."""
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(items)
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree, is_leaf=lambda m: hasattr(m, "shape")
+  )
+
+
+def _relayout_target(items: epath.Path, abstract):
+  """`abstract` (no shardings) with the checkpoint's shapes where only a stacked layer axis is split differently (a
+  pipelined run's [R, S, Lps] vs [units]); None when nothing needs reshaping."""
+  from MaxText.layers import pipeline  # pylint: disable=import-outside-toplevel
+
+  flat = jax.tree_util.tree_flatten_with_path(_stored_abstract(items))[0]
+  stored = {tuple(_key_name(k) for k in path): leaf.shape for path, leaf in flat}
+  differs = False
+
+  def one(path, leaf):
+    nonlocal differs
+    key = tuple(_key_name(k) for k in path)
+    have = stored.get(key)
+    in_layers = any(key[i : i + 2] == ("decoder", "layers") for i in range(len(key)))
+    if have is None or have == tuple(leaf.shape) or not in_layers or not pipeline.relayout_compatible(have, leaf.shape):
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    differs = True
+    return jax.ShapeDtypeStruct(have, leaf.dtype)
+
+  target = jax.tree_util.tree_map_with_path(one, abstract)
+  return target if differs else None
+
+
+def _restore_relayout(items: epath.Path, target, abstract, shardings):
+  """Restores `target` (stored shapes) to host memory, reshapes each array to `abstract`'s and places it."""
+  host = _restore_subtree(items, target)
+  return jax.device_put(jax.tree.map(lambda x, a: np.asarray(x).reshape(a.shape), host, abstract), shardings)
 
 
 def save_params(path: str, params):

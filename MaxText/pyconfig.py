@@ -285,6 +285,11 @@ def _derive(values: dict) -> dict:
   v["ici_parallelism"] = _fill_parallelism(v, "ici", v["num_devices"] // v["num_slices"], "devices per slice")
   v["dcn_parallelism"] = _fill_parallelism(v, "dcn", v["num_slices"], "slices")
   _resolve_backend_ops(v)
+  stage = v["mesh_axes"].index("stage") if "stage" in v["mesh_axes"] else None
+  v["pipeline_stages"] = 1 if stage is None else v["ici_parallelism"][stage] * v["dcn_parallelism"][stage]
+  v["pipeline_microbatches"] = v["num_pipeline_microbatches"]
+  if v["pipeline_microbatches"] == -1:
+    v["pipeline_microbatches"] = v["pipeline_stages"]
 
   micro = v["per_device_batch_size"] * v["num_devices"]
   if abs(micro - round(micro)) < 1e-6:  # 0.7 x 10 devices is 7.000000000000001 in floating point

@@ -6,6 +6,7 @@ nnx.merge turns back into the model inside the step. Metrics are fetched one ste
 stalls the device queue.
 """
 
+import functools
 import logging
 import os
 import pickle
@@ -24,9 +25,10 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils, serialize_executable
 
-from MaxText import checkpointing, input_pipeline, metrics, optimizers, pyconfig, sharding, startup, storage
+from MaxText import checkpointing, context_parallel, input_pipeline, metrics, optimizers, pyconfig, sharding, startup
+from MaxText import storage
 from MaxText.config_schema import ConfigError
-from MaxText.layers import model_creation
+from MaxText.layers import decoders, model_creation, pipeline
 from MaxText.layers.ops import head_loss
 
 logger = logging.getLogger("MaxText")
@@ -252,14 +254,16 @@ def eval_step(setup: TrainSetup, params, batch):
 def compile_train_step(setup: TrainSetup, batch_shapes):
   data_shardings = {k: sharding.data_sharding(setup.config, setup.mesh, v.shape) for k, v in batch_shapes.items()}
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+  # Batches enter both steps in load-balanced order under context parallelism (identity otherwise).
+  enter = functools.partial(context_parallel.reorder_batch, config=setup.config)
   step = jax.jit(
-      lambda state, batch: train_step(setup, state, batch),
+      lambda state, batch: train_step(setup, state, enter(batch)),
       in_shardings=(setup.state_shardings, data_shardings),
       out_shardings=(setup.state_shardings, replicated),
       donate_argnums=(0,),
   )
   evaluate = jax.jit(
-      lambda params, batch: eval_step(setup, params, batch),
+      lambda params, batch: eval_step(setup, params, enter(batch)),
       in_shardings=(setup.param_shardings, data_shardings),
       out_shardings=replicated,
   )
@@ -427,6 +431,9 @@ def train(config) -> list[dict[str, Any]]:
   _write_config(config)
   mesh = sharding.create_mesh(config)
   logger.info("Mesh: %s on %d %s devices", dict(mesh.shape), config.num_devices, config.hardware)
+  schedule = decoders.pipeline_schedule(config)
+  if schedule is not None:
+    logger.info(pipeline.describe(schedule, config.micro_batch_size_to_train_on))
   history: list[dict[str, Any]] = []
   setup = TrainSetup(config, mesh)
   _check_free_space(config, setup.state_bytes)

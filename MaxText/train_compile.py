@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from MaxText import aot_report, metrics, sharding, startup, topology, train
+from MaxText.layers import decoders, pipeline
 
 logger = logging.getLogger("MaxText")
 
@@ -70,6 +71,9 @@ def report(config, compiled, setup) -> dict:
   dcn = ", ".join(f"{a}={n}" for a, n in zip(config.mesh_axes, config.dcn_parallelism) if n > 1)
   print(f"model {config.model_name}: {setup.num_params:,} parameters on {where}")
   print(f"mesh: ici {mesh}" + (f"; dcn {dcn}" if dcn else ""))
+  schedule = decoders.pipeline_schedule(config)
+  if schedule is not None:
+    print(pipeline.describe(schedule, config.micro_batch_size_to_train_on))
   compiler = "n/a" if flops is None else f"{flops / 1e12:.4f}"
   print(
       f"TFLOPs per step per device: {total:.4f} (weight matmuls {weights:.4f}, attention {attention:.4f});"

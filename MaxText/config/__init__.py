@@ -22,6 +22,7 @@ from MaxText.config import (
     model,
     moe,
     numerics,
+    pipeline,
     processes,
     run,
     serve,
@@ -44,6 +45,7 @@ SECTIONS = (
     decode,
     serve,
     mesh,
+    pipeline,
     processes,
     aot,
 )

@@ -27,10 +27,12 @@ def check(v: dict[str, Any], program: Optional[str] = None):
   check_model(v)
   check_moe(v)
   check_attention(v, program)
+  check_context_parallel(v)
   check_paged(v, program)
   check_quantization(v, program)
   check_decode(v)
   check_vocab_tiling(v)
+  check_pipeline(v, program)
   check_run(v)
 
 
@@ -123,6 +125,24 @@ def check_attention(v: dict, program: Optional[str] = None):
     raise ConfigError(f"qk_rope_head_dim: {v['qk_rope_head_dim']} must be even for rotary embeddings (MLA)")
 
 
+def check_context_parallel(v: dict):
+  """The sequence splits evenly over the context shards: 2n chunks when load-balanced (MaxText/context_parallel.py)."""
+  axes = list(v["mesh_axes"])
+  if "context" not in axes:
+    return
+  i = axes.index("context")
+  n = v["ici_parallelism"][i] * v["dcn_parallelism"][i]
+  if n == 1:
+    return
+  parts = 2 * n if v["context_parallel_load_balance"] else n
+  how = f"2 x {n} load-balanced chunks" if v["context_parallel_load_balance"] else f"{n} context shards"
+  if v["max_target_length"] % parts:
+    raise ConfigError(
+        f"max_target_length: {v['max_target_length']} tokens do not split into {how} (ici/dcn_context_parallelism;"
+        f" use a multiple of {parts})"
+    )
+
+
 def check_paged(v: dict, program: Optional[str]):
   """The paged KV cache (attention=paged; MaxText.serve always pages): sizes, kernel and what it cannot hold.
 
@@ -185,6 +205,69 @@ def check_decode(v: dict):
     raise ConfigError("decode_sampling_top_k: decode_sampling_strategy topk needs decode_sampling_top_k > 0")
   if v["decode_sampling_nucleus_p"] <= 0:
     raise ConfigError(f"decode_sampling_nucleus_p: {v['decode_sampling_nucleus_p']} must be in (0, 1] (1.0 = off)")
+
+
+def check_pipeline(v: dict, program: Optional[str]):
+  """Pipeline parallelism (ici/dcn_stage_parallelism > 1): what the stage schedule needs, and what it cannot do."""
+  stages, repeats, micro = v["pipeline_stages"], v["num_pipeline_repeats"], v["pipeline_microbatches"]
+  if stages == 1:
+    for key, unset in (("num_pipeline_repeats", 1), ("num_pipeline_microbatches", -1)):
+      if v[key] != unset:
+        raise ConfigError(f"{key}: {v[key]} needs pipeline stages (ici_stage_parallelism or dcn_stage_parallelism > 1)")
+    return
+  if program is not None and program not in _TRAINING:
+    raise ConfigError(
+        f"ici_stage_parallelism: pipeline stages are a training layout; {program} runs with stage parallelism 1 (a"
+        " pipelined checkpoint loads there as it is)"
+    )
+  if not v["scan_layers"]:
+    raise ConfigError("scan_layers: pipeline parallelism runs the scanned layer stack; set scan_layers=true")
+  if v["dropout_rate"] > 0 and v["enable_dropout"]:
+    raise ConfigError("dropout_rate: dropout is not supported with pipeline parallelism; set dropout_rate=0")
+  from MaxText.layers import decoders  # pylint: disable=import-outside-toplevel  # (jax is loaded by now)
+
+  layout = decoders.layer_layout(_Values(v))
+  units = decoders.pipeline_schedule(_Values(v)).blocks
+  if units % (stages * repeats):
+    what = (
+        ""
+        if layout.homogeneous
+        else (f" ({units} blocks of {layout.period} layers after {layout.prefix} unpipelined prefix layers)")
+    )
+    raise ConfigError(
+        f"num_decoder_layers: {v['num_decoder_layers']} layers{what} do not split evenly into {stages} pipeline"
+        f" stages x {repeats} repeats (num_pipeline_repeats)"
+    )
+  if micro < stages:
+    raise ConfigError(
+        f"num_pipeline_microbatches: {micro} micro-batches are fewer than the {stages} pipeline stages (each stage"
+        " needs one to work on)"
+    )
+  if v["micro_batch_size_to_train_on"] % micro:
+    raise ConfigError(
+        f"num_pipeline_microbatches: the batch of {v['micro_batch_size_to_train_on']} sequences (per_device_batch_size"
+        f" x devices, per gradient-accumulation step) does not split into {micro} micro-batches"
+    )
+  rows = v["micro_batch_size_to_train_on"] // micro
+  axes = next((rule[1] for rule in v["logical_axis_rules"] if rule[0] == "activation_batch"), [])
+  axes = [a for a in (axes if isinstance(axes, list) else [axes]) if a in v["mesh_axes"] and a != "stage"]
+  degree = 1
+  for a in axes:
+    i = v["mesh_axes"].index(a)
+    degree *= v["ici_parallelism"][i] * v["dcn_parallelism"][i]
+  if rows % degree:
+    raise ConfigError(
+        f"num_pipeline_microbatches: micro-batches of {rows} sequences do not split over the {degree} devices of"
+        f" the batch axes {axes} (activation_batch), so every device would compute whole micro-batches; use fewer"
+        " micro-batches or a larger per_device_batch_size"
+    )
+
+
+class _Values:
+  """Attribute access to the resolved values, for helpers written against a Config."""
+
+  def __init__(self, values: dict):
+    self.__dict__.update(values)
 
 
 def check_run(v: dict):

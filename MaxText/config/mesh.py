@@ -71,6 +71,9 @@ KEYS = (
             ["kv", []],
             ["norm", []],
             ["layers", ["stage"]],
+            ["layers_stage", ["stage"]],
+            ["layers_repeat", []],
+            ["activation_stage", ["stage"]],
             ["exp", ["expert"]],
             ["embed_no_exp", ["fsdp", "sequence", "context"]],
         ],
@@ -79,6 +82,13 @@ KEYS = (
         "are skipped)",
     ),
     Key("data_sharding", [list(MESH_AXES)], LIST, "mesh axes the input batch is split over"),
+    Key(
+        "context_parallel_load_balance",
+        True,
+        BOOL,
+        "under context parallelism (n context shards), train on sequences cut into 2n chunks laid out so shard i "
+        "holds chunks i and 2n-1-i: every shard gets an equal share of causal attention work",
+    ),
     Key("allow_split_physical_axes", False, BOOL, "let the mesh builder split physical device axes (TPU)"),
 )
 

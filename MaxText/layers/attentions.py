@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from MaxText import sharding
+from MaxText import context_parallel, sharding
 from MaxText.layers.cache import PageSpec, new_cache
 from MaxText.layers.embeddings import RotaryEmbedding, apply_rope
 from MaxText.layers.linears import DenseGeneral
@@ -108,6 +108,10 @@ class Attention(nnx.Module):
     self.scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
     self.chunk_attn_window_size = config.chunk_attn_window_size
     self.causal_blocks = config.attention_causal_blocks  # resolved by pyconfig: 1 under sequence parallelism
+    # Training rows arrive in load-balanced order over this many context shards (1 = natural order).
+    self.context_shards = (
+        context_parallel.context_parallel_size(config) if context_parallel.is_load_balanced(config) else 1
+    )
     self.nope_layer_interval = config.nope_layer_interval
     self.use_qk_l2_norm = config.use_qk_l2_norm
     self.qk_l2_norm_epsilon = config.normalization_layer_epsilon
@@ -233,12 +237,15 @@ class Attention(nnx.Module):
       chunked: bool | jax.Array = False,
       q_position: jax.Array | None = None,
       kv_position: jax.Array | None = None,
+      context_shards: int = 1,
   ) -> jax.Array:
     """The attention core. `aligned` means keys are exactly the queries' own sequence (train/prefill).
 
     `local` (see is_local) switches the sliding window on; it only matters when sliding_window_size > 0.
     `chunked` (see is_chunked) switches the chunk mask on, chunks aligned on q_position/kv_position (default: the
     indices). `kv_heads_first`: key/value are [B, Hkv, T, D] (a KV cache) rather than [B, T, Hkv, D].
+    `context_shards` > 1: an aligned sequence in load-balanced order (MaxText/context_parallel.py); the indices
+    carry each slot's natural offset, and the fused kernels (whose masks assume natural order) see it restored.
     """
     if self.attention_kind in ("autoselected", "flash") and aligned:
       kind = self.attention_kind
@@ -250,10 +257,15 @@ class Attention(nnx.Module):
         # Only a prefill bucket shorter than the config's length (checked at config time) gets here.
         log_once(f"attention=flash: {splash_unsupported_reason(query.shape[1])}; using dot_product for it")
       else:
-        if kind == "flash":
-          kernel = functools.partial(splash_attention, platform=self.hardware, logical_axis_rules=self.logical_axis_rules)
+        if kind == "flash":  # restores natural order inside its shard_map, where the sequence is whole
+          kernel = functools.partial(
+              splash_attention,
+              platform=self.hardware,
+              logical_axis_rules=self.logical_axis_rules,
+              context_shards=context_shards,
+          )
         else:
-          kernel = autoselected_attention
+          kernel = functools.partial(context_parallel.in_natural_order, autoselected_attention, context_shards)
 
         def fused(window):
           return kernel(query, key, value, q_segment_ids, scale=self.scale, sliding_window_size=window)
@@ -288,7 +300,8 @@ class Attention(nnx.Module):
         float32_qk_product=self.float32_qk_product,
         float32_logits=self.float32_logits,
         kv_heads_first=kv_heads_first,
-        causal_blocks=self.causal_blocks if aligned and query.shape[1] == key.shape[1] else 1,
+        # Query blocks assume natural order (pyconfig already makes them 1 whenever the context axis shards).
+        causal_blocks=self.causal_blocks if aligned and query.shape[1] == key.shape[1] and context_shards == 1 else 1,
         key_window=self.sliding_window_size if local is True else 0,
     )
 
@@ -320,7 +333,9 @@ class Attention(nnx.Module):
     if model_mode == "prefill":
       lengths = x.shape[1] if segment_ids is None else jnp.sum(segment_ids != 0, axis=1)
       self.kv_cache.prefill(key, value, jnp.broadcast_to(lengths, x.shape[:1]))
-    index = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    shards = self.context_shards if model_mode == "train" else 1
+    order = context_parallel.load_balanced_order(x.shape[1], shards)  # natural offsets (arange unless balanced)
+    index = jnp.broadcast_to(jnp.asarray(order), x.shape[:2])
     context = self.attend(
         query,
         key,
@@ -334,6 +349,7 @@ class Attention(nnx.Module):
         chunked=chunked,
         q_position=positions,
         kv_position=positions,
+        context_shards=shards,
     )
     return self.out_projection(checkpoint_name(context, "context"))
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from MaxText import models, sharding
-from MaxText.layers import blocks, losses, moe
+from MaxText.layers import blocks, losses, moe, pipeline
 from MaxText.layers.embeddings import Embed
 from MaxText.layers.linears import DENSE_OUTPUT_NAME, DenseGeneral
 from MaxText.layers.normalizations import create_norm
@@ -103,6 +103,13 @@ def layer_layout(config) -> StackLayout:
   return stack_layout(moe.moe_layer_flags(config))
 
 
+def pipeline_schedule(config) -> pipeline.Schedule | None:
+  """The config's pipeline schedule over the scan units after any dense prefix (None without stage parallelism)."""
+  layout = layer_layout(config)
+  units = layout.num_layers if layout.homogeneous else (layout.num_layers - layout.prefix) // layout.period
+  return pipeline.schedule_from_config(config, units)
+
+
 class LayerGroups(nnx.Module):
   """The scanned stacks of a stack whose layers differ (see StackLayout): attributes prefix, block_0, ..."""
 
@@ -117,6 +124,37 @@ def _blocks(layer_rngs: jax.Array | None, start: int, period: int) -> jax.Array 
     return None
   rest = layer_rngs[start:]
   return rest.reshape((rest.shape[0] // period, period) + rest.shape[1:])
+
+
+def _with_value(var: nnx.Variable, value, names_fn, axis: int) -> nnx.Variable:
+  """A copy of a stacked Param holding `value`, its logical names mapped by names_fn(names, axis)."""
+  new = var.replace(value)
+  names = var.get_metadata().get("out_sharding")
+  if names:
+    new.set_metadata(out_sharding=names_fn(tuple(names), axis))
+  return new
+
+
+def _constrain_stage_weights(var: nnx.Variable, value: jax.Array, axis: int) -> jax.Array:
+  """Inside the pipeline's vmap over stages: one stage's [Lps] stacked weights, sharded as their logical names say
+  except for the layer axis (the stage axis is the vmapped one)."""
+  names = var.get_metadata().get("out_sharding")
+  if not names:
+    return value
+  names = pipeline.unpipelined_names(tuple(names), axis)
+  return sharding.with_logical_constraint(value, names[:axis] + (None,) + names[axis + 1 :])
+
+
+def _reshaped_stack(stack: nnx.Module, axis: int, value_fn, names_fn) -> nnx.Module:
+  """The stack with each Param's layer axis (at `axis`) reshaped by value_fn(value, axis) and renamed by names_fn."""
+  graphdef, state = nnx.split(stack)
+
+  def one(path, var):
+    if not isinstance(var, nnx.Param):
+      raise ValueError(f"pipelined layers hold only parameters; {'/'.join(map(str, path))} is {type(var).__name__}")
+    return path, _with_value(var, value_fn(var.get_value(), axis), names_fn, axis)
+
+  return nnx.merge(graphdef, nnx.State.from_flat_path([one(*pv) for pv in state.flat_state()]))
 
 
 class DecoderStack(nnx.Module):
@@ -150,8 +188,12 @@ class DecoderStack(nnx.Module):
     def make_groups(out_axes, metadata) -> dict[str, nnx.Module]:
       return {name: make_stacked(n, first, out_axes, metadata) for name, n, first in self.layout.groups()}
 
+    self.pipeline = pipeline_schedule(config)
     if self.scan_layers:
       groups = make_groups(scan_axes(self.param_scan_axis), {nnx.PARTITION_NAME: "layers"})
+      if self.pipeline is not None:  # [units] -> [R, S, Lps] on the layer axis: each stage holds only its layers
+        for name in self._pipelined_groups():
+          groups[name] = _reshaped_stack(groups[name], self.param_scan_axis, self._to_pipelined, pipeline.pipelined_names)
       self.layers = groups[""] if self.layout.homogeneous else LayerGroups(groups)
     else:
       # Built stacked and then split, so a seed gives the same weights in either layout.
@@ -161,6 +203,9 @@ class DecoderStack(nnx.Module):
         for j, i in enumerate(self.layout.layer_indices(name)):
           layers[i] = nnx.merge(graphdef, jax.tree.map(lambda x, j=j: x[j], stacked))
       self.layers = nnx.List(layers)
+
+  def _pipelined_groups(self) -> list[str]:
+    return [""] if self.layout.homogeneous else [f"block_{r}" for r in range(self.layout.period)]
 
   def _stacks(self) -> dict[str, nnx.Module]:
     """The scanned stacks by group name ("" for a homogeneous stack)."""
@@ -179,32 +224,66 @@ class DecoderStack(nnx.Module):
       dropout_rng: jax.Array | None,
   ) -> tuple[jax.Array, dict]:
     layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers)
-    policy = REMAT_POLICIES[self.remat_policy]  # a declared choice (MaxText/config), checked with the config
-
-    # Each layer is told its index (`layer_index`): families with a local/global attention pattern need it.
-    def layer_fn(layer_index):
-      def apply(layer, y, rng):
-        return layer(
-            y,
-            positions,
-            segment_ids,
-            deterministic=deterministic,
-            model_mode=model_mode,
-            dropout_rng=rng,
-            layer_index=layer_index,
-        )
-
-      if self.remat_policy == "none":
-        return apply
-      # Inside scan, CSE across iterations cannot happen, so prevent_cse only costs speed there.
-      return nnx.remat(apply, policy=policy, prevent_cse=not self.scan_layers)
-
+    run = dict(deterministic=deterministic, model_mode=model_mode)
     if not self.scan_layers:
       aux = {}
       for i, layer in enumerate(self.layers):
         # A static index: each unrolled layer compiles just its own kind of attention.
-        x, aux[i] = layer_fn(i)(layer, x, None if layer_rngs is None else layer_rngs[i])
+        rng = None if layer_rngs is None else layer_rngs[i]
+        x, aux[i] = self._layer_fn(i, positions, segment_ids, **run)(layer, x, rng)
       return x, aux
+
+    indices = jnp.arange(self.num_layers, dtype=jnp.int32)
+    if self.layout.homogeneous and self.pipeline is None:
+      x, aux = self._scan([self.layers], x, positions, segment_ids, _blocks(layer_rngs, 0, 1), indices[:, None], **run)
+      return x, aux[0]
+    p, period = self.layout.prefix, self.layout.period
+    aux = {}
+    if p:
+      prefix_rngs = None if layer_rngs is None else _blocks(layer_rngs[:p], 0, 1)
+      x, (aux["prefix"],) = self._scan(
+          [self.layers.prefix], x, positions, segment_ids, prefix_rngs, indices[:p, None], **run
+      )
+    if self.pipeline is not None:
+      x, block_aux = self._pipelined(x, positions, segment_ids, **run)
+    else:
+      stacks = [getattr(self.layers, f"block_{r}") for r in range(period)]
+      block_rngs = _blocks(layer_rngs, p, period)
+      x, block_aux = self._scan(stacks, x, positions, segment_ids, block_rngs, indices[p:].reshape(-1, period), **run)
+    if self.layout.homogeneous:
+      return x, block_aux[0]
+    aux.update({f"block_{r}": a for r, a in enumerate(block_aux)})
+    return x, aux
+
+  def _layer_fn(self, layer_index, positions, segment_ids, *, deterministic: bool, model_mode: str):
+    """One layer's call (remat-wrapped per remat_policy): (layer, x, dropout_rng) -> (x, aux).
+
+    Each layer is told its index (`layer_index`): families with a local/global attention pattern need it.
+    """
+
+    def apply(layer, y, rng):
+      return layer(
+          y,
+          positions,
+          segment_ids,
+          deterministic=deterministic,
+          model_mode=model_mode,
+          dropout_rng=rng,
+          layer_index=layer_index,
+      )
+
+    if self.remat_policy == "none":
+      return apply
+    policy = REMAT_POLICIES[self.remat_policy]  # a declared choice (MaxText/config), checked with the config
+    # Inside scan, CSE across iterations cannot happen, so prevent_cse only costs speed there.
+    return nnx.remat(apply, policy=policy, prevent_cse=not self.scan_layers)
+
+  def _scan(self, stacks, x, positions, segment_ids, rngs, layer_indices, *, deterministic, model_mode):
+    """Scans `stacks` (one per position in a block of consecutive layers) over their stacked axis.
+
+    layer_indices [units, len(stacks)]; rngs the same shape of dropout keys, or None. Returns (x, [aux per stack]).
+    """
+    run = dict(deterministic=deterministic, model_mode=model_mode)
 
     @nnx.scan(
         in_axes=(scan_axes(self.param_scan_axis), nnx.Carry, 0, 0),
@@ -215,23 +294,38 @@ class DecoderStack(nnx.Module):
       # One scan iteration runs a block of consecutive layers (one layer unless dense and MoE layers interleave).
       aux = []
       for r, layer in enumerate(layers):
-        y, layer_aux = layer_fn(layer_indices[r])(layer, y, None if rngs is None else rngs[r])
+        fn = self._layer_fn(layer_indices[r], positions, segment_ids, **run)
+        y, layer_aux = fn(layer, y, None if rngs is None else rngs[r])
         aux.append(layer_aux)
       return y, aux
 
-    indices = jnp.arange(self.num_layers, dtype=jnp.int32)
-    if self.layout.homogeneous:
-      x, aux = step([self.layers], x, _blocks(layer_rngs, 0, 1), indices[:, None])
-      return x, aux[0]
-    p, period = self.layout.prefix, self.layout.period
-    aux = {}
-    if p:
-      prefix_rngs = None if layer_rngs is None else _blocks(layer_rngs[:p], 0, 1)
-      x, (aux["prefix"],) = step([self.layers.prefix], x, prefix_rngs, indices[:p, None])
-    stacks = [getattr(self.layers, f"block_{r}") for r in range(period)]
-    x, block_aux = step(stacks, x, _blocks(layer_rngs, p, period), indices[p:].reshape(-1, period))
-    aux.update({f"block_{r}": a for r, a in enumerate(block_aux)})
-    return x, aux
+    return step(stacks, x, rngs, layer_indices)
+
+  def _pipelined(self, x, positions, segment_ids, *, deterministic, model_mode):
+    """The pipelined units (MaxText.layers.pipeline) on x; returns (x, [aux per block position]) like _scan."""
+    schedule, axis = self.pipeline, self.param_scan_axis
+    first_layer, period = self.layout.prefix, self.layout.period
+    stacks = [self._stacks()[name] for name in self._pipelined_groups()]
+    splits = [nnx.split(stack) for stack in stacks]
+    flats = [list(state.flat_state()) for _, state in splits]
+    weights = [[var.get_value() for _, var in flat] for flat in flats]
+
+    def stage_fn(stage_weights, h, pos, seg, first_unit):
+      layers = []
+      for (graphdef, _), flat, values in zip(splits, flats, stage_weights):
+        # One stage's weights keep their in-stage sharding (fsdp, tensor, ...); without the constraint GSPMD may
+        # gather a whole stage's weights once, outside the loops, instead of one layer at a time inside them.
+        values = [_constrain_stage_weights(var, value, axis) for (_, var), value in zip(flat, values)]
+        state = nnx.State.from_flat_path(
+            [(p, _with_value(var, value, pipeline.unpipelined_names, axis)) for (p, var), value in zip(flat, values)]
+        )
+        layers.append(nnx.merge(graphdef, state))
+      units = first_unit + jnp.arange(schedule.per_stage, dtype=jnp.int32)
+      indices = first_layer + units[:, None] * period + jnp.arange(period, dtype=jnp.int32)[None, :]
+      return self._scan(layers, h, pos, seg, None, indices, deterministic=deterministic, model_mode=model_mode)
+
+    x, aux = pipeline.run(schedule, stage_fn, weights, x, positions, segment_ids, axis)
+    return x, moe.microbatch_means(aux, schedule.microbatches)
 
   def post_update(self, stats: dict):
     """Runs each layer's post-update rule (blocks.DecoderBlock.post_update) with its part of `stats` (aux-shaped)."""
@@ -239,11 +333,22 @@ class DecoderStack(nnx.Module):
       for i, layer in enumerate(self.layers):
         layer.post_update(stats[i])
       return
+    pipelined = self._pipelined_groups() if self.pipeline is not None else []
     for name, stack in self._stacks().items():
       own = stats[name] if name else stats
       if not jax.tree.leaves(own):
         continue
-      nnx.vmap(lambda layer, s: layer.post_update(s), in_axes=(scan_axes(self.param_scan_axis), 0))(stack, own)
+      axis = self.param_scan_axis
+      target = stack
+      if name in pipelined:  # the rules run per canonical layer: view [R, S, Lps] as [units] for them
+        target = _reshaped_stack(stack, axis, pipeline.from_pipelined, pipeline.unpipelined_names)
+      nnx.vmap(lambda layer, s: layer.post_update(s), in_axes=(scan_axes(axis), 0))(target, own)
+      if target is not stack:
+        back = _reshaped_stack(target, axis, self._to_pipelined, pipeline.pipelined_names)
+        nnx.update(stack, nnx.state(back))
+
+  def _to_pipelined(self, value, axis: int):
+    return pipeline.to_pipelined(value, axis, self.pipeline.stages, self.pipeline.repeats)
 
   def init_cache(self, batch: int, length: int, **cache_options):
     """Gives every module of the layers that has `init_cache` (attention) an empty KV cache of [batch, length].

@@ -14,12 +14,14 @@ RoPE pairs are (i, i + d/2) as everywhere in MaxText; DeepSeek checkpoints inter
 mapping (MaxText/models/deepseek.py) undoes by permuting the rope columns of the projections.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from MaxText import sharding
+from MaxText import context_parallel, sharding
 from MaxText.layers.cache import PageSpec, new_cache
 from MaxText.layers.attentions import MODEL_MODES, attention_mask
 from MaxText.layers.embeddings import RotaryEmbedding
@@ -41,6 +43,10 @@ class MLA(nnx.Module):
     self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
     self.dtype = config.dtype
     self.attention_kind = config.attention
+    # Training rows arrive in load-balanced order over this many context shards (MaxText/context_parallel.py).
+    self.context_shards = (
+        context_parallel.context_parallel_size(config) if context_parallel.is_load_balanced(config) else 1
+    )
     self.float32_qk_product = config.float32_qk_product
     self.float32_logits = config.float32_logits
     self.quantize_kvcache = config.quantize_kvcache
@@ -129,18 +135,25 @@ class MLA(nnx.Module):
         self.kv_cache.prefill(rows, None, jnp.broadcast_to(lengths, x.shape[:1]))
       key, value = self.expand(rows)
       query = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
-      context = self._attend_expanded(query, key, value, segment_ids)
+      shards = self.context_shards if model_mode == "train" else 1
+      context = self._attend_expanded(query, key, value, segment_ids, shards)
     return self.out_projection(checkpoint_name(context, "context"))
 
-  def _attend_expanded(self, query, key, value, segment_ids) -> jax.Array:
-    """Causal self-attention of the aligned sequence (train/prefill) with per-head keys and values."""
+  def _attend_expanded(self, query, key, value, segment_ids, context_shards: int = 1) -> jax.Array:
+    """Causal self-attention of the aligned sequence (train/prefill) with per-head keys and values.
+
+    `context_shards` > 1: the sequence is in load-balanced order (MaxText/context_parallel.py).
+    """
     if self.attention_kind == "autoselected":
       # The fused kernel wants one head dim: values are zero-padded to the query/key width and sliced back.
       pad = query.shape[-1] - value.shape[-1]
       padded = jnp.pad(value, ((0, 0), (0, 0), (0, 0), (0, max(pad, 0))))
-      out = autoselected_attention(query, key, padded, segment_ids, scale=self.scale)
+      out = context_parallel.in_natural_order(
+          functools.partial(autoselected_attention, scale=self.scale), context_shards, query, key, padded, segment_ids
+      )
       return out[..., : value.shape[-1]]
-    index = jnp.broadcast_to(jnp.arange(query.shape[1], dtype=jnp.int32), query.shape[:2])
+    order = context_parallel.load_balanced_order(query.shape[1], context_shards)  # natural offset of each slot
+    index = jnp.broadcast_to(jnp.asarray(order), query.shape[:2])
     segments = jnp.ones(index.shape, jnp.int32) if segment_ids is None else segment_ids
     mask = attention_mask(segments, segments, index, index)
     return dot_product_attention(

@@ -406,3 +406,13 @@ def moe_layer_flags(config) -> list[bool]:
       i >= config.first_num_dense_layers and (i + 1) % config.interleave_moe_layer_step == 0
       for i in range(config.num_decoder_layers)
   ]
+
+
+_MEAN_AUX = ("lb_loss",)  # per-token means; the other aux values (expert token counts) add up over micro-batches
+
+
+def microbatch_means(aux_sum, count: int):
+  """Aux values summed over `count` equal micro-batches of one batch -> the batch's: means averaged, counts summed."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x / count if getattr(p[-1], "key", None) in _MEAN_AUX else x, aux_sum
+  )

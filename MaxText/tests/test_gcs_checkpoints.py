@@ -6,8 +6,10 @@ Runs only inside a private network namespace (the `gcs` fixture skips elsewhere)
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -66,6 +68,44 @@ def test_train_resume_unfinished_step_and_gc_on_gcs(gcs, tmp_path, caplog):
   np.testing.assert_allclose(last, straight[3:], rtol=1e-6)
 
 
+def test_kill_9_during_an_async_save_to_gcs_resumes_like_a_straight_run(gcs, tmp_path):
+  """A run saving every step to gs:// is killed with SIGKILL while a step directory has objects but no commit
+  marker (an async save in flight); the resumed run starts from the newest committed step, with the losses of a
+  straight run, and saves the unfinished step again."""
+  common = ["run_name=k", "steps=30", "checkpoint_period=1", "async_checkpointing=true"]
+  common += ["learning_rate_schedule_steps=30"]
+  straight = losses(train.train(config_for(tmp_path, "run_name=straight", *common[1:], "enable_checkpointing=false")))
+  cmd = [sys.executable, "-u", "-m", "MaxText.train", "MaxText/configs/base.yml", "base_output_directory=gs://bucket/r"]
+  env = gcs.env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.Popen(  # pylint: disable=consider-using-with
+      [*cmd, *TINY, *common], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  prefix = "r/k/checkpoints/"
+
+  def unfinished():
+    names = gcs.list("bucket", prefix)
+    started = {n[len(prefix) :].split("/")[0] for n in names}
+    done = {n[len(prefix) :].split("/")[0] for n in names if n.endswith(f"/{checkpointing.COMMIT_MARKER}")}
+    return sorted(int(s) for s in started - done if s.isdigit())
+
+  deadline, seen = time.monotonic() + 600, []
+  while time.monotonic() < deadline and proc.poll() is None:
+    seen = unfinished()
+    if seen and seen[-1] >= 3:
+      break
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  committed, seen = sorted(checkpointing.committed_steps(f"gs://bucket/{prefix}")), unfinished()
+  assert committed and committed[-1] < 30, "the run finished before it could be killed"
+  assert seen and seen[-1] > committed[-1], f"not killed during a save: unfinished {seen}, committed {committed}"
+  resumed = losses(train.train(config_for("gs://bucket/r", *common)))
+  start = 30 - len(resumed)
+  assert start == committed[-1]
+  np.testing.assert_allclose(resumed, straight[start:], rtol=1e-5)
+  assert checkpointing.committed_steps(f"gs://bucket/{prefix}")[0] == 30
+
+
 @pytest.mark.usefixtures("gcs")
 def test_checkpoint_path_reads_gcs_like_local(tmp_path):
   """api.load(checkpoint_path=gs://.../checkpoints) gives the logits of the same checkpoint read locally."""
@@ -84,6 +124,11 @@ def test_checkpoint_path_reads_gcs_like_local(tmp_path):
   # train: checkpoint_path names a full train state, so a new run continues from its step 2 (optimizer included)
   hist = train.train(
       config_for(tmp_path, "run_name=from_gcs", "steps=3", "checkpoint_path=gs://bucket/runs/c/checkpoints")
+  )
+  assert [h["step"] for h in hist] == [2]
+  # load_full_state_path names one step directory on gs:// (no newest-step lookup): the same continuation.
+  hist = train.train(
+      config_for(tmp_path, "run_name=full_gcs", "steps=3", "load_full_state_path=gs://bucket/runs/c/checkpoints/2")
   )
   assert [h["step"] for h in hist] == [2]
   with pytest.raises(ConfigError, match=r"checkpoint_path: bucket gs://nobucket does not exist"):

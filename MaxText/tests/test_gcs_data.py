@@ -164,6 +164,26 @@ def test_tfds_and_hf_data_files_from_gcs_give_the_local_batches(gcs, tok_dir, da
   )
 
 
+def _eval_batches(tok, n=2, **overrides):
+  return tip.take(tip.iterators(tip.make_config(tok, vocab_size=320, eval_interval=3, **overrides))[1], n)
+
+
+def test_grain_and_hf_eval_files_from_gcs_give_the_local_eval_batches(gcs, tok_dir, data):
+  """grain_eval_files and hf_eval_files on gs:// (the eval iterator) read what the local copies give."""
+  del gcs
+  _upload(data, "gs://bucket/data")
+  tok = str(tok_dir / "sp.model")
+  grain = dict(grain_train_files=str(data / "docs.jsonl"))
+  want = _eval_batches(tok, grain_eval_files=str(data / "docs.parquet"), **grain)
+  _same_batches(_eval_batches(tok, grain_eval_files="gs://bucket/data/docs.parquet", **grain), want)
+  assert tip.doc_ids(want[0], tok)  # real documents, not padding
+  hf = dict(dataset_type="hf", hf_path="json", hf_data_files=str(data / "docs.jsonl"))
+  _same_batches(
+      _eval_batches(tok, hf_eval_files="gs://bucket/data/deep/a.jsonl", **hf),
+      _eval_batches(tok, hf_eval_files=str(data / "deep" / "a.jsonl"), **hf),
+  )
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [

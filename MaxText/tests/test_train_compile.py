@@ -157,7 +157,7 @@ def test_tpu_cli_multislice_and_v4(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="")
   for args, expect in (
       (["compile_topology=v5e-8", "compile_topology_num_slices=2", "dcn_data_parallelism=2"], "dcn data=2"),
-      (["compile_topology=v4-8"], "v4-8 (v4:2x2x1, 4 chips)"),
+      (["compile_topology=v4-8", f"compiled_trainstep_file={tmp_path}/v4.pkl"], "v4-8 (v4:2x2x1, 4 chips)"),
   ):
     proc = subprocess.run(
         [sys.executable, "-m", "MaxText.train_compile", "MaxText/configs/base.yml", f"base_output_directory={tmp_path}"]
@@ -174,6 +174,9 @@ def test_tpu_cli_multislice_and_v4(tmp_path):
     assert expect in proc.stdout and "HBM: fits" in proc.stdout, proc.stdout
     assert "v5e-8" not in args[0] or "2 x v5e-8 (v5e:2x4, 16 chips)" in proc.stdout
     assert "collectives per device per step: all-gather" in proc.stdout
+  # compiled_trainstep_file also serializes a step the TPU compiler built for the slice (loaded on the target).
+  assert f"compiled train step written to {tmp_path}/v4.pkl" in proc.stdout
+  assert (tmp_path / "v4.pkl").stat().st_size > 0
 
 
 @needs_libtpu

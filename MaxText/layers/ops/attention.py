@@ -18,7 +18,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from MaxText import sharding
+from MaxText import context_parallel, sharding
 
 logger = logging.getLogger("MaxText")
 
@@ -277,7 +277,14 @@ def splash_unsupported_reason(seq_len: int, block_size: int = SPLASH_BLOCK) -> s
 
 def _splash_specs(mesh, rules, shape) -> tuple:
   """shard_map specs for the kernel's [B,S,H,D] inputs and [B,S] segment ids: batch and heads split as the
-  activations are (logical_axis_rules); the sequence stays whole on every shard (the kernel sees all keys)."""
+  activations are (logical_axis_rules); the sequence stays whole on every shard (the kernel sees all keys).
+
+  The sequence/context axes that shard the sequence outside the kernel split the heads inside it (where they
+  divide them): the sequence-sharded q/k/v are exchanged all-to-all for head shards, so each device runs the whole
+  causal sequence for its heads (equal work, none repeated) rather than every context device running all of it.
+  """
+  length_axes = [a for name, axes in rules if name == "activation_length" for a in axes]
+  rules = [(name, list(axes) + length_axes if name == "activation_heads" else axes) for name, axes in rules]
   spec = sharding.logical_to_mesh_spec(("activation_batch", None, "activation_heads", None), rules, mesh, shape)
   spec = tuple(spec) + (None,) * (4 - len(spec))
   return jax.sharding.PartitionSpec(*spec), jax.sharding.PartitionSpec(spec[0], None)
@@ -295,6 +302,7 @@ def splash_attention(
     interpret: bool = False,
     platform: str | None = None,
     logical_axis_rules=None,
+    context_shards: int = 1,
 ) -> jax.Array:
   """Causal self-attention with the Pallas TPU splash kernel (`interpret=True` runs it on CPU, for tests).
 
@@ -303,6 +311,8 @@ def splash_attention(
   `platform` (default: the running backend) is the one the call lowers for, e.g. "tpu" for an ahead-of-time compile
   from a CPU host. A Pallas call is opaque to GSPMD (it would gather its inputs onto every device), so under a mesh
   (jax.set_mesh) with `logical_axis_rules` the kernel runs in a shard_map over the batch and head shards.
+  `context_shards` > 1: the sequence is in load-balanced order (MaxText/context_parallel.py); each shard, holding
+  the whole sequence, restores natural order for the kernel's causal mask and returns its output reordered.
   """
   if not interpret:
     check_flash_backend(platform or jax.default_backend())
@@ -320,6 +330,12 @@ def splash_attention(
   segments = None if segment_ids is None else segment_ids.astype(jnp.int32)
 
   def local(q, k, v, seg):
+    if context_shards > 1:  # the whole sequence is local here, so restoring its order moves no data between devices
+      q, k, v = (context_parallel.restore(x, context_shards, axis=1) for x in (q, k, v))
+      seg = None if seg is None else context_parallel.restore(seg, context_shards, axis=1)
+    return context_parallel.reorder(natural(q, k, v, seg), context_shards, axis=1)
+
+  def natural(q, k, v, seg):
     # One shard's heads: the kernel's mask is built per head count, so it is made for the local count.
     kernel = _splash_kernel(q.shape[2], s, sliding_window_size, block, interpret)
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
