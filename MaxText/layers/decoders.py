@@ -135,16 +135,6 @@ def _with_value(var: nnx.Variable, value, names_fn, axis: int) -> nnx.Variable:
   return new
 
 
-def _constrain_stage_weights(var: nnx.Variable, value: jax.Array, axis: int) -> jax.Array:
-  """Inside the pipeline's vmap over stages: one stage's [Lps] stacked weights, sharded as their logical names say
-  except for the layer axis (the stage axis is the vmapped one)."""
-  names = var.get_metadata().get("out_sharding")
-  if not names:
-    return value
-  names = pipeline.unpipelined_names(tuple(names), axis)
-  return sharding.with_logical_constraint(value, names[:axis] + (None,) + names[axis + 1 :])
-
-
 def _reshaped_stack(stack: nnx.Module, axis: int, value_fn, names_fn) -> nnx.Module:
   """The stack with each Param's layer axis (at `axis`) reshaped by value_fn(value, axis) and renamed by names_fn."""
   graphdef, state = nnx.split(stack)
@@ -313,9 +303,6 @@ class DecoderStack(nnx.Module):
     def stage_fn(stage_weights, h, pos, seg, first_unit):
       layers = []
       for (graphdef, _), flat, values in zip(splits, flats, stage_weights):
-        # One stage's weights keep their in-stage sharding (fsdp, tensor, ...); without the constraint GSPMD may
-        # gather a whole stage's weights once, outside the loops, instead of one layer at a time inside them.
-        values = [_constrain_stage_weights(var, value, axis) for (_, var), value in zip(flat, values)]
         state = nnx.State.from_flat_path(
             [(p, _with_value(var, value, pipeline.unpipelined_names, axis)) for (p, var), value in zip(flat, values)]
         )
