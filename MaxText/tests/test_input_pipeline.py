@@ -247,6 +247,11 @@ def _data(tmp_path_factory):
 
 def _tfds_dir(root, docs):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from tensorflow_datasets.core import registered  # pylint: disable=import-outside-toplevel
+
+  # Each call defines the builder anew over its own docs; a second call in one process (test_gcs_data uses this
+  # helper too) would otherwise fail tfds' duplicate-name check.
+  registered._DATASET_REGISTRY.pop("maxtext_tiny_docs", None)  # pylint: disable=protected-access
 
   class MaxtextTinyDocs(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
