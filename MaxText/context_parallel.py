@@ -48,26 +48,23 @@ def load_balanced_order(length: int, n: int) -> np.ndarray:
   return chunks[chunk_order(n)].reshape(-1)
 
 
-def reorder(x: jax.Array | np.ndarray, n: int, axis: int = 1):
-  """Natural -> load-balanced order along `axis` (a chunk-wise gather, so GSPMD moves whole chunks)."""
-  if n <= 1:
-    return x
+def _take_chunks(x, n: int, axis: int, order: np.ndarray):
+  """x with its 2n chunks along `axis` taken in `order` (a chunk-wise gather, so GSPMD moves whole chunks)."""
   xp = jnp if isinstance(x, jax.Array) else np
   axis = axis % x.ndim
   shape = x.shape
   chunks = x.reshape(shape[:axis] + (2 * n, shape[axis] // (2 * n)) + shape[axis + 1 :])
-  return xp.take(chunks, chunk_order(n), axis=axis).reshape(shape)
+  return xp.take(chunks, order, axis=axis).reshape(shape)
+
+
+def reorder(x: jax.Array | np.ndarray, n: int, axis: int = 1):
+  """Natural -> load-balanced order along `axis`."""
+  return x if n <= 1 else _take_chunks(x, n, axis, chunk_order(n))
 
 
 def restore(x: jax.Array | np.ndarray, n: int, axis: int = 1):
   """Load-balanced -> natural order along `axis` (the inverse of `reorder`)."""
-  if n <= 1:
-    return x
-  xp = jnp if isinstance(x, jax.Array) else np
-  axis = axis % x.ndim
-  shape = x.shape
-  chunks = x.reshape(shape[:axis] + (2 * n, shape[axis] // (2 * n)) + shape[axis + 1 :])
-  return xp.take(chunks, np.argsort(chunk_order(n)), axis=axis).reshape(shape)
+  return x if n <= 1 else _take_chunks(x, n, axis, np.argsort(chunk_order(n)))
 
 
 def reorder_batch(batch: Mapping[str, Any], config) -> dict[str, Any]:
