@@ -2,15 +2,12 @@
 
 import os
 
-# XLA:CPU aborts the process when a collective's devices do not all reach it within its timeout. On the 2-core CI
-# machine two pytest workers plus the multi-process tests' children run 8+ device threads per process, so a device
-# thread can be starved long enough to trip it (a CI train step died once with a silent SIGABRT, the abort this
-# watchdog raises); allow 15 minutes.
-_TIMEOUTS = "--xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900"
-if "collective_call_terminate_timeout" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_TIMEOUTS}".strip()
+from MaxText.tests import xla_test_flags
 
-import jax  # pylint: disable=wrong-import-position
+if xla_test_flags.FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_test_flags.FLAGS}".strip()
+
+import jax  # pylint: disable=wrong-import-position,wrong-import-order
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")

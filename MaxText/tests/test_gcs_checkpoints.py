@@ -17,7 +17,7 @@ import pytest
 from MaxText import api, checkpointing, pyconfig, storage, train
 from MaxText.config_schema import ConfigError
 from MaxText.inference import loading
-from MaxText.tests import test_train
+from MaxText.tests import test_train, xla_test_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,7 @@ def test_kill_9_during_an_async_save_to_gcs_resumes_like_a_straight_run(gcs, tmp
   common += ["learning_rate_schedule_steps=30"]
   straight = losses(train.train(config_for(tmp_path, "run_name=straight", *common[1:], "enable_checkpointing=false")))
   cmd = [sys.executable, "-u", "-m", "MaxText.train", "MaxText/configs/base.yml", "base_output_directory=gs://bucket/r"]
-  env = gcs.env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = gcs.env(xla_test_flags.cpu_env(8))
   proc = subprocess.Popen(  # pylint: disable=consider-using-with
       [*cmd, *TINY, *common], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
@@ -143,7 +143,7 @@ def test_missing_bucket_is_a_config_error_and_writes_nothing(gcs):
   """train with base_output_directory in a missing bucket: CONFIG ERROR naming key and path, exit 2."""
   cmd = [sys.executable, "-m", "MaxText.train", "MaxText/configs/base.yml", "base_output_directory=gs://nobucket/runs"]
   cmd += ["run_name=m", "steps=1", *TINY]
-  env = gcs.env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = gcs.env(xla_test_flags.cpu_env(1))
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "CONFIG ERROR: base_output_directory: cannot write to gs://nobucket/runs/m: bucket gs://nobucket" in proc.stderr

@@ -13,6 +13,7 @@ import pytest
 
 from MaxText import pyconfig, train
 from MaxText.config_schema import ConfigError
+from MaxText.tests import xla_test_flags
 from MaxText.tests.test_train import REPO, TINY, losses, make_config, read_jsonl
 
 # Real text through the grain pipeline (the quickstart corpus and tokenizer).
@@ -20,7 +21,7 @@ GRAIN = ["dataset_type=grain", "vocab_size=4096", "max_target_length=64", "max_p
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return xla_test_flags.cpu_env(devices)
 
 
 def _train_cmd(tmp_path, *args):

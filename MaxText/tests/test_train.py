@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from MaxText import checkpointing, metrics, pyconfig, sharding, train
+from MaxText.tests import xla_test_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -38,7 +39,7 @@ def losses(history):
 
 
 def run_subprocess(args, devices, tmp_path):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = xla_test_flags.cpu_env(devices)
   cmd = [
       sys.executable,
       "-m",
