@@ -24,7 +24,7 @@ def check(v: dict[str, Any], program: Optional[str] = None):
         f"compile_topology: {program} runs on this host's devices; compile for {v['compile_topology']} with"
         " python3 -m MaxText.train_compile (or MaxText.decode_compile)"
     )
-  check_model(v)
+  check_model(v, program)
   check_moe(v)
   check_attention(v, program)
   check_context_parallel(v)
@@ -36,7 +36,7 @@ def check(v: dict[str, Any], program: Optional[str] = None):
   check_run(v)
 
 
-def check_model(v: dict):
+def check_model(v: dict, program: Optional[str] = None):
   if v["num_query_heads"] % v["num_kv_heads"]:
     raise ConfigError(
         f"base_num_query_heads: {v['num_query_heads']} query heads are not divisible by {v['num_kv_heads']} kv heads"
@@ -48,7 +48,8 @@ def check_model(v: dict):
   if not acts or any(a not in model.ACTIVATIONS for a in acts):
     raise ConfigError(f"mlp_activations: {acts} must be a non-empty list from {list(model.ACTIVATIONS)}")
   check_family(v)
-  if v["max_prefill_predict_length"] > v["max_target_length"]:
+  # Training never prefills: its runs may be shorter than the decode default.
+  if program not in _TRAINING and v["max_prefill_predict_length"] > v["max_target_length"]:
     raise ConfigError(
         f"max_prefill_predict_length: {v['max_prefill_predict_length']} exceeds"
         f" max_target_length {v['max_target_length']}"

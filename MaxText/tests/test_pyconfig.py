@@ -510,6 +510,16 @@ def test_cli_config_errors_exit_2_with_one_line(args, env, expected):
     assert all(name in errors[0] for name in pyconfig.available_models())
 
 
+def test_training_shorter_than_the_prefill_default_is_not_refused():
+  """max_prefill_predict_length (default 64) is a decode key: a train run with 32-token sequences starts; decoding
+  that short a cache is refused, naming the key."""
+  argv = ["", "MaxText/configs/base.yml", "max_target_length=32"]
+  assert pyconfig.initialize(argv, program="train").max_target_length == 32
+  for program in ("decode", "serve"):
+    with pytest.raises(ConfigError, match="max_prefill_predict_length: 64 exceeds max_target_length 32"):
+      pyconfig.initialize(argv, program=program)
+
+
 def test_cli_missing_config_file_exits_2():
   result = run_cli("MaxText/configs/no_such.yml", "steps=3")
   assert result.returncode == 2
