@@ -1,8 +1,9 @@
 """Every config key, declared once: default, type and range, doc, and whether it describes the architecture.
 
 One module per component holds its keys (`KEYS`, settable; `DERIVED`, computed by pyconfig). MaxText/configs/base.yml
-is generated from them (`python3 -m MaxText.config --write-base-yml`), the converters' MODEL_KEYS are the keys
-marked `model=True`, and layer modules take their lists of names (attention kinds, rope types, ...) from `choices`.
+and docs/config_reference.md are generated from them (`python3 -m MaxText.config --write`), the converters'
+MODEL_KEYS are the keys marked `model=True`, and layer modules take their lists of names (attention kinds, rope
+types, ...) from `choices`.
 Imports neither JAX nor Flax.
 """
 
@@ -55,6 +56,7 @@ SCHEMA: dict[str, Field] = {name: k.field for name, k in KEYS.items()}
 MODEL_KEYS: tuple[str, ...] = tuple(name for name, k in KEYS.items() if k.model)
 MESH_AXES = mesh.MESH_AXES
 BASE_YML = pathlib.Path(__file__).resolve().parent.parent / "configs" / "base.yml"
+REFERENCE_MD = pathlib.Path(__file__).resolve().parents[2] / "docs" / "config_reference.md"
 
 assert not set(KEYS) & set(DERIVED), "a key is declared both settable and derived"
 
@@ -85,7 +87,7 @@ def _yaml_value(value: Any) -> str:
 
 HEADER = """\
 # MaxText base config: every key, with its default. GENERATED from MaxText/config/*.py, where each key's type,
-# range and doc are declared: edit those, then run `python3 -m MaxText.config --write-base-yml`.
+# range and doc are declared: edit those, then run `python3 -m MaxText.config --write`.
 # Merge order: this file (and its base_config: parents) < configs/models/<model_name>.yml < M_<KEY> env < key=value.
 """
 
@@ -104,16 +106,61 @@ def render_base_yml() -> str:
   return "\n".join(lines) + "\n"
 
 
+def _cell(text: str, code: bool = False) -> str:
+  """Text for a markdown table cell: pipes escaped; outside code spans, <placeholders> kept as text, not HTML."""
+  text = text.replace("|", "\\|")
+  return f"`{text}`" if code else text.replace("<", "&lt;").replace(">", "&gt;")
+
+
+REFERENCE_HEADER = """\
+# Config reference
+
+Every key MaxText reads, by component: its type (with the allowed values or range), its default, and what it does.
+GENERATED from the declarations in `MaxText/config/*.py` by `python3 -m MaxText.config --write`; a test fails when
+this page is stale.
+
+Values merge in this order, later winning: `MaxText/configs/base.yml` (and the `base_config:` files a config names),
+`configs/models/<model_name>.yml`, `M_<KEY>` environment variables, then `key=value` arguments. An unknown key, a
+value of the wrong type or out of range, or a contradiction between keys is a `CONFIG ERROR` naming the key (exit 2)
+before anything is built.
+"""
+
+
+def render_reference() -> str:
+  """docs/config_reference.md: one table per component (key, type, default, doc), then the derived values."""
+  lines = [REFERENCE_HEADER.rstrip("\n")]
+  for section in SECTIONS:
+    lines += ["", f"## {section.TITLE[:1].upper()}{section.TITLE[1:]}", "", "| Key | Type | Default | Description |"]
+    lines += ["| --- | --- | --- | --- |"]
+    for k in section.KEYS:
+      default = _cell(_yaml_scalar(k.default), code=True)
+      lines.append(f"| `{k.name}` | {_cell(k.field.describe())} | {default} | {_cell(k.doc)} |")
+  lines += [
+      "",
+      "## Derived values",
+      "",
+      "Computed by pyconfig from the keys above (setting one is a `CONFIG ERROR`).",
+      "",
+  ]
+  lines += ["| Name | Type | Meaning |", "| --- | --- | --- |"]
+  lines += [f"| `{d.name}` | {d.kind.__name__} | {_cell(d.doc)} |" for d in DERIVED.values()]
+  return "\n".join(lines) + "\n"
+
+
+GENERATED = ((BASE_YML, render_base_yml), (REFERENCE_MD, render_reference))
+
+
 def main(argv: Sequence[str]) -> int:
-  """`--write-base-yml` regenerates base.yml; `--check` exits 1 when the checked-in file is stale."""
-  text = render_base_yml()
-  if argv[1:] == ["--write-base-yml"]:
-    BASE_YML.write_text(text)
+  """`--write` regenerates base.yml and the config reference; `--check` exits 1 when a checked-in one is stale."""
+  if argv[1:] == ["--write"]:
+    for path, render in GENERATED:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(render())
     return 0
   if argv[1:] == ["--check"]:
-    if BASE_YML.read_text() != text:
-      print(f"{BASE_YML} is stale: run python3 -m MaxText.config --write-base-yml", file=sys.stderr)
-      return 1
-    return 0
-  print("usage: python3 -m MaxText.config --write-base-yml | --check", file=sys.stderr)
+    stale = [str(path) for path, render in GENERATED if not path.exists() or path.read_text() != render()]
+    for path in stale:
+      print(f"{path} is stale: run python3 -m MaxText.config --write", file=sys.stderr)
+    return 1 if stale else 0
+  print("usage: python3 -m MaxText.config --write | --check", file=sys.stderr)
   return 2

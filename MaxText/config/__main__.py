@@ -1,4 +1,4 @@
-"""`python3 -m MaxText.config --write-base-yml` (see MaxText/config/__init__.py)."""
+"""`python3 -m MaxText.config --write` (see MaxText/config/__init__.py)."""
 
 import sys
 

@@ -7,10 +7,12 @@ source of base.yml, MODEL_KEYS and the layers' lists of names, and the backend-o
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from MaxText import config as declared
 from MaxText import pyconfig
@@ -175,8 +177,24 @@ def test_causal_blocks_are_one_under_sequence_parallelism(axis):
 # ---------------------------------------------------------------- one declaration per key
 
 
-def test_base_yml_is_generated_from_the_declarations():
-  assert declared.BASE_YML.read_text() == declared.render_base_yml(), "run python3 -m MaxText.config --write-base-yml"
+def test_base_yml_and_reference_are_generated_from_the_declarations():
+  for path, render in declared.GENERATED:
+    assert path.read_text() == render(), f"{path} is stale: run python3 -m MaxText.config --write"
+
+
+def test_config_reference_lists_every_key_the_loader_reads_with_its_default():
+  """docs/config_reference.md's tables, parsed as markdown, against base.yml parsed as YAML (what pyconfig loads)."""
+  base = yaml.safe_load(declared.BASE_YML.read_text())
+  documented = {}
+  for line in declared.REFERENCE_MD.read_text().splitlines():
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+    if len(cells) == 4 and cells[0].startswith("`"):
+      documented[cells[0].strip("`")] = yaml.safe_load(cells[2].strip("`").replace("\\|", "|"))
+  assert documented.keys() == base.keys()
+  assert {k: v for k, v in documented.items() if v != base[k]} == {}
+  derived = pyconfig.initialize(["", str(declared.BASE_YML)])
+  for name in declared.DERIVED:
+    assert f"| `{name}` |" in declared.REFERENCE_MD.read_text() and hasattr(derived, name), name
 
 
 def test_every_key_is_declared_with_a_doc_and_a_valid_default():
