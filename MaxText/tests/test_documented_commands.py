@@ -10,6 +10,8 @@ size are the end-to-end scripts' (end_to_end/cpu/).
 import importlib.util
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -92,3 +94,24 @@ def test_documented_command_validates(module, args):
     pyconfig.initialize(["", _config_file(args[0]), *overrides])
   elif module in _ERROR_EXAMPLES:
     assert _ERROR_EXAMPLES[module] in args
+
+
+def test_docs_site_builds_without_broken_links(tmp_path):
+  """mkdocs in strict mode: a link to a missing page or anchor, or a page left out of the nav, fails the build."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "site" / "config_reference" / "index.html").is_file()
+
+
+def test_readme_links_reach_existing_pages():
+  text = (REPO / "README.md").read_text()
+  targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+  local = [t for t in targets if "://" not in t]
+  assert local and all((REPO / t).exists() for t in local), [t for t in local if not (REPO / t).exists()]

@@ -28,4 +28,33 @@ ok = last < first - 3.0 and len(words) >= 20 and len(set(words)) >= 5
 print("OK" if ok else "FAIL: expected a falling loss (by > 3 nats) and English words in the decoded text")
 sys.exit(0 if ok else 1)
 PYEOF
-echo "PASS: quickstart train -> decode ($OUT)"
+echo "== python3 -m MaxText.serve MaxText/configs/base.yml run_name=quickstart per_device_batch_size=8 port=..."
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python3 -m MaxText.serve MaxText/configs/base.yml run_name=quickstart base_output_directory="$OUT" \
+  per_device_batch_size=8 port="$PORT" > "$OUT/serve.log" 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null || true' EXIT
+python3 - "$PORT" "$server" <<'PYEOF'
+import json, os, sys, time, urllib.request
+port, pid = sys.argv[1], int(sys.argv[2])
+base = f"http://127.0.0.1:{port}"
+deadline = time.monotonic() + 600
+while True:
+  try:
+    urllib.request.urlopen(f"{base}/health", timeout=5)
+    break
+  except OSError:
+    os.kill(pid, 0)  # raises once the server has died
+    if time.monotonic() > deadline:
+      sys.exit("FAIL: the server did not come up in 600 s")
+    time.sleep(1)
+body = json.dumps({"prompt": "The for", "max_tokens": 16}).encode()
+req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
+reply = json.load(urllib.request.urlopen(req, timeout=300))
+text, usage = reply["choices"][0]["text"], reply["usage"]
+print(f"completion: {text!r}; usage {usage}")
+ok = 1 <= usage["completion_tokens"] <= 16 and reply["choices"][0]["finish_reason"] in ("length", "stop")
+print("OK" if ok else "FAIL: expected 1 to 16 completion tokens and a finish reason")
+sys.exit(0 if ok else 1)
+PYEOF
+echo "PASS: quickstart train -> decode -> serve ($OUT)"
