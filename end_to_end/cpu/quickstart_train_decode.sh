@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README quickstart: train the default model on the embedded English corpus, then decode from its checkpoint.
+# The README quickstart: train the default model on the embedded English corpus, decode from its checkpoint, then
+# serve it and ask for one completion over HTTP on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$(mktemp -d)}
