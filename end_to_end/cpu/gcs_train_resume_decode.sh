@@ -8,7 +8,9 @@ set -euo pipefail
 SELF=$(realpath "$0")
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$(mktemp -d)}
-export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
+# This journey checks storage, not speed: its many short runs are mostly XLA compiles, which LLVM's backend
+# optimizations slow down (the unit tests compile the same way, MaxText/tests/xla_test_flags.py).
+export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 if ! python3 -c "from MaxText.tests import gcs_emulator as g; import sys; sys.exit(0 if g.isolated() else 1)"; then
   if [ "$(id -u)" = 0 ] && unshare -n true 2>/dev/null; then  # as root: re-run itself in a private namespace
     exec unshare -n bash -c 'ip link set lo up && exec bash "$0"' "$SELF"
