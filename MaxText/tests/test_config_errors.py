@@ -185,8 +185,9 @@ def test_base_yml_and_reference_are_generated_from_the_declarations():
 def test_config_reference_lists_every_key_the_loader_reads_with_its_default():
   """docs/config_reference.md's tables, parsed as markdown, against base.yml parsed as YAML (what pyconfig loads)."""
   base = yaml.safe_load(declared.BASE_YML.read_text())
+  reference = declared.REFERENCE_MD.read_text()
   documented = {}
-  for line in declared.REFERENCE_MD.read_text().splitlines():
+  for line in reference.splitlines():
     cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
     if len(cells) == 4 and cells[0].startswith("`"):
       documented[cells[0].strip("`")] = yaml.safe_load(cells[2].strip("`").replace("\\|", "|"))
@@ -194,7 +195,7 @@ def test_config_reference_lists_every_key_the_loader_reads_with_its_default():
   assert {k: v for k, v in documented.items() if v != base[k]} == {}
   derived = pyconfig.initialize(["", str(declared.BASE_YML)])
   for name in declared.DERIVED:
-    assert f"| `{name}` |" in declared.REFERENCE_MD.read_text() and hasattr(derived, name), name
+    assert f"| `{name}` |" in reference and hasattr(derived, name), name
 
 
 def test_every_key_is_declared_with_a_doc_and_a_valid_default():
