@@ -20,6 +20,7 @@ for path in sys.argv[1:]:
     if not line or line.startswith("-"):
       continue
     name, _, version = line.partition("==")
+    name = name.split("[")[0]  # extras: lm_eval[api] is the lm_eval distribution
     try:
       ok &= metadata.version(name) == version
     except metadata.PackageNotFoundError:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import yaml
 
 from MaxText import distributed
-from MaxText.config import DERIVED, SCHEMA, checks
+from MaxText.config import DERIVED, SCHEMA, SECRETS, checks
 from MaxText.config.declare import ConfigError
 from MaxText.layers import ops  # what `auto` means per backend; imports no JAX
 
@@ -74,8 +74,9 @@ class Config:
     return self._values.keys()
 
   def to_dict(self) -> dict[str, Any]:
-    """Plain python values (dtypes as their names), suitable for yaml/json."""
-    return {k: (v.name if isinstance(v, jnp.dtype) else _copy_if_mutable(v)) for k, v in self._values.items()}
+    """Plain python values (dtypes as their names), suitable for yaml/json; secrets (serve_api_key) redacted."""
+    plain = lambda k, v: "<redacted>" if k in SECRETS and v else v.name if isinstance(v, jnp.dtype) else v
+    return {k: _copy_if_mutable(plain(k, v)) for k, v in self._values.items()}
 
   def to_yaml(self) -> str:
     return yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=None, width=120)

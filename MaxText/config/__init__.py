@@ -53,6 +53,7 @@ SECTIONS = (
 KEYS: dict[str, Key] = {k.name: k for section in SECTIONS for k in section.KEYS}
 DERIVED: dict[str, Derived] = {d.name: d for section in SECTIONS for d in getattr(section, "DERIVED", ())}
 SCHEMA: dict[str, Field] = {name: k.field for name, k in KEYS.items()}
+SECRETS: frozenset[str] = frozenset(name for name, k in KEYS.items() if k.secret)
 MODEL_KEYS: tuple[str, ...] = tuple(name for name, k in KEYS.items() if k.model)
 MESH_AXES = mesh.MESH_AXES
 BASE_YML = pathlib.Path(__file__).resolve().parent.parent / "configs" / "base.yml"

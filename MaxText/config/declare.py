@@ -108,7 +108,8 @@ class Field:
 class Key:
   """One settable key: base.yml's line for it is generated from this (default and doc).
 
-  `model` marks an architecture key: a converted checkpoint's model.yml writes every one of them.
+  `model` marks an architecture key: a converted checkpoint's model.yml writes every one of them. `secret` marks a
+  credential: logged and written configs show it redacted.
   """
 
   name: str
@@ -116,6 +117,7 @@ class Key:
   field: Field
   doc: str
   model: bool = False
+  secret: bool = False
   derived = False
 
   def __post_init__(self):

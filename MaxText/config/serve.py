@@ -3,6 +3,7 @@
 from MaxText.config.declare import Int, Key, NONNEG, POS, STR, Str
 
 TITLE = "serving (attention: paged; MaxText.serve)"
+API_KEY_ENV = "MAXTEXT_SERVE_API_KEY"
 KEYS = (
     Key(
         "pagedattn_num_pages",
@@ -26,4 +27,19 @@ KEYS = (
     ),
     Key("serve_host", "127.0.0.1", STR, "MaxText.serve: address the HTTP server binds (0.0.0.0 for all interfaces)"),
     Key("port", 8000, Int(0, 65535), "MaxText.serve: HTTP port"),
+    Key(
+        "serve_api_key",
+        "",
+        STR,
+        "MaxText.serve: every /v1 route and /metrics require `Authorization: Bearer <key>` (empty: the"
+        f" {API_KEY_ENV} environment variable's value, which keeps the key off command lines; neither: no"
+        " authentication). Redacted in logged and written configs",
+        secret=True,
+    ),
+    Key(
+        "serve_max_request_bytes",
+        1 << 20,
+        POS,
+        "MaxText.serve: request bodies larger than this are refused (413) before they are parsed",
+    ),
 )

@@ -40,20 +40,28 @@ from MaxText.layers import cache as cache_lib
 from MaxText.layers import scan_layout
 
 Params = Any
-# {"cache": pure dict, "tokens": [slots], "positions": [slots], "sampling": {SETTINGS_KEYS..., "step"} of [slots]}
+# {"cache": pure dict, "tokens": [slots], "positions": [slots], "sampling": {SETTINGS_KEYS..., "step"} of [slots],
+#  "history": [slots, max_cache_length] the tokens each slot generated (for the presence/frequency penalties)}
 DecodeState = dict[str, Any]
 
 
 @struct.dataclass
 class Prefix:
   """Prefilled prompt(s): the KV cache of `length` tokens per row, each row's first sampled token, its true length,
-  the logits it was sampled from and its sampling settings. Read as a dict too (prefix["tokens"])."""
+  the logits it was sampled from and its sampling settings. Read as a dict too (prefix["tokens"]).
+
+  `logprobs`: sampling.token_logprobs of the first tokens (cheap next to the prefill). `prompt_logprobs` (prefill's
+  prompt_logprobs=True): the same for each prompt token after the first under the model's raw distribution at the
+  token before it, [rows, length - 1] (and [rows, length - 1, k] for the top alternatives).
+  """
 
   cache: dict
   tokens: jax.Array
   lengths: jax.Array
   logits: jax.Array
   sampling: dict
+  logprobs: Optional[dict] = None
+  prompt_logprobs: Optional[dict] = None
   length: int = struct.field(pytree_node=False, default=0)
 
   def __getitem__(self, name: str):
@@ -160,14 +168,17 @@ class Engine:
         "tokens": slot_sharding,
         "positions": slot_sharding,
         "sampling": {k: slot_sharding for k in (*sampling.SETTINGS_KEYS, "step")},
+        "history": sharding.logical_to_sharding(
+            (cache_lib.BATCH_AXIS_NAME, None), self.rules, self.mesh, (self.dims.num_slots, self.dims.max_cache_length)
+        ),
     }
-    self._prefill = jax.jit(self._prefill_impl)
+    self._prefill = jax.jit(self._prefill_impl, static_argnames=("prompt_logprobs",))
     self._insert = jax.jit(self._insert_impl, donate_argnums=(1,), out_shardings=self.state_shardings)
     self._generate = jax.jit(
         self._generate_impl,
         donate_argnums=(1,),
-        static_argnames=("steps", "with_logits", "rows"),
-        out_shardings=(self.state_shardings, None, None),
+        static_argnames=("steps", "with_logits", "rows", "logprobs"),
+        out_shardings=(self.state_shardings, None, None, None),
     )
     self._init_state = jax.jit(self._init_state_impl, out_shardings=self.state_shardings)
     self._set_page_table = jax.jit(self._set_page_table_impl, donate_argnums=(0,), out_shardings=self.state_shardings)
@@ -201,19 +212,30 @@ class Engine:
 
   # ------------------------------------------------------------------ jitted bodies
 
-  def _prefill_impl(self, params, tokens, true_lengths, settings):
+  def _prefill_impl(self, params, tokens, true_lengths, settings, prompt_logprobs=False):
     batch, length = tokens.shape
     model = self._model(params, batch, length)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
     segment_ids = (positions < true_lengths[:, None]).astype(jnp.int32)
-    logits = model(tokens, positions, segment_ids, model_mode="prefill", logits_at=true_lengths - 1)[:, 0]
+    prompt_stats = None
+    if prompt_logprobs:  # logits at every position: each prompt token's logprob under the position before it
+      every = model(tokens, positions, segment_ids, model_mode="prefill").astype(jnp.float32)
+      logits = jnp.take_along_axis(every, (true_lengths - 1)[:, None, None], axis=1)[:, 0]
+      flat = lambda a: a.reshape(batch * (length - 1), *a.shape[2:])
+      stats = sampling.token_logprobs(flat(every[:, :-1]), flat(tokens[:, 1:]))
+      prompt_stats = jax.tree.map(lambda a: a.reshape(batch, length - 1, *a.shape[1:]), stats)
+    else:
+      logits = model(tokens, positions, segment_ids, model_mode="prefill", logits_at=true_lengths - 1)[:, 0]
     settings = {**settings, "step": jnp.zeros((batch,), jnp.int32)}  # the first token is each request's draw 0
+    first, first_logprobs = sampling.sample(logits, settings, logprobs=True)
     return Prefix(
         cache=_pure(self._cache_state(model).to_pure_dict()),
-        tokens=sampling.sample(logits, settings),
+        tokens=first,
         lengths=true_lengths,
         logits=logits.astype(jnp.float32),
         sampling={**settings, "step": settings["step"] + 1},
+        logprobs=first_logprobs,
+        prompt_logprobs=prompt_stats,
         length=length,
     )
 
@@ -228,6 +250,7 @@ class Engine:
         "tokens": state["tokens"].at[slots].set(prefix.tokens),
         "positions": state["positions"].at[slots].set(prefix.lengths),
         "sampling": jax.tree.map(lambda a, b: a.at[slots].set(b), state["sampling"], prefix.sampling),
+        "history": state["history"],  # rows are rewritten before they are read (see _generate_impl)
     }
 
   def _set_page_table_impl(self, state, table):
@@ -236,7 +259,7 @@ class Engine:
       cache.set_page_table(table)
     return {**state, "cache": _pure(self._cache_state(model).to_pure_dict())}
 
-  def _generate_impl(self, params, state, steps, with_logits, rows=None):
+  def _generate_impl(self, params, state, steps, with_logits, rows=None, logprobs=False):
     model = self._load_cache(self._slots_model(params), state["cache"])
     caches = cache_lib.caches(model)
     rows = rows or self.dims.num_slots
@@ -245,7 +268,7 @@ class Engine:
     # those rows; a paged one only its page table and lengths, the pages are shared).
     saved = {path: cache.take_rows(rows) for path, cache in caches.items()} if narrow else {}
     graphdef, cache_state, other = nnx.split(model, cache_lib.KVCacheVar, ...)
-    per_slot = {k: state[k] for k in ("tokens", "positions", "sampling")}
+    per_slot = {k: state[k] for k in ("tokens", "positions", "sampling", "history")}
     if narrow:
       per_slot = jax.tree.map(lambda a: a[:rows], per_slot)
 
@@ -253,21 +276,28 @@ class Engine:
       stepped = nnx.merge(graphdef, cache_state, other, copy=True)
       logits = stepped(slot["tokens"][:, None], slot["positions"][:, None], None, model_mode="autoregressive")
       logits = logits[:, 0].astype(jnp.float32)
-      tokens = sampling.sample(logits, slot["sampling"])
+      # The fed-back token is the row's output number step - 1: record it, then penalize what the row generated.
+      settings = slot["sampling"]
+      row_ids = jnp.arange(slot["tokens"].shape[0])
+      written = jnp.clip(settings["step"] - 1, 0, slot["history"].shape[1] - 1)  # empty slots step on and on
+      history = slot["history"].at[row_ids, written].set(slot["tokens"])
+      tokens, stats = sampling.sample(sampling.penalize(logits, history, settings), settings, logprobs=True)
       slot = {
           "tokens": tokens,
           "positions": slot["positions"] + 1,
-          "sampling": {**slot["sampling"], "step": slot["sampling"]["step"] + 1},
+          "sampling": {**settings, "step": settings["step"] + 1},
+          "history": history,
       }
-      return nnx.state(stepped, cache_lib.KVCacheVar), slot, logits
+      return nnx.state(stepped, cache_lib.KVCacheVar), slot, logits, stats
 
+    stats = None
     if steps == 1:
-      cache_state, per_slot, logits = step(cache_state, per_slot)
+      cache_state, per_slot, logits, stats = step(cache_state, per_slot)
       tokens = per_slot["tokens"]
     else:
 
       def body(carry, _):
-        cache_state, slot, _ = step(*carry)
+        cache_state, slot, _, _ = step(*carry)
         return (cache_state, slot), slot["tokens"]
 
       (cache_state, per_slot), tokens = jax.lax.scan(body, (cache_state, per_slot), None, length=steps)
@@ -279,7 +309,7 @@ class Engine:
     if narrow:
       per_slot = jax.tree.map(lambda full, sub: full.at[:rows].set(sub), {k: state[k] for k in per_slot}, per_slot)
     new_state = {**per_slot, "cache": _pure(self._cache_state(model).to_pure_dict())}
-    return new_state, tokens, logits if with_logits else None
+    return new_state, tokens, logits if with_logits else None, stats if logprobs else None
 
   def _init_state_impl(self):
     # The cache as the cache modules initialize it.
@@ -291,6 +321,7 @@ class Engine:
         "tokens": slots,
         "positions": slots,
         "sampling": {**jax.tree.map(jnp.asarray, settings), "step": slots},
+        "history": jnp.zeros((self.dims.num_slots, self.dims.max_cache_length), jnp.int32),
     }
 
   # ------------------------------------------------------------------ public API
@@ -306,13 +337,15 @@ class Engine:
       true_length,
       *,
       sampling_params: sampling.SamplingParams | Sequence[sampling.SamplingParams] | None = None,
+      prompt_logprobs: bool = False,
   ) -> Prefix:
     """Runs padded prompt(s) through the model, filling a fresh KV cache, and samples each first new token.
 
     tokens: int [length] (one prompt) or [n, length], padded after each prompt's `true_length` real tokens
     (length <= max_prefill_length). The prefix's cache has `length` tokens per row; logits are those the first
     token was sampled from. `sampling_params`: one for every row, one per row, or None (decode_sampling_* keys);
-    insert carries them into the slot, so generate samples each slot its own way.
+    insert carries them into the slot, so generate samples each slot its own way. `prompt_logprobs`: fill the
+    prefix's prompt_logprobs too (logits at every position; compiled apart).
     """
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim == 1:
@@ -324,7 +357,7 @@ class Engine:
       raise ValueError(f"true lengths {true_lengths.tolist()} must be in [1, {tokens.shape[1]}]")
     settings = _settings(sampling_params, tokens.shape[0], self.default_sampling)
     with sharding.use_mesh(self.mesh, self.rules):
-      return self._prefill(params, tokens, true_lengths, settings)
+      return self._prefill(params, tokens, true_lengths, settings, prompt_logprobs=prompt_logprobs)
 
   def init_decode_state(self) -> DecodeState:
     """Empty slots (greedy until a prompt is inserted)."""
@@ -346,6 +379,7 @@ class Engine:
     slots = np.atleast_1d(np.asarray(slot, np.int32))
     if slots.shape != (rows,) or np.any(slots < 0) or np.any(slots >= self.dims.num_slots):
       raise ValueError(f"slots {slots.tolist()} do not fit {rows} prompt(s) into {self.dims.num_slots} slots")
+    prefix = prefix.replace(logprobs=None, prompt_logprobs=None)  # one insert executable, whatever prefill reported
     with sharding.use_mesh(self.mesh, self.rules):
       return self._insert(prefix, state, slots)
 
@@ -355,19 +389,29 @@ class Engine:
     `rows`: step only slots [0, rows), leaving the others as they are (tokens then has `rows` rows); a scheduler
     that fills low slots first steps a small batch for a few requests (compiled per value).
     """
-    if rows is not None and not 0 < rows <= self.dims.num_slots:
-      raise ValueError(f"rows={rows}: stepping a prefix of the slots needs 0 < rows <= {self.dims.num_slots}")
+    self._check_rows(rows)
     with sharding.use_mesh(self.mesh, self.rules):
-      state, tokens, _ = self._generate(params, state, steps=1, with_logits=False, rows=rows)
+      state, tokens, _, _ = self._generate(params, state, steps=1, with_logits=False, rows=rows)
     return state, tokens
 
-  def generate_with_logits(self, params: Params, state: DecodeState):
-    """generate, also returning the float32 logits [slots, vocab] the tokens were sampled from."""
+  def generate_with_logprobs(self, params: Params, state: DecodeState, *, rows: Optional[int] = None):
+    """generate, also returning sampling.token_logprobs of the new tokens (compiled apart from generate)."""
+    self._check_rows(rows)
     with sharding.use_mesh(self.mesh, self.rules):
-      return self._generate(params, state, steps=1, with_logits=True)
+      state, tokens, _, stats = self._generate(params, state, steps=1, with_logits=False, rows=rows, logprobs=True)
+    return state, tokens, stats
+
+  def generate_with_logits(self, params: Params, state: DecodeState):
+    """generate, also returning the float32 logits [slots, vocab] (before penalties) the tokens were sampled from."""
+    with sharding.use_mesh(self.mesh, self.rules):
+      return self._generate(params, state, steps=1, with_logits=True)[:3]
 
   def generate_steps(self, params: Params, state: DecodeState, steps: int):
     """`steps` decode steps in one device call: (new state, tokens [steps, slots]); donates `state`."""
     with sharding.use_mesh(self.mesh, self.rules):
-      state, tokens, _ = self._generate(params, state, steps=steps, with_logits=False)
+      state, tokens, _, _ = self._generate(params, state, steps=steps, with_logits=False)
     return state, tokens
+
+  def _check_rows(self, rows: Optional[int]):
+    if rows is not None and not 0 < rows <= self.dims.num_slots:
+      raise ValueError(f"rows={rows}: stepping a prefix of the slots needs 0 < rows <= {self.dims.num_slots}")

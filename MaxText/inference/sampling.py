@@ -1,7 +1,8 @@
 """The one next-token sampler of decode, api and serve: per-row settings as arrays, so one compiled function serves
 every mix of requests in a batch.
 
-Semantics: filters run on the raw logits (top-k, then top-p over what top-k kept, renormalized), then the
+Semantics: presence/frequency penalties (OpenAI's) first lower the logits of tokens the request has already
+generated; filters then run on those logits (top-k, then top-p over what top-k kept, renormalized), then the
 temperature divides what survives; temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Ties at a
 filter's threshold are all kept. Row b draws with the key fold_in(key(seed[b]), step[b]), where step is the
 request's own count of tokens sampled so far, and the draw is a Gumbel argmax over the whole vocabulary in token
@@ -12,6 +13,10 @@ allows (one compiled function picks at run time): all greedy -> argmax; no row f
 row has 0 < top_k <= TOP_K_CANDIDATES -> top-k candidates only; otherwise a full sort. Each gives the same mask.
 
 Config keys decode_sampling_* (strategy, temperature, top_k, nucleus_p, seed) are the default row settings.
+
+Logprobs (`sample(..., logprobs=True)`) are those of the distribution the token was drawn from: log-softmax of the
+penalized, filtered, temperature-scaled logits (filtered-out tokens are -inf); a greedy row's are the log-softmax of
+its (penalized) logits.
 """
 
 import dataclasses
@@ -25,7 +30,8 @@ from MaxText.config import choices
 
 STRATEGIES = choices("decode_sampling_strategy")
 TOP_K_CANDIDATES = 128  # top_k up to this skips the full sort
-SETTINGS_KEYS = ("temperature", "top_k", "top_p", "seed")
+SETTINGS_KEYS = ("temperature", "top_k", "top_p", "seed", "presence_penalty", "frequency_penalty")
+MAX_TOP_LOGPROBS = 20  # alternatives per token that logprobs report (OpenAI's limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +42,8 @@ class SamplingParams:
   top_k: int = 0
   top_p: float = 1.0
   seed: int = 0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -44,6 +52,9 @@ class SamplingParams:
       raise ValueError(f"top_k {self.top_k} must be >= 0")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p {self.top_p} must be in (0, 1]")
+    for name in ("presence_penalty", "frequency_penalty"):
+      if not -2.0 <= getattr(self, name) <= 2.0:
+        raise ValueError(f"{name} {getattr(self, name)} must be in [-2, 2]")
 
   @classmethod
   def from_strategy(
@@ -88,6 +99,8 @@ def settings_arrays(rows: Sequence[Optional[SamplingParams]]) -> dict[str, np.nd
       "top_k": np.array([r.top_k for r in rows], np.int32),
       "top_p": np.array([r.top_p for r in rows], np.float32),
       "seed": np.array([r.seed & 0x7FFFFFFF for r in rows], np.int32),
+      "presence_penalty": np.array([r.presence_penalty for r in rows], np.float32),
+      "frequency_penalty": np.array([r.frequency_penalty for r in rows], np.float32),
   }
 
 
@@ -121,9 +134,36 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
   return _keep_mask(logits.astype(jnp.float32), jnp.zeros(logits.shape[:1], jnp.int32), ones * p, logits.shape[-1])
 
 
-def sample(logits: jax.Array, settings: dict[str, jax.Array]) -> jax.Array:
+def penalize(logits: jax.Array, history: jax.Array, settings: dict[str, jax.Array]) -> jax.Array:
+  """logits [batch, vocab] less each row's penalties for the tokens it generated: history [batch, length] holds
+  them in order, the first settings["step"] of each row valid. frequency_penalty x count + presence_penalty x
+  (count > 0), as OpenAI defines them; skipped (no scatter) when no row has a penalty."""
+  presence, frequency = settings["presence_penalty"], settings["frequency_penalty"]
+
+  def apply():
+    valid = jnp.arange(history.shape[1])[None, :] < settings["step"][:, None]
+    rows = jnp.broadcast_to(jnp.arange(history.shape[0])[:, None], history.shape)
+    counts = jnp.zeros(logits.shape, jnp.float32).at[rows, history].add(valid.astype(jnp.float32))
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+  return jax.lax.cond(jnp.any((presence != 0) | (frequency != 0)), apply, lambda: logits)
+
+
+def token_logprobs(processed: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+  """The chosen tokens' logprobs [batch] and the MAX_TOP_LOGPROBS most likely tokens' (ids, logprobs) [batch, k]
+  under log-softmax(processed)."""
+  logprobs = jax.nn.log_softmax(processed.astype(jnp.float32), axis=-1)
+  top_values, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logprobs.shape[-1]))
+  chosen = jnp.take_along_axis(logprobs, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return {"logprob": chosen, "top_ids": top_ids.astype(jnp.int32), "top_logprobs": top_values}
+
+
+def sample(logits: jax.Array, settings: dict[str, jax.Array], *, logprobs: bool = False):
   """int32 [batch] tokens from logits [batch, vocab]; `settings`: settings_arrays of each row plus "step" [batch]
-  (the row's count of tokens sampled so far)."""
+  (the row's count of tokens sampled so far). Penalties are the caller's (`penalize`).
+
+  logprobs=True: (tokens, token_logprobs of the distribution each row drew from).
+  """
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -136,14 +176,15 @@ def sample(logits: jax.Array, settings: dict[str, jax.Array]) -> jax.Array:
   def draw(keep):
     scaled = jnp.where(keep, logits / jnp.where(sampled, temperature, 1.0)[:, None], -jnp.inf)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(settings["seed"], settings["step"])
-    return jnp.where(sampled, jax.vmap(jax.random.categorical)(keys, scaled), greedy).astype(jnp.int32)
+    return jnp.where(sampled, jax.vmap(jax.random.categorical)(keys, scaled), greedy).astype(jnp.int32), scaled
 
   branches = [
-      lambda: greedy,
+      lambda: (greedy, logits),
       lambda: draw(jnp.ones(logits.shape, bool)),
       lambda: draw(_keep_mask(logits, top_k, top_p, candidates) | ~filtering[:, None]),
       lambda: draw(_keep_mask(logits, top_k, top_p, vocab) | ~filtering[:, None]),
   ]
   few = jnp.all(~filtering | ((top_k > 0) & (top_k <= candidates)))
   branch = jnp.where(~jnp.any(sampled), 0, jnp.where(~jnp.any(filtering), 1, jnp.where(few, 2, 3)))
-  return jax.lax.switch(branch, branches)
+  tokens, processed = jax.lax.switch(branch, branches)
+  return (tokens, token_logprobs(processed, tokens)) if logprobs else tokens

@@ -9,7 +9,10 @@ contiguous cache a slot holds a whole sequence, so a free slot is all a request 
 buckets, prefill buckets), so after warm-up no request compiles anything.
 
 Each request has its own sampling settings, token budget, stop token ids and stop strings; its output arrives as
-`Event`s (text and token deltas, then a finish reason) through its callback, from the engine thread.
+`Event`s (text and token deltas, then a finish reason) through its callback, from the engine thread. A request that
+asks for logprobs gets each new token's logprob and top alternatives (the engine's logprob variants run only while
+such a request is in the batch); `echo` adds the prompt tokens' logprobs, and with max_tokens 0 the request is
+scored (prefilled) without taking a slot.
 """
 
 import collections
@@ -35,30 +38,48 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax's ev
 CACHE_LOAD_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+  """A token's logprob and the `top` (token id, logprob) alternatives, most likely first."""
+
+  logprob: float
+  top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclasses.dataclass
 class Event:
-  """New output of a request: token ids and the text they completed; `finish_reason` on the last event
-  ("stop": stop token or string, "length": max_tokens or the context, "cancelled", "error")."""
+  """New output of a request: token ids and the text they completed (with their logprobs when the request asked);
+  `finish_reason` on the last event ("stop": stop token or string, "length": max_tokens or the context,
+  "cancelled", "error")."""
 
   token_ids: list[int]
   text: str
   finish_reason: Optional[str] = None
   error: str = ""
+  logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(eq=False)
 class Request:
-  """A prompt (token ids) to continue by at most `max_tokens` tokens."""
+  """A prompt (token ids) to continue by at most `max_tokens` tokens (0: echo only).
+
+  `logprobs`: None, or how many top alternatives (<= sampling.MAX_TOP_LOGPROBS) to report with each new token's
+  logprob. `echo`: also the prompt tokens' logprobs (`prompt_logprobs`, one per prompt token after the first).
+  """
 
   prompt: Sequence[int]
   max_tokens: int
   sampling: sampling_lib.SamplingParams = dataclasses.field(default_factory=sampling_lib.SamplingParams)
   stop: tuple[str, ...] = ()
   stop_ids: tuple[int, ...] = ()
+  logprobs: Optional[int] = None
+  echo: bool = False
   on_event: Optional[Callable[[Event], None]] = None  # called on the engine thread; default: the `events` queue
   id: int = dataclasses.field(default_factory=lambda: next(_IDS))
   # Filled in by the scheduler.
   output_ids: list[int] = dataclasses.field(default_factory=list)
+  output_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+  prompt_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
   text: str = ""
   finish_reason: Optional[str] = None
   submitted_at: float = 0.0
@@ -153,7 +174,10 @@ class Scheduler:
       raise ValueError("the prompt is empty")
     if len(request.prompt) > dims.max_prefill_length:
       raise ValueError(f"the prompt is {len(request.prompt)} tokens, more than the {dims.max_prefill_length} allowed")
-    if request.max_tokens < 1 or len(request.prompt) + request.max_tokens > dims.max_cache_length:
+    if request.logprobs is not None and not 0 <= request.logprobs <= sampling_lib.MAX_TOP_LOGPROBS:
+      raise ValueError(f"logprobs {request.logprobs} must be in [0, {sampling_lib.MAX_TOP_LOGPROBS}]")
+    least = 0 if request.echo else 1  # echo with max_tokens 0 scores the prompt only
+    if request.max_tokens < least or len(request.prompt) + request.max_tokens > dims.max_cache_length:
       raise ValueError(
           f"max_tokens {request.max_tokens} with a prompt of {len(request.prompt)} tokens does not fit the context of"
           f" {dims.max_cache_length} tokens"
@@ -176,20 +200,25 @@ class Scheduler:
   def running(self) -> int:
     return sum(r is not None for r in self._slots)
 
-  def warmup(self):
+  def warmup(self, logprobs: bool = False):
     """Compiles what requests will run, so none compiles at serving time: a generate step for every row bucket,
-    prefill and insert for every prefill bucket, and a page-table update (a request that grows past a page)."""
-    self.warmup_for(engine_lib.prefill_buckets(self.engine.dims.max_prefill_length))
+    prefill and insert for every prefill bucket, and a page-table update (a request that grows past a page).
+    `logprobs`: the logprob variants of generate and prefill too (requests that ask for logprobs or echo)."""
+    self.warmup_for(engine_lib.prefill_buckets(self.engine.dims.max_prefill_length), logprobs)
 
-  def warmup_for(self, prompt_lengths: Sequence[int]):
+  def warmup_for(self, prompt_lengths: Sequence[int], logprobs: bool = False):
     """warmup with the prefill buckets of these prompt lengths only (the decode CLI knows its prompts)."""
     for rows in self.row_buckets:  # empty slots step harmlessly (at stale or scratch cache entries)
       self._step_rows(rows)
+      if logprobs:
+        self._step_rows(rows, logprobs=True)
     if self.pages is not None:  # grows past a page: the page-table update
       self.submit(Request([1], min(self.pages.tokens_per_page + 1, self.engine.dims.max_cache_length - 1)))
     buckets = {engine_lib.bucket_length(n, self.engine.dims.max_prefill_length) for n in prompt_lengths}
     for bucket in sorted(buckets):
       self.submit(Request([1] * bucket, 1))
+      if logprobs:
+        self.submit(Request([1] * bucket, 0, echo=True))
     self.run_until_idle()
     self.stats = SchedulerStats()  # the warm-up's compile time is no one's throughput
 
@@ -249,6 +278,15 @@ class Scheduler:
         self._waiting.popleft()
         self._close(request, "cancelled")
         continue
+      if request.max_tokens == 0:  # echo only: the prompt's logprobs, no slot
+        self._waiting.popleft()
+        try:
+          self._score(request)
+        except Exception as e:  # pylint: disable=broad-exception-caught
+          logger.exception("prefill failed")
+          self._close(request, "error", str(e))
+        admitted += 1
+        continue
       total = len(request.prompt) + request.max_tokens
       if self.pages is not None and not self.pages.can_reserve(total):
         break  # backpressure: wait (in order) until running requests release pages
@@ -267,6 +305,25 @@ class Scheduler:
       self._state = self.engine.set_page_table(self._state, self.pages.table)
       self._table_version = self.pages.version
 
+  def _prefill(self, request: Request) -> engine_lib.Prefix:
+    """The request's prompt prefilled (with the logprobs it asks for); prompt_logprobs recorded for echo."""
+    n = len(request.prompt)
+    tokens = np.zeros((engine_lib.bucket_length(n, self.engine.dims.max_prefill_length),), np.int32)
+    tokens[:n] = request.prompt
+    prefix = self.engine.prefill(self.params, tokens, n, sampling_params=request.sampling, prompt_logprobs=request.echo)
+    if request.echo:
+      host = jax.tree.map(np.asarray, prefix.prompt_logprobs)
+      request.prompt_logprobs = [_token_logprob(host, (0, i), request.logprobs or 0) for i in range(n - 1)]
+    self.stats.prefill_calls += 1
+    self.stats.prompt_tokens += n
+    return prefix
+
+  def _score(self, request: Request):
+    start = time.perf_counter()
+    self._prefill(request)
+    self.stats.prefill_seconds += time.perf_counter() - start
+    self._close(request, "length")
+
   def _prefill_into(self, slot: int, request: Request, total: int):
     n = len(request.prompt)
     start = time.perf_counter()
@@ -275,16 +332,15 @@ class Scheduler:
       self.pages.reserve(slot, total)
       self.pages.ensure(slot, n)
       self._push_table()
-    tokens = np.zeros((engine_lib.bucket_length(n, self.engine.dims.max_prefill_length),), np.int32)
-    tokens[:n] = request.prompt
-    prefix = self.engine.prefill(self.params, tokens, n, sampling_params=request.sampling)
+    prefix = self._prefill(request)
     self._state = self.engine.insert(prefix, self._state, slot)
     request._cached = n  # pylint: disable=protected-access
     first = int(np.asarray(prefix["tokens"])[0])
+    logprob = None
+    if request.logprobs is not None:
+      logprob = _token_logprob(jax.tree.map(np.asarray, prefix.logprobs), (0,), request.logprobs)
     self.stats.prefill_seconds += time.perf_counter() - start
-    self.stats.prefill_calls += 1
-    self.stats.prompt_tokens += n
-    self._accept(slot, request, first)
+    self._accept(slot, request, first, logprob)
 
   def _generate(self):
     start = time.perf_counter()
@@ -294,7 +350,8 @@ class Scheduler:
           self.pages.ensure(slot, request._cached + 1)  # pylint: disable=protected-access
       self._push_table()
     highest = max(i for i, r in enumerate(self._slots) if r is not None)
-    host = self._step_rows(next(b for b in self.row_buckets if b > highest))
+    with_logprobs = any(r is not None and r.logprobs is not None for r in self._slots)
+    host, stats = self._step_rows(next(b for b in self.row_buckets if b > highest), with_logprobs)
     self.stats.generate_seconds += time.perf_counter() - start
     self.stats.generate_steps += 1
     self.stats.step_tokens += self.running
@@ -302,27 +359,34 @@ class Scheduler:
     for slot, request in enumerate(self._slots):
       if request is not None:
         request._cached += 1  # pylint: disable=protected-access
-        self._accept(slot, request, int(host[slot]))
+        logprob = None if request.logprobs is None else _token_logprob(stats, (slot,), request.logprobs)
+        self._accept(slot, request, int(host[slot]), logprob)
 
-  def _step_rows(self, rows: int) -> np.ndarray:
-    """One generate step of slots [0, rows), each sampled with its occupant's settings; their new tokens."""
-    self._state, tokens = self.engine.generate(self.params, self._state, rows=rows)
-    return np.asarray(tokens)
+  def _step_rows(self, rows: int, logprobs: bool = False) -> tuple[np.ndarray, Optional[dict]]:
+    """One generate step of slots [0, rows), each sampled with its occupant's settings: their new tokens (and
+    with `logprobs`, the host copy of the tokens' sampling.token_logprobs)."""
+    if not logprobs:
+      self._state, tokens = self.engine.generate(self.params, self._state, rows=rows)
+      return np.asarray(tokens), None
+    self._state, tokens, stats = self.engine.generate_with_logprobs(self.params, self._state, rows=rows)
+    return np.asarray(tokens), jax.tree.map(np.asarray, stats)
 
-  def _accept(self, slot: int, request: Request, token: int):
-    """Records a new token: text delta, stop checks, finish."""
+  def _accept(self, slot: int, request: Request, token: int, logprob: Optional[TokenLogprob] = None):
+    """Records a new token (and its logprob when the request asked): text delta, stop checks, finish."""
     if request.first_token_at is None:
       request.first_token_at = time.monotonic()
       self.stats.ttft_seconds.append(request.first_token_at - request.submitted_at)
     self.stats.generated_tokens += 1
     request.output_ids.append(token)
+    logprobs = [] if logprob is None else [logprob]
+    request.output_logprobs.extend(logprobs)
     reason = None
     if token in request.stop_ids:
       reason = "stop"
     elif len(request.output_ids) >= request.max_tokens:
       reason = "length"
     if self.decode is None:
-      request.emit(Event([token], "", reason))
+      request.emit(Event([token], "", reason, logprobs=logprobs))
       if reason is not None:
         self._release(slot, request, reason)
       return
@@ -339,12 +403,12 @@ class Scheduler:
       while safe > request._emitted and text[safe - 1] == "\ufffd":  # pylint: disable=protected-access
         safe -= 1
       if safe > request._emitted:  # pylint: disable=protected-access
-        request.emit(Event([token], text[request._emitted : safe]))  # pylint: disable=protected-access
+        request.emit(Event([token], text[request._emitted : safe], logprobs=logprobs))  # pylint: disable=protected-access
         request._emitted = safe  # pylint: disable=protected-access
       else:
-        request.emit(Event([token], ""))
+        request.emit(Event([token], "", logprobs=logprobs))
       return
-    request.emit(Event([token], text[request._emitted :], reason))  # pylint: disable=protected-access
+    request.emit(Event([token], text[request._emitted :], reason, logprobs=logprobs))  # pylint: disable=protected-access
     request._emitted = len(text)  # pylint: disable=protected-access
     self._release(slot, request, reason)
 
@@ -360,10 +424,17 @@ class Scheduler:
     request.emit(Event([], "", reason, error))
     self._release(slot, request, reason)
 
-  def _close(self, request: Request, reason: str):
+  def _close(self, request: Request, reason: str, error: str = ""):
     request.finish_reason = reason
-    request.emit(Event([], "", reason))
+    self.stats.finished_requests += 1
+    request.emit(Event([], "", reason, error))
     request.done.set()
+
+
+def _token_logprob(stats: dict, index: tuple, top: int) -> TokenLogprob:
+  """The TokenLogprob at `index` of host sampling.token_logprobs arrays, with `top` alternatives."""
+  ids, values = stats["top_ids"][index][:top], stats["top_logprobs"][index][:top]
+  return TokenLogprob(float(stats["logprob"][index]), tuple(zip(map(int, ids), map(float, values))))
 
 
 def decode_prompts(

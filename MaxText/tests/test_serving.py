@@ -1,9 +1,13 @@
 """Continuous batching and the OpenAI-compatible server: batched == alone, no recompilation, page backpressure,
 the official `openai` client on loopback (streaming and not), chat templates, bad requests, metrics, disconnects."""
 
+import concurrent.futures
 import http.client
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -12,10 +16,11 @@ import urllib.request
 import numpy as np
 import openai
 import pytest
+import transformers
 import uvicorn
 from flax import nnx
 
-from MaxText import serve
+from MaxText import api, pyconfig, serve
 from MaxText.inference import sampling
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import scheduler as scheduler_lib
@@ -219,7 +224,16 @@ def test_bad_requests_get_400_with_json_error(live):
       ("/v1/completions", {"model": "m"}, "prompt"),
       ("/v1/completions", {"prompt": "the cat", "max_tokens": 1000}, "max_tokens"),
       ("/v1/completions", {"prompt": "the cat " * 40}, "prompt"),
-      ("/v1/completions", {"prompt": "the cat", "n": 2}, "n"),
+      ("/v1/completions", {"prompt": "the cat", "n": 17}, "n"),
+      ("/v1/completions", {"prompt": "the cat", "n": 3, "best_of": 2}, "best_of"),
+      ("/v1/completions", {"prompt": "the cat", "best_of": 2, "stream": True}, "best_of"),
+      ("/v1/completions", {"prompt": "the cat", "max_tokens": 0}, "max_tokens"),
+      ("/v1/completions", {"prompt": "the cat", "logprobs": 21}, "logprobs"),
+      ("/v1/completions", {"prompt": [[1, 2], [3, 9999]]}, "prompt"),
+      ("/v1/completions", {"prompt": "the cat", "presence_penalty": 2.5}, "presence_penalty"),
+      ("/v1/completions", {"prompt": "the cat", "stop_token_ids": [-1]}, "stop_token_ids"),
+      ("/v1/completions", {"prompt": "x" * 100_000}, "prompt"),
+      ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
       ("/v1/completions", {"prompt": "the cat", "temperature": -1}, "temperature"),
       ("/v1/chat/completions", {"messages": []}, "messages"),
   ]
@@ -273,3 +287,431 @@ def test_client_disconnect_frees_pages(live, monkeypatch):
     time.sleep(0.05)
   assert scheduler.running == 0 and scheduler.pages.used == 0
   assert scheduler.stats.generated_tokens - generated < 39  # stopped early, not run to max_tokens
+
+
+# ------------------------------------------------------------------------------------------- logprobs, n, scoring
+
+
+@pytest.fixture(scope="module")
+def reference_logprobs(live):
+  """ids -> float64 log-softmax [len(ids), vocab] of the model's full forward pass (api.Model.logits, no cache)."""
+  server, _ = live
+  model = api.Model(mtu.config_of(**MODEL, **SERVER_DIMS), server.scheduler.params)
+
+  def logprobs(ids):
+    logits = model.logits(np.asarray(ids)).astype(np.float64)
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+  return logprobs
+
+
+def test_greedy_logprobs_and_echo_equal_the_models_log_softmax(live, reference_logprobs):
+  """logprobs=5 + echo on a token-id prompt: every prompt token after the first and every generated token has the
+  logprob of the full forward pass's log-softmax, the top alternatives are its 5 largest, text_offset adds up."""
+  server, url = live
+  prompt = [5, 17, 42, 99, 3, 250, 7]
+  status, body = post(
+      f"{url}/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 5, "echo": True}
+  )
+  assert status == 200, body
+  choice = body["choices"][0]
+  out = choice["logprobs"]
+  generated = body["usage"]["completion_tokens"]
+  # The generated ids: greedy argmax of the reference, step by step (the server stops at eos).
+  ids = list(prompt)
+  for _ in range(generated):
+    ids.append(int(np.argmax(reference_logprobs(ids)[-1])))
+  assert len(out["tokens"]) == len(ids) and out["tokens"] == [server.tokenizer.decode([t]) for t in ids]
+  ref = reference_logprobs(ids)
+  assert out["token_logprobs"][0] is None and out["top_logprobs"][0] is None
+  for i in range(1, len(ids)):
+    np.testing.assert_allclose(out["token_logprobs"][i], ref[i - 1, ids[i]], atol=1e-4)
+    top = np.argsort(-ref[i - 1])[:5]
+    shown = out["top_logprobs"][i]
+    expected = {server.tokenizer.decode([t]): ref[i - 1, t] for t in top}
+    expected.setdefault(out["tokens"][i], ref[i - 1, ids[i]])
+    assert shown.keys() == expected.keys()
+    np.testing.assert_allclose([shown[k] for k in expected], list(expected.values()), atol=1e-4)
+  assert out["text_offset"] == list(np.cumsum([0] + [len(t) for t in out["tokens"]])[:-1])
+  assert (
+      choice["text"]
+      == server.tokenizer.decode(prompt) + server.tokenizer.decode(ids[len(prompt) :]).split("<|im_end|>")[0]
+  )
+
+
+def test_max_tokens_0_scores_a_batch_of_prompts(live, reference_logprobs):
+  """echo + max_tokens 0 + a list of prompts (lm-evaluation-harness's log-likelihood call): one choice per prompt,
+  its prompt's logprobs, nothing generated."""
+  _, url = live
+  prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+  status, body = post(f"{url}/v1/completions", {"prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1})
+  assert status == 200, body
+  assert body["usage"]["completion_tokens"] == 0 and body["usage"]["prompt_tokens"] == 8
+  assert [c["index"] for c in body["choices"]] == [0, 1]
+  for prompt, choice in zip(prompts, body["choices"]):
+    ref = reference_logprobs(prompt)
+    got = choice["logprobs"]["token_logprobs"]
+    assert got[0] is None and len(got) == len(prompt)
+    np.testing.assert_allclose(got[1:], [ref[i - 1, prompt[i]] for i in range(1, len(prompt))], atol=1e-4)
+    assert choice["finish_reason"] == "length"
+
+
+def test_n_samples_are_seeded_and_best_of_keeps_the_most_likely(live):
+  """n=3 gives the three samples of seeds s, s+1, s+2 (each equal to that seed alone); best_of=3, n=1 returns the
+  one with the highest mean token logprob, with logprobs hidden as asked."""
+  _, url = live
+  body = {"prompt": [11, 12, 13], "max_tokens": 8, "temperature": 1.0, "seed": 7}
+  status, many = post(f"{url}/v1/completions", {**body, "n": 3, "logprobs": 0})
+  assert status == 200, many
+  assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+  for j, choice in enumerate(many["choices"]):
+    status, alone = post(f"{url}/v1/completions", {**body, "seed": 7 + j, "logprobs": 0})
+    assert alone["choices"][0]["text"] == choice["text"]
+    got, expected = alone["choices"][0]["logprobs"]["token_logprobs"], choice["logprobs"]["token_logprobs"]
+    np.testing.assert_allclose(got, expected, atol=1e-5)  # batched with others or alone: f32 rounding only
+  assert len({c["text"] for c in many["choices"]}) > 1
+  mean = lambda c: np.mean(c["logprobs"]["token_logprobs"])
+  best = max(many["choices"], key=mean)
+  status, chosen = post(f"{url}/v1/completions", {**body, "best_of": 3})
+  assert status == 200 and len(chosen["choices"]) == 1
+  assert chosen["choices"][0]["text"] == best["text"] and chosen["choices"][0]["logprobs"] is None
+  assert chosen["usage"]["completion_tokens"] == sum(len(c["logprobs"]["tokens"]) for c in many["choices"])
+
+
+def test_logprobs_echo_scoring_and_penalties_compile_nothing_after_warmup(live):
+  """The server warms up the logprob variants too: none of these requests compiles anything."""
+  _, url = live
+  bodies = [
+      {"prompt": [1] * 20, "max_tokens": 3, "logprobs": 5, "echo": True},
+      {"prompt": [[1, 2], [3] * 30], "max_tokens": 0, "logprobs": 1, "echo": True},
+      {"prompt": [4, 5], "max_tokens": 6, "temperature": 0.9, "top_p": 0.8, "n": 3, "frequency_penalty": 1.0},
+      {"prompt": "the cat", "max_tokens": 4, "best_of": 2, "stream": False, "presence_penalty": 0.5},
+  ]
+  with scheduler_lib.CompileCounter() as serving:
+    for body in bodies:
+      status, reply = post(f"{url}/v1/completions", body)
+      assert status == 200, reply
+  assert serving.count == 0
+
+
+def run_alone(scheduler, request):
+  """A request through the running server's scheduler (engine thread), waited for."""
+  scheduler.submit(request)
+  assert request.done.wait(60)
+  return request
+
+
+def test_sampled_logprobs_are_those_of_the_filtered_tempered_distribution(live, reference_logprobs):
+  """temperature 0.7, top_k 3: each reported distribution is log-softmax(logits / 0.7) over the 3 most likely
+  tokens (the others -inf), and the chosen token is one of them."""
+  server, _ = live
+  prompt = [21, 22, 23, 24]
+  params = sampling.SamplingParams(temperature=0.7, top_k=3, seed=3)
+  request = run_alone(server.scheduler, scheduler_lib.Request(prompt, 5, params, logprobs=4))
+  ids = prompt + request.output_ids
+  for i, entry in enumerate(request.output_logprobs):
+    ref = reference_logprobs(ids[: len(prompt) + i])[-1] / 0.7
+    top3 = np.argsort(-ref)[:3]
+    tempered = ref[top3] - np.logaddexp.reduce(ref[top3])
+    assert [t for t, _ in entry.top[:3]] == top3.tolist()
+    np.testing.assert_allclose([lp for _, lp in entry.top[:3]], tempered, atol=1e-4)
+    assert entry.top[3][1] == -np.inf
+    assert ids[len(prompt) + i] in top3
+    np.testing.assert_allclose(entry.logprob, tempered[top3.tolist().index(ids[len(prompt) + i])], atol=1e-4)
+
+
+def test_frequency_and_presence_penalties_follow_openais_formula(live, reference_logprobs):
+  """Greedy with penalties = argmax of logits - frequency x count - presence x (count > 0) over the generated
+  tokens, step by step from the full forward pass; the HTTP fields reach the sampler."""
+  server, url = live
+  prompt = [1, 2, 3]  # greedy repeats itself from the 4th token
+  outputs = []
+  for presence, frequency in ((0.0, 2.0), (1.5, 0.0), (-0.5, 0.5)):
+    params = sampling.SamplingParams(presence_penalty=presence, frequency_penalty=frequency)
+    request = run_alone(server.scheduler, scheduler_lib.Request(prompt, 10, params))
+    ids, counts = list(prompt), np.zeros(512)
+    for _ in range(10):
+      logits = reference_logprobs(ids)[-1] - frequency * counts - presence * (counts > 0)
+      ids.append(int(np.argmax(logits)))
+      counts[ids[-1]] += 1
+    assert request.output_ids == ids[len(prompt) :], (presence, frequency)
+    outputs.append(request.output_ids)
+  plain = run_alone(server.scheduler, scheduler_lib.Request(prompt, 10))
+  assert all(out != plain.output_ids for out in outputs)  # the penalties changed the greedy output
+  body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "presence_penalty": -0.5, "frequency_penalty": 0.5}
+  _, http = post(f"{url}/v1/completions", {**body, "stop_token_ids": []})
+  eos = server.tokenizer.eos_id
+  expected = request.output_ids[: request.output_ids.index(eos)] if eos in request.output_ids else request.output_ids
+  assert http["choices"][0]["text"] == server.tokenizer.decode(expected)
+
+
+def test_stop_token_ids_end_the_choice(live, reference_logprobs):
+  server, url = live
+  ids = [40, 41]
+  for _ in range(3):
+    ids.append(int(np.argmax(reference_logprobs(ids)[-1])))
+  body = {"prompt": [40, 41], "max_tokens": 10, "temperature": 0, "stop_token_ids": [ids[-1]]}
+  _, stopped = post(f"{url}/v1/completions", body)
+  first = ids.index(ids[-1], 2)  # the stop id's first appearance among the generated tokens
+  assert stopped["choices"][0]["finish_reason"] == "stop"
+  assert stopped["usage"]["completion_tokens"] == first - 1  # the stop token counts, its text is not shown
+  assert stopped["choices"][0]["text"] == server.tokenizer.decode(ids[2:first])
+
+
+def test_streamed_logprobs_equal_the_whole_response(live):
+  """Streaming carries each token's logprobs (and the echoed prompt first); chunks add up to the whole response,
+  for completions and for chat through the openai client (n=2, top_logprobs)."""
+  _, url = live
+  body = {"prompt": [50, 51, 52], "max_tokens": 6, "temperature": 0, "logprobs": 2, "echo": True}
+  _, whole = post(f"{url}/v1/completions", body)
+  client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+  chunks = [c.model_dump() for c in client.completions.create(model="m", stream=True, **body)]
+  logprobs = [c["choices"][0]["logprobs"] for c in chunks if c["choices"]]
+  expected = whole["choices"][0]["logprobs"]
+  for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+    assert sum((lp[field] for lp in logprobs), []) == expected[field], field
+  assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+
+  messages = [{"role": "user", "content": "the cat"}]
+  kw = {"model": "m", "messages": messages, "max_tokens": 5, "temperature": 0.8, "seed": 1, "n": 2}
+  reply = client.chat.completions.create(**kw, logprobs=True, top_logprobs=2)
+  assert [c.index for c in reply.choices] == [0, 1]
+  for choice in reply.choices:
+    assert len(choice.logprobs.content) == reply.usage.completion_tokens // 2 or choice.finish_reason == "stop"
+    for item in choice.logprobs.content:
+      assert len(item.top_logprobs) == 2 and item.logprob <= 0
+      assert item.top_logprobs[0].logprob >= item.logprob - 1e-6  # the most likely is listed first
+  streamed = {0: [], 1: []}
+  texts = {0: "", 1: ""}
+  for chunk in client.chat.completions.create(**kw, logprobs=True, top_logprobs=2, stream=True):
+    for c in chunk.choices:
+      texts[c.index] += c.delta.content or ""
+      streamed[c.index] += [(i.token, i.logprob) for i in (c.logprobs.content if c.logprobs else [])]
+  for choice in reply.choices:
+    assert texts[choice.index] == choice.message.content
+    assert streamed[choice.index] == [(i.token, i.logprob) for i in choice.logprobs.content]
+
+
+# ------------------------------------------------------------------------------------------- access control
+
+
+def test_api_key_guards_v1_and_metrics(live, monkeypatch):
+  """serve_api_key: the openai client with the right key is served, a wrong or missing key gets 401 with an
+  OpenAI-style error; /health stays open; the key may come from MAXTEXT_SERVE_API_KEY instead; oversize bodies
+  are 413 before parsing; logged configs redact the key."""
+  server, _ = live
+  keyed = serve.Server(server.scheduler, server.tokenizer, server.config, "keyed")
+  values = {k: getattr(server.config, k) for k in server.config.keys()}
+  keyed.config = pyconfig.Config({**values, "serve_api_key": "s3cret", "serve_max_request_bytes": 4096})
+  assert "s3cret" not in keyed.config.to_yaml() and "<redacted>" in keyed.config.to_yaml()
+  http_server, url = start_uvicorn(serve.create_app(keyed))
+  try:
+    ok = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+    assert ok.completions.create(model="m", prompt="the cat", max_tokens=2, temperature=0).choices[0].text is not None
+    for key in ("wrong", "s3cre"):
+      with pytest.raises(openai.AuthenticationError) as error:
+        openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0).models.list()
+      assert error.value.body["code"] == "invalid_api_key"
+    status, body = post(f"{url}/v1/completions", {"prompt": "the cat"})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+      assert response.status == 200
+    with pytest.raises(urllib.error.HTTPError) as error:
+      urllib.request.urlopen(f"{url}/metrics", timeout=10)
+    assert error.value.code == 401
+    big = urllib.request.Request(
+        f"{url}/v1/completions",
+        json.dumps({"prompt": "x" * 5000}).encode(),
+        {"Content-Type": "application/json", "Authorization": "Bearer s3cret"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as error:
+      urllib.request.urlopen(big, timeout=10)
+    assert error.value.code == 413 and json.loads(error.value.read())["error"]["code"] == "request_too_large"
+  finally:
+    http_server.should_exit = True
+  open_config = pyconfig.Config({**values, "serve_host": "0.0.0.0"})
+  assert serve.warn_if_open(open_config) and not serve.warn_if_open(server.config)  # loopback: no warning
+  monkeypatch.setenv("MAXTEXT_SERVE_API_KEY", "from-env")
+  assert serve.api_key(server.config) == "from-env" and not serve.warn_if_open(open_config)
+  monkeypatch.delenv("MAXTEXT_SERVE_API_KEY")
+  assert serve.api_key(server.config) == ""
+
+
+# ------------------------------------------------------------------------------------------- lm-evaluation-harness
+
+LL_TASK = """task: maxtext_ll
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/ll.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+GEN_TASK = """task: maxtext_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/gen.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["mat"]
+  max_gen_toks: 6
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_lm_eval_harness_scores_equal_direct_computation(live, reference_logprobs, tmp_path):
+  """`lm_eval --model local-completions` against the server (the command docs/decoding-and-serving.md shows), a
+  log-likelihood task and a generate-until task defined locally: every per-request log-likelihood, greedy flag and
+  generation equals one computed from the model's logits directly, and so do the scores."""
+  server, url = live
+  hf = transformers.AutoTokenizer.from_pretrained(server.config.tokenizer_path)
+  encode = lambda text: hf(text, add_special_tokens=False)["input_ids"]
+
+  def greedy_text(question):  # what the server should generate: 6 greedy tokens, cut at eos and at "mat"
+    ids = encode(question)
+    start = len(ids)
+    for _ in range(6):
+      ids.append(int(np.argmax(reference_logprobs(ids)[-1])))
+    generated = ids[start:]
+    if server.tokenizer.eos_id in generated:
+      generated = generated[: generated.index(server.tokenizer.eos_id)]
+    return server.tokenizer.decode(generated).split("mat")[0]
+
+  def scored(question, choice):  # (log-likelihood, greedy) of the choice after the question, lm-eval's way
+    context, whole = encode(question), encode(f"{question} {choice}")  # the context's tokens, then the rest
+    rows = reference_logprobs(whole)[len(context) - 1 : -1]
+    continuation = whole[len(context) :]
+    loglik = sum(rows[i, t] for i, t in enumerate(continuation))
+    return loglik, all(np.argmax(rows[i]) == t for i, t in enumerate(continuation))
+
+  words = ["the cat", "the dog", "hello world", "the mat", "cat sat on", "dog ran"]
+  choices = ["the mat", "the dog", "hello"]
+  ll_docs = []
+  for i, w in enumerate(words):  # half the answers are the model's pick, so acc is neither 0 nor 1
+    pick = int(np.argmax([scored(f"{w} sat on", c)[0] for c in choices]))
+    ll_docs.append({"question": f"{w} sat on", "choices": choices, "answer": pick if i % 2 else (pick + 1) % 3})
+  # Half the answers are the model's own greedy continuation, so exact_match is neither 0 nor 1.
+  gen_docs = [{"question": w, "answer": greedy_text(w) if i % 2 else "sat on the"} for i, w in enumerate(words)]
+  (tmp_path / "ll.jsonl").write_text("".join(json.dumps(d) + "\n" for d in ll_docs))
+  (tmp_path / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in gen_docs))
+  (tmp_path / "ll.yaml").write_text(LL_TASK.format(data=tmp_path))
+  (tmp_path / "gen.yaml").write_text(GEN_TASK.format(data=tmp_path))
+  model_args = f"base_url={url}/v1/completions,tokenizer={server.config.tokenizer_path},tokenizer_backend=huggingface"
+  command = [
+      sys.executable,
+      "-m",
+      "lm_eval",
+      "--model",
+      "local-completions",
+      "--model_args",
+      model_args + ",max_length=48",
+  ]
+  command += ["--tasks", "maxtext_ll,maxtext_gen", "--include_path", str(tmp_path), "--log_samples", "--batch_size", "4"]
+  command += ["--output_path", str(tmp_path / "out")]
+  env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "unused"}
+  done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = tmp_path / "out"
+  samples = {
+      t: [json.loads(line) for line in next(out.rglob(f"samples_{t}_*.jsonl")).open()]
+      for t in ("maxtext_ll", "maxtext_gen")
+  }
+  results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+
+  correct = 0
+  for sample in samples["maxtext_ll"]:
+    doc = ll_docs[sample["doc_id"]]
+    scores = []
+    for choice, ((loglik, greedy),) in zip(doc["choices"], sample["resps"]):
+      expected, expected_greedy = scored(doc["question"], choice)
+      np.testing.assert_allclose(float(loglik), expected, atol=1e-3)
+      assert greedy == str(expected_greedy)
+      scores.append(expected)
+    correct += int(np.argmax(scores) == doc["answer"])
+  assert correct == len(ll_docs) // 2
+  np.testing.assert_allclose(results["maxtext_ll"]["acc,none"], correct / len(ll_docs))
+
+  matches = 0
+  for sample in samples["maxtext_gen"]:
+    doc = gen_docs[sample["doc_id"]]
+    assert sample["resps"][0][0] == greedy_text(doc["question"])
+    matches += int(greedy_text(doc["question"]) == doc["answer"])
+  assert 0 < matches < len(gen_docs)
+  np.testing.assert_allclose(results["maxtext_gen"]["exact_match,none"], matches / len(gen_docs))
+
+
+def test_short_soak_with_bad_clients_leaves_the_server_clean(live):
+  """96 requests from 16 concurrent clients, mixed: greedy completions (streamed or not), streams dropped after the
+  first event, malformed JSON, prompts past the limit, invalid sampling values. Every bad request gets a 4xx JSON
+  error, the server stays up, slots and pages return to zero (/metrics), and every completed greedy request equals
+  decoding its prompt alone."""
+  server, url = live
+  host, port = url.removeprefix("http://").split(":")
+  rng = np.random.default_rng(0)
+  kinds = rng.choice(["greedy", "stream", "drop", "malformed", "oversize", "invalid"], 96).tolist()
+  prompts = [rng.integers(1, 300, int(rng.integers(2, 20))).tolist() for _ in kinds]
+
+  def raw(body: bytes, stream: bool = False, drop: bool = False):
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if drop:
+      response.fp.readline()
+      conn.sock.shutdown(socket.SHUT_RDWR)
+      conn.close()
+      return response.status, None
+    data = response.read().decode()
+    conn.close()
+    if stream:
+      events = [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")]
+      return response.status, "".join(e["choices"][0]["text"] for e in events)
+    return response.status, json.loads(data)
+
+  def client(i):
+    kind, prompt = kinds[i], prompts[i]
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    if kind == "greedy":
+      status, reply = raw(json.dumps(body).encode())
+      return kind, status, reply["choices"][0]["text"] if status == 200 else reply
+    if kind in ("stream", "drop"):
+      return kind, *raw(json.dumps({**body, "stream": True}).encode(), stream=True, drop=kind == "drop")
+    if kind == "malformed":
+      return (kind, *raw(b'{"prompt": [1, 2, '))
+    if kind == "oversize":
+      return (kind, *raw(json.dumps({**body, "prompt": [5] * 40}).encode()))
+    return (kind, *raw(json.dumps({**body, "temperature": 7, "top_p": 0}).encode()))
+
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    results = list(pool.map(client, range(len(kinds))))
+  contiguous = engine_lib.Engine(mtu.config_of(**MODEL, **SERVER_DIMS), num_slots=8)
+  alone = scheduler_lib.Scheduler(contiguous, server.scheduler.params)
+  done = [i for i, (kind, _, _) in enumerate(results) if kind in ("greedy", "stream")]
+  expected = scheduler_lib.decode_prompts(alone, [prompts[i] for i in done], max_new_tokens=8)
+  eos = server.tokenizer.eos_id
+  for i, ids in zip(done, expected):
+    kind, status, text = results[i]
+    assert status == 200, (kind, text)
+    assert text == server.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids), kind
+  for kind, status, reply in results:
+    if kind in ("malformed", "oversize", "invalid"):
+      assert 400 <= status < 500 and reply["error"]["message"], (kind, status, reply)
+    if kind == "drop":
+      assert status == 200
+  deadline = time.monotonic() + 20
+  while (server.scheduler.running or server.scheduler.pages.used) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+    metrics = response.read().decode()
+  assert "maxtext_running_requests 0.0" in metrics and "maxtext_kv_pages_used 0.0" in metrics
+  with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+    assert json.loads(response.read())["status"] == "ok"
