@@ -145,15 +145,12 @@ def check_context_parallel(v: dict):
 
 
 def check_paged(v: dict, program: Optional[str]):
-  """The paged KV cache (attention=paged; MaxText.serve always pages): sizes, kernel and what it cannot hold.
+  """The paged KV cache (attention=paged; MaxText.serve always pages): sizes, and what the pallas kernel cannot do.
 
   layers/cache/paged.page_spec_from_config repeats the size checks for an engine's own cache length.
   """
   if v["attention"] != "paged" and program != "serve":
     return
-  why = "with attention=paged" if v["attention"] == "paged" else "in MaxText.serve (always paged)"
-  if v["quantize_kvcache"]:
-    raise ConfigError(f"quantize_kvcache: the int8 KV cache is not available {why}")
   per_page, length = v["pagedattn_tokens_per_page"], v["max_target_length"]
   max_pages = v["pagedattn_max_pages_per_slot"] or -(-length // per_page)
   if max_pages * per_page < length:
@@ -176,6 +173,8 @@ def check_paged(v: dict, program: Optional[str]):
           "paged_attention_kernel: the pallas kernel has no sliding window or chunked attention"
           " (sliding_window_size / chunk_attn_window_size > 0); use jax"
       )
+    if v["quantize_kvcache"]:
+      raise ConfigError("paged_attention_kernel: the pallas kernel does not read int8 pages (quantize_kvcache); use jax")
 
 
 def check_quantization(v: dict, program: Optional[str]):

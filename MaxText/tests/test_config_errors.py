@@ -57,7 +57,7 @@ def run_entry_point(module: str, *args) -> subprocess.CompletedProcess:
     "module, args, key",
     [
         ("MaxText.train", ["attention=flash", "steps=2", "dataset_type=synthetic"], "attention"),
-        ("MaxText.decode", ["attention=paged", "quantize_kvcache=true"], "quantize_kvcache"),
+        ("MaxText.decode", ["attention=paged", "pagedattn_num_pages=2"], "pagedattn_num_pages"),
     ],
 )
 def test_entry_point_exits_2_with_one_config_error_line(module, args, key):
@@ -83,8 +83,7 @@ def test_initialize_or_exit_maps_config_error_to_exit_2(capsys):
     [
         # attention kernels per backend, and the cache combinations
         (dict(attention="flash"), None, "attention"),
-        (dict(attention="paged", quantize_kvcache=True), None, "quantize_kvcache"),
-        (dict(quantize_kvcache=True), "serve", "quantize_kvcache"),  # serve always pages
+        (dict(pagedattn_num_pages=2), "serve", "pagedattn_num_pages"),  # serve always pages
         (dict(attention="paged", pagedattn_max_pages_per_slot=2, max_target_length=64), None, "pagedattn_max_pages"),
         (dict(attention="paged", pagedattn_num_pages=4), None, "pagedattn_num_pages"),
         (dict(attention="paged", paged_attention_kernel="pallas"), None, "paged_attention_kernel"),

@@ -87,6 +87,46 @@ def test_paged_logits_equal_contiguous(model_name):
   )
 
 
+@pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-deepseek2"])
+def test_int8_pages_equal_the_int8_contiguous_cache(model_name):
+  """quantize_kvcache with pages (MLA's latent pages included): int8 pages with float32 scale pages, quantized as
+  the contiguous int8 cache quantizes, so both give the same logits and greedy tokens (5 prompts, 3 slots)."""
+  kw = {"model_name": model_name, "decode_sampling_strategy": "greedy", "quantize_kvcache": True}
+  contiguous = engine_lib.Engine(mtu.config_of(**kw), num_slots=3)
+  paged = engine_lib.Engine(mtu.config_of(**kw, **PAGED), num_slots=3)
+  params = contiguous.place_params(nnx.state(mtu.build(**kw), nnx.Param).to_pure_dict())
+  stored = jax.tree.leaves_with_path(paged.init_decode_state()["cache"])
+  pages = {jax.tree_util.keystr(path).split("'")[-2]: leaf.dtype for path, leaf in stored}
+  assert pages["key_pages"] == jnp.int8 and pages["key_scale_pages"] == jnp.float32
+  toks = np.random.default_rng(1).integers(0, contiguous.config.vocab_size, (5, SEQ))
+  prompts = [toks[i, : 3 + 3 * i].tolist() for i in range(5)]
+  assert decode_prompts(paged, params, prompts, max_new_tokens=9) == decode_prompts(
+      contiguous, params, prompts, max_new_tokens=9
+  )
+  # Teacher-forced: one slot, the same tokens through both caches, logits compared at every step.
+  states = {}
+  for name, engine in (("contiguous", contiguous), ("paged", paged)):
+    manager = (
+        page_manager.PageManager(PAGED["pagedattn_num_pages"], 4, engine.page_spec.max_pages_per_slot, 3)
+        if engine.page_spec
+        else None
+    )
+    state = engine.init_decode_state()
+    if manager:
+      manager.ensure(0, SEQ)
+      state = engine.set_page_table(state, manager.table)
+    padded = np.zeros((engine.dims.max_prefill_length,), np.int32)
+    padded[:5] = toks[0, :5]
+    state = engine.insert(engine.prefill(params, padded, 5), state, 0)
+    logits = []
+    for t in range(5, 12):
+      state["tokens"] = jnp.asarray([toks[0, t], 0, 0], jnp.int32)
+      state, _, step = engine.generate_with_logits(params, state)
+      logits.append(np.asarray(step)[0])
+    states[name] = np.stack(logits)
+  np.testing.assert_allclose(states["paged"], states["contiguous"], atol=1e-4, rtol=0)
+
+
 def test_page_manager_allocates_reserves_and_frees():
   pages = page_manager.PageManager(num_pages=6, tokens_per_page=4, max_pages_per_slot=3, num_slots=2)
   assert pages.capacity == 5 and pages.used == 0
@@ -168,7 +208,6 @@ def test_write_tokens_past_the_table_go_to_scratch_page():
     "overrides, match",
     [
         ({"paged_attention_kernel": "pallas"}, "paged_attention_kernel: pallas runs on GPU or TPU only"),
-        ({"quantize_kvcache": True}, "quantize_kvcache"),
         ({"pagedattn_num_pages": 4}, "pagedattn_num_pages: 4 pages"),
         ({"pagedattn_max_pages_per_slot": 2}, "pagedattn_max_pages_per_slot: 2 pages of 4 tokens"),
     ],
@@ -183,6 +222,8 @@ def test_auto_kernel_is_jax_on_cpu_and_without_window_on_gpu():
   config = mtu.config_of(model_name="tests/tiny-llama", **PAGED)
   assert paged_attention.page_spec_from_config(config, 32).kernel == "jax"
   assert paged_attention.page_spec_from_config(config, 32, backend="gpu").kernel == "pallas"
+  int8 = mtu.config_of(model_name="tests/tiny-llama", **PAGED, quantize_kvcache=True)
+  assert paged_attention.page_spec_from_config(int8, 32, backend="gpu").kernel == "jax"  # the kernels read floats
   # TPU's kernel reads keys/values as bfloat16: auto takes it for a bfloat16 cache only.
   assert paged_attention.page_spec_from_config(config, 32, backend="tpu").kernel == "jax"
   bf16 = mtu.config_of(model_name="tests/tiny-llama", dtype="bfloat16", **PAGED)

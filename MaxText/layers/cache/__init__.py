@@ -10,8 +10,8 @@ and the engine (MaxText.inference.engine) moves rows between caches with four mo
   take_rows(n) / put_rows(saved)    narrow the cache to slots [0, n) for a step, then widen it back
   set_page_table(table)             the host's page table (paged caches; the others ignore it)
 
-Implementations: KVCache (contiguous.py: [batch, kv_heads, length, head_dim], optionally int8) and PagedKVCache
-(paged.py: pages shared by all rows plus a page table). Both have a keys-only variant (`store_values=False`) that
+Implementations: KVCache (contiguous.py: [batch, kv_heads, length, head_dim]) and PagedKVCache (paged.py: pages
+shared by all rows plus a page table), both optionally int8. Both have a keys-only variant (`store_values=False`) that
 Multi-head Latent Attention uses for its latent cache (MaxText/layers/mla.py). `new_cache` builds the one a config
 asks for. Every cache array is a KVCacheVar, so `nnx.state(model, KVCacheVar)` selects exactly the cache.
 
@@ -57,10 +57,9 @@ def new_cache(
 ) -> Cache:
   """The cache an attention layer asks for: paged (`paged`: a PageSpec; `length` unused) or contiguous.
 
-  `options`: dtype, stack, store_values, and quantize (contiguous only; config checks refuse it with paging).
+  `options`: dtype, stack, store_values, quantize (int8 with a float32 scale per token and head).
   """
   if paged is not None:
-    options.pop("quantize", None)
     return PagedKVCache(batch, paged, num_kv_heads, head_dim, **options)
   return KVCache(batch, length, num_kv_heads, head_dim, **options)
 

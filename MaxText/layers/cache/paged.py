@@ -4,7 +4,9 @@ MaxText.layers.cache).
 Pages are [kv_heads, num_pages, tokens_per_page, head_dim] (the layout of the Pallas paged-attention kernels); each
 row's page table maps its token t to page `table[t // tokens_per_page]`, offset `t % tokens_per_page`. The
 host-side PageManager (MaxText.inference.page_manager) decides which pages a row holds; this module only reads and
-writes them. The keys-only variant (`store_values=False`) pages MLA's latent cache.
+writes them. The keys-only variant (`store_values=False`) pages MLA's latent cache. With `quantize_kvcache` the pages
+hold int8 with float32 scale pages [kv_heads, num_pages, tokens_per_page, 1] beside them (as the contiguous cache
+quantizes: one scale per token and head); attention dequantizes the gathered pages, so only the jax path takes it.
 
 Decode attention has two implementations (`paged_attention_kernel`):
 - jax: gathers each row's pages into a [batch, kv_heads, pages x tokens_per_page, head_dim] view and runs the
@@ -27,6 +29,7 @@ from MaxText import sharding
 from MaxText.config import choices
 from MaxText.config_schema import ConfigError
 from MaxText.layers.cache.base import LENGTH_NAMES, AttentionView, Cache, cache_var
+from MaxText.layers.cache.contiguous import dequantize_int8, quantize_int8
 
 KERNELS = choices("paged_attention_kernel")
 TPU_TOKENS_PER_BLOCK = 512  # tokens the TPU kernel reads per compute block (pages_per_compute_block x page size)
@@ -65,14 +68,14 @@ def page_spec_from_config(config, max_cache_length: int, backend: str | None = N
         f"pagedattn_num_pages: {config.pagedattn_num_pages} pages (page 0 is scratch) cannot hold one sequence of"
         f" {max_pages} pages (raise pagedattn_num_pages or lower max_target_length)"
     )
-  if config.quantize_kvcache:
-    raise ConfigError("quantize_kvcache: the int8 KV cache is not available with attention=paged")
   backend = backend or getattr(config, "hardware", None) or jax.default_backend()
   kernel = config.paged_attention_kernel
   masked = config.sliding_window_size > 0 or config.chunk_attn_window_size > 0
   if kernel == "pallas":
     if backend not in PALLAS_PLATFORMS:
       raise ConfigError(f"paged_attention_kernel: pallas runs on GPU or TPU only, the backend is {backend!r} (use jax)")
+    if config.quantize_kvcache:
+      raise ConfigError("paged_attention_kernel: the pallas kernel does not read int8 pages (quantize_kvcache); use jax")
     if masked:
       raise ConfigError(
           "paged_attention_kernel: the pallas kernel has no sliding window or chunked attention"
@@ -81,7 +84,8 @@ def page_spec_from_config(config, max_cache_length: int, backend: str | None = N
   elif kernel == "auto":
     # The TPU kernel reads keys/values as bfloat16: auto takes it only for a bfloat16 cache, never rounding an f32 one.
     exact = backend == "gpu" or config.dtype == "bfloat16"
-    kernel = "pallas" if backend in PALLAS_PLATFORMS and not masked and exact else "jax"
+    usable = backend in PALLAS_PLATFORMS and not masked and not config.quantize_kvcache
+    kernel = "pallas" if usable and exact else "jax"
   platform = backend if backend in PALLAS_PLATFORMS else "gpu"
   return PageSpec(config.pagedattn_num_pages, per_page, max_pages, kernel, platform)
 
@@ -107,7 +111,8 @@ def gather_pages(pages: jax.Array, table: jax.Array) -> jax.Array:
 
 class PagedKVCache(Cache):
   """Key/value pages [kv_heads, num_pages, tokens_per_page, head_dim], page table [batch, pages_per_slot] and
-  filled lengths [batch] of one attention layer (values None when keys-only)."""
+  filled lengths [batch] of one attention layer (values None when keys-only); `quantize`: int8 pages with float32
+  scale pages."""
 
   def __init__(
       self,
@@ -119,21 +124,33 @@ class PagedKVCache(Cache):
       dtype,
       stack: tuple[int, ...] = (),
       store_values: bool = True,
+      quantize: bool = False,
   ):
     shape = tuple(stack) + (num_kv_heads, spec.num_pages, spec.tokens_per_page, head_dim)
     self.dtype = dtype
-    self.kernel = spec.kernel if store_values else "jax"  # the kernel needs values
+    self.quantized = quantize
+    self.kernel = spec.kernel if store_values and not quantize else "jax"  # the kernels need float values
     self.platform = spec.platform
-    self.key_pages = cache_var(jnp.zeros(shape, dtype), PAGE_NAMES, stack)
-    self.value_pages = cache_var(jnp.zeros(shape, dtype), PAGE_NAMES, stack) if store_values else None
+    store = jnp.int8 if quantize else dtype
+    self.key_pages = cache_var(jnp.zeros(shape, store), PAGE_NAMES, stack)
+    self.value_pages = cache_var(jnp.zeros(shape, store), PAGE_NAMES, stack) if store_values else None
+    if quantize:
+      scales = lambda: cache_var(jnp.ones(shape[:-1] + (1,), jnp.float32), PAGE_NAMES, stack)
+      self.key_scale_pages = scales()
+      self.value_scale_pages = scales() if store_values else None
     self.page_table = cache_var(jnp.zeros(tuple(stack) + (batch, spec.max_pages_per_slot), jnp.int32), TABLE_NAMES, stack)
     self.lengths = cache_var(jnp.zeros(tuple(stack) + (batch,), jnp.int32), LENGTH_NAMES, stack)
 
   def _write(self, key: jax.Array, value: jax.Array | None, table: jax.Array, start: jax.Array):
     """key/value [B, S, H, D] written at tokens start[b].. of table row b."""
-    self.key_pages[...] = write_tokens(self.key_pages[...], table, start, key)
-    if self.value_pages is not None:
-      self.value_pages[...] = write_tokens(self.value_pages[...], table, start, value)
+    updates = {"key": key} if self.value_pages is None else {"key": key, "value": value}
+    for name, update in updates.items():
+      if self.quantized:
+        update, scale = quantize_int8(update)
+        pages = getattr(self, f"{name}_scale_pages")
+        pages[...] = write_tokens(pages[...], table, start, scale)
+      pages = getattr(self, f"{name}_pages")
+      pages[...] = write_tokens(pages[...], table, start, update)
 
   def _store(self, key: jax.Array, value: jax.Array | None, start: jax.Array):
     self._write(key, value, self.page_table[...], start)
@@ -143,10 +160,16 @@ class PagedKVCache(Cache):
     self.lengths[...] = lengths.astype(jnp.int32)
 
   def attention_view(self, key: jax.Array, value: jax.Array | None) -> AttentionView:
-    """Each row's pages gathered in token order as the cached part."""
+    """Each row's pages gathered in token order (dequantized) as the cached part."""
     table = self.page_table[...]
-    values = None if self.value_pages is None else gather_pages(self.value_pages[...], table)
-    return self._view(gather_pages(self.key_pages[...], table), values, key, value)
+
+    def read(name):
+      pages = gather_pages(getattr(self, f"{name}_pages")[...], table)
+      if not self.quantized:
+        return pages
+      return dequantize_int8(pages, gather_pages(getattr(self, f"{name}_scale_pages")[...], table), self.dtype)
+
+    return self._view(read("key"), None if self.value_pages is None else read("value"), key, value)
 
   def insert(self, prefix: Cache, slots: jax.Array):
     """Scatters each prefix row into the pages its slot's page table row lists (set_page_table first)."""
