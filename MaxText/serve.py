@@ -54,6 +54,7 @@ logger = logging.getLogger("MaxText")
 
 MAX_CHOICES = 16  # n and best_of
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_SAMPLES = 256  # prompts x best_of of one request
 MAX_STOP = 16  # stop strings (OpenAI allows 4)
 CHARS_PER_TOKEN_BOUND = 64  # a prompt string longer than this x max_prefill_length is refused untokenized
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the sampler's filters removed reports this
@@ -192,13 +193,6 @@ class Server:
     )
     return [encode(i, p) for i, p in enumerate(prompt)]
 
-  def encode_completion(self, prompt) -> list[int]:
-    """One prompt's token ids (a list of several is an error)."""
-    prompts = self.encode_prompts(prompt)
-    if len(prompts) != 1:
-      raise RequestError(f"prompt: one prompt expected, got {len(prompts)}", "prompt")
-    return prompts[0]
-
   def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
     if self.chat_template is None:
       raise RequestError(
@@ -282,8 +276,11 @@ class Server:
       raise RequestError("max_tokens 0 scores the prompt and needs echo: true", "max_tokens")
     # Ranking best_of samples needs their logprobs, shown or not.
     logprobs = body.logprobs if body.logprobs is not None or best_of == body.n else 0
+    prompts = self.encode_prompts(body.prompt)
+    if len(prompts) * best_of > MAX_SAMPLES:
+      raise RequestError(f"{len(prompts)} prompts x {best_of} samples exceed {MAX_SAMPLES} per request", "prompt")
     choices = []
-    for ids in self.encode_prompts(body.prompt):
+    for ids in prompts:
       for j in range(best_of):
         request = self.make_request(body, ids, body.max_tokens, sample=j, logprobs=logprobs, echo=body.echo)
         choices.append(_Choice(request, len(choices), body.logprobs, echo=body.echo))

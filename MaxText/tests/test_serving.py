@@ -230,6 +230,8 @@ def test_bad_requests_get_400_with_json_error(live):
       ("/v1/completions", {"prompt": "the cat", "max_tokens": 0}, "max_tokens"),
       ("/v1/completions", {"prompt": "the cat", "logprobs": 21}, "logprobs"),
       ("/v1/completions", {"prompt": [[1, 2], [3, 9999]]}, "prompt"),
+      ("/v1/completions", {"prompt": [[1, 2]] * 20, "n": 16}, "prompt"),  # 320 samples
+      ("/v1/completions", {"prompt": [[1, 2]] * 65}, "prompt"),
       ("/v1/completions", {"prompt": "the cat", "presence_penalty": 2.5}, "presence_penalty"),
       ("/v1/completions", {"prompt": "the cat", "stop_token_ids": [-1]}, "stop_token_ids"),
       ("/v1/completions", {"prompt": "x" * 100_000}, "prompt"),
