@@ -6,11 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from MaxText import context_parallel, sharding, train
 from MaxText.config_schema import ConfigError
+from MaxText.inference import engine as engine_lib
+from MaxText.inference import scheduler as scheduler_lib
 from MaxText.layers import attentions
 from MaxText.layers.ops import attention as attention_ops
+from MaxText.tests import model_test_utils as mtu
 from MaxText.tests.test_train import make_config
 
 LENGTH = 32  # divisible by 2 x 4 context shards
@@ -190,3 +194,22 @@ def test_fused_kernels_take_the_balanced_order(tmp_path, kernel):
   keep = (seg != 0)[:, :, None, None]  # a padding query's output is unspecified in the kernels
   got = context_parallel.restore(got, n)
   assert jnp.abs(jnp.where(keep, got, 0) - jnp.where(keep, want, 0)).max() < 2e-5
+
+
+@pytest.mark.parametrize("attention", ["dot_product", "paged"])
+def test_decoding_on_a_mesh_with_a_context_axis_equals_without(attention):
+  """A config trained with context parallelism decodes as it is (ici_context_parallelism=2 beside fsdp=4): the
+  engine keeps prompts in natural order, and 5 prompts through 4 slots get the greedy tokens of the fsdp=8 mesh."""
+  kw = {"model_name": "tests/tiny-llama", "decode_sampling_strategy": "greedy", "attention": attention}
+  if attention == "paged":
+    kw["pagedattn_tokens_per_page"] = 4
+  params = nnx.state(mtu.build(**kw), nnx.Param).to_pure_dict()
+  prompts = [np.random.default_rng(i).integers(0, 256, 3 + 2 * i).tolist() for i in range(5)]
+  outputs = []
+  for extra in ({}, {"ici_context_parallelism": 2}):
+    config = mtu.config_of(**kw, **extra)
+    engine = engine_lib.Engine(config, num_slots=4)
+    assert dict(zip(config.mesh_axes, config.ici_parallelism))["context"] == extra.get("ici_context_parallelism", 1)
+    scheduler = scheduler_lib.Scheduler(engine, engine.place_params(params))
+    outputs.append(scheduler_lib.decode_prompts(scheduler, prompts, max_new_tokens=8))
+  assert outputs[0] == outputs[1]
