@@ -281,7 +281,8 @@ class Engine:
       row_ids = jnp.arange(slot["tokens"].shape[0])
       written = jnp.clip(settings["step"] - 1, 0, slot["history"].shape[1] - 1)  # empty slots step on and on
       history = slot["history"].at[row_ids, written].set(slot["tokens"])
-      tokens, stats = sampling.sample(sampling.penalize(logits, history, settings), settings, logprobs=True)
+      sampled = sampling.sample(sampling.penalize(logits, history, settings), settings, logprobs=logprobs)
+      tokens, stats = sampled if logprobs else (sampled, None)
       slot = {
           "tokens": tokens,
           "positions": slot["positions"] + 1,
@@ -309,7 +310,7 @@ class Engine:
     if narrow:
       per_slot = jax.tree.map(lambda full, sub: full.at[:rows].set(sub), {k: state[k] for k in per_slot}, per_slot)
     new_state = {**per_slot, "cache": _pure(self._cache_state(model).to_pure_dict())}
-    return new_state, tokens, logits if with_logits else None, stats if logprobs else None
+    return new_state, tokens, logits if with_logits else None, stats
 
   def _init_state_impl(self):
     # The cache as the cache modules initialize it.

@@ -173,18 +173,23 @@ def sample(logits: jax.Array, settings: dict[str, jax.Array], *, logprobs: bool 
   filtering = sampled & ((top_k > 0) | (top_p < 1.0))
   candidates = min(TOP_K_CANDIDATES, vocab)
 
+  # Without logprobs the branches return tokens only, so no [batch, vocab] array leaves the switch.
+  out = (lambda tokens, processed: (tokens, processed)) if logprobs else (lambda tokens, _: tokens)
+
   def draw(keep):
     scaled = jnp.where(keep, logits / jnp.where(sampled, temperature, 1.0)[:, None], -jnp.inf)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(settings["seed"], settings["step"])
-    return jnp.where(sampled, jax.vmap(jax.random.categorical)(keys, scaled), greedy).astype(jnp.int32), scaled
+    return out(jnp.where(sampled, jax.vmap(jax.random.categorical)(keys, scaled), greedy).astype(jnp.int32), scaled)
 
   branches = [
-      lambda: (greedy, logits),
+      lambda: out(greedy, logits),
       lambda: draw(jnp.ones(logits.shape, bool)),
       lambda: draw(_keep_mask(logits, top_k, top_p, candidates) | ~filtering[:, None]),
       lambda: draw(_keep_mask(logits, top_k, top_p, vocab) | ~filtering[:, None]),
   ]
   few = jnp.all(~filtering | ((top_k > 0) & (top_k <= candidates)))
   branch = jnp.where(~jnp.any(sampled), 0, jnp.where(~jnp.any(filtering), 1, jnp.where(few, 2, 3)))
+  if not logprobs:
+    return jax.lax.switch(branch, branches)
   tokens, processed = jax.lax.switch(branch, branches)
-  return (tokens, token_logprobs(processed, tokens)) if logprobs else tokens
+  return tokens, token_logprobs(processed, tokens)
