@@ -13,6 +13,11 @@ prompt while the others go on. `generate(..., rows=n)` steps only slots [0, n): 
 training checkpoints hold; the model is rebuilt from the graphdef inside each jitted function, and the decode state
 (a plain pytree) is donated so the cache updates in place.
 
+Logprobs: prefill always reports its first tokens' (sampling.token_logprobs), `prefill(..., prompt_logprobs=True)`
+every prompt token's too (logits at every position, for echo/scoring), and `generate_with_logprobs` each new
+token's; the logprob variants are separate executables, so plain decoding pays nothing for them. The decode state
+keeps each slot's generated tokens (`history`) for the presence/frequency penalties.
+
 The engine reaches the caches only through the cache protocol (MaxText.layers.cache): inside jit it merges the
 model with the decode state's cache and calls insert / take_rows / put_rows / set_page_table on each Cache module.
 
