@@ -16,8 +16,8 @@ With serve_api_key (or the MAXTEXT_SERVE_API_KEY environment variable) every /v1
 `Authorization: Bearer <key>` (a 401 otherwise); /health stays open for load balancers. Bodies over
 serve_max_request_bytes are refused (413) before they are parsed.
 
-Chat requests are rendered with the tokenizer's chat template (a Hugging Face tokenizer's `chat_template.jinja` or
-the `chat_template` of its tokenizer_config.json); a tokenizer without one answers chat requests with a 400.
+Chat requests are rendered with the chat template fine-tuning uses (input_pipeline/chat.py): chat_template_path,
+else the tokenizer's own, else the documented default.
 """
 
 import asyncio
@@ -33,10 +33,8 @@ import uuid
 from typing import Any, Optional, Sequence, Union
 
 import fastapi
-import jinja2.sandbox
 import pydantic
 import uvicorn
-from etils import epath
 from fastapi import responses
 from prometheus_client import CollectorRegistry, exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -47,6 +45,7 @@ from MaxText.config_schema import ConfigError
 from MaxText.inference import loading, sampling
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import scheduler as scheduler_lib
+from MaxText.input_pipeline import chat
 from MaxText.input_pipeline.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger("MaxText")
@@ -111,22 +110,6 @@ class ChatRequest(_Sampling):
   top_logprobs: Optional[int] = pydantic.Field(None, ge=0, le=sampling.MAX_TOP_LOGPROBS)
 
 
-def load_chat_template(config) -> Optional[str]:
-  """The tokenizer's chat template (Jinja source), or None when it has none (SentencePiece and tiktoken never do)."""
-  if config.tokenizer_type != "huggingface" or not config.tokenizer_path:
-    return None
-  path = epath.Path(config.tokenizer_path)
-  folder = path if path.is_dir() else path.parent
-  if (folder / "chat_template.jinja").exists():
-    return (folder / "chat_template.jinja").read_text()
-  if (folder / "tokenizer_config.json").exists():
-    template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-      template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    return template if isinstance(template, str) else None
-  return None
-
-
 @dataclasses.dataclass
 class _Choice:
   """One scheduler request answered as one choice: what its response has shown so far."""
@@ -148,16 +131,7 @@ class Server:
 
   def __init__(self, scheduler: scheduler_lib.Scheduler, tokenizer: Tokenizer, config, model_name: str):
     self.scheduler, self.tokenizer, self.config, self.model_name = scheduler, tokenizer, config, model_name
-    source = load_chat_template(config)
-    self.chat_template = None
-    if source:
-      env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-      env.globals["raise_exception"] = self._template_error
-      self.chat_template = env.from_string(source)
-
-  @staticmethod
-  def _template_error(message: str):
-    raise RequestError(f"chat template: {message}", "messages")
+    self.chat = chat.from_config(config, tokenizer)
 
   def _token_text(self, token_id: Optional[int]) -> str:
     return "" if token_id is None else self.tokenizer.decode([token_id])
@@ -194,20 +168,10 @@ class Server:
     return [encode(i, p) for i, p in enumerate(prompt)]
 
   def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-    if self.chat_template is None:
-      raise RequestError(
-          f"the tokenizer ({self.config.tokenizer_type}: {self.config.tokenizer_path}) has no chat template;"
-          " use /v1/completions",
-          "messages",
-          "no_chat_template",
-      )
-    rendered = self.chat_template.render(
-        messages=[m.model_dump(exclude_none=True) for m in messages],
-        add_generation_prompt=True,
-        bos_token=self._token_text(self.tokenizer.bos_id),
-        eos_token=self._token_text(self.tokenizer.eos_id),
-    )
-    return self.tokenizer.encode(rendered)
+    try:
+      return self.chat.encode_prompt([m.model_dump(exclude_none=True) for m in messages])
+    except chat.ChatError as e:
+      raise RequestError(str(e), "messages") from None
 
   # ------------------------------------------------------------------ requests
 

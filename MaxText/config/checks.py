@@ -33,6 +33,7 @@ def check(v: dict[str, Any], program: Optional[str] = None):
   check_decode(v)
   check_vocab_tiling(v)
   check_pipeline(v, program)
+  check_sft(v)
   check_run(v)
 
 
@@ -268,6 +269,18 @@ class _Values:
 
   def __init__(self, values: dict):
     self.__dict__.update(values)
+
+
+def check_sft(v: dict):
+  if not v["use_sft"]:
+    return
+  if v["dataset_type"] == "synthetic":
+    raise ConfigError("use_sft: fine-tunes on conversations from files (dataset_type grain | hf | tfds), not synthetic")
+  if len(v["train_data_columns"]) not in (1, 2):
+    raise ConfigError(
+        f"train_data_columns: use_sft reads one column of messages ([messages]) or a prompt and a completion column"
+        f" ([prompt, completion]), got {v['train_data_columns']}"
+    )
 
 
 def check_run(v: dict):

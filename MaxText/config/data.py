@@ -100,5 +100,24 @@ KEYS = (
         "tiktoken: special tokens numbered after the ranks ([] = Llama 3's 256)",
     ),
     Key("tiktoken_pattern", "", STR, 'tiktoken: pre-tokenization regex ("" = Llama 3\'s)'),
+    Key(
+        "use_sft",
+        False,
+        BOOL,
+        "supervised fine-tuning on conversations: records are chats (train_data_columns: [messages] or [prompt,"
+        " completion]) rendered with the chat template; add_bos/add_eos are the template's business",
+    ),
+    Key(
+        "sft_train_on_completion_only",
+        True,
+        BOOL,
+        "use_sft: the loss covers only assistant turns (false: every token of the conversation)",
+    ),
+    Key(
+        "chat_template_path",
+        "",
+        STR,
+        "Jinja chat template file for use_sft and serve's chat (\"\" = the tokenizer's own, else the default template)",
+    ),
     Key("tokenizer_train_max_chars", 200000000, POS, "train_tokenizer: characters of training text to read at most"),
 )

@@ -10,7 +10,7 @@ import grain
 import numpy as np
 
 from MaxText.config_schema import ConfigError
-from MaxText.input_pipeline import packing
+from MaxText.input_pipeline import chat, packing
 from MaxText.input_pipeline import tokenizer as tokenizers
 
 
@@ -31,6 +31,10 @@ class PipelineOptions:
   worker_count: int
   streams: int
   rows_per_stream: int
+  sft: bool = False
+  completion_only: bool = True
+  chat_template: str = ""  # Jinja source (use_sft)
+  chat_origin: str = ""  # where it came from, for errors
 
   @classmethod
   def from_config(cls, config) -> "PipelineOptions":
@@ -41,6 +45,10 @@ class PipelineOptions:
           f"data_streams: {streams} does not divide the global batch of {rows} rows; use a divisor of it, or 0 for"
           " one stream per row"
       )
+    template, origin = "", ""
+    if config.use_sft:
+      checked = chat.from_config(config, tokenizers.build_tokenizer(config))  # a broken template fails here
+      template, origin = checked.source, checked.origin
     return cls(
         tokenizer=tokenizers.TokenizerSpec.from_config(config),
         columns=tuple(config.train_data_columns),
@@ -55,6 +63,10 @@ class PipelineOptions:
         worker_count=config.grain_worker_count,
         streams=streams,
         rows_per_stream=rows // streams,
+        sft=config.use_sft,
+        completion_only=config.sft_train_on_completion_only,
+        chat_template=template,
+        chat_origin=origin,
     )
 
 
@@ -97,3 +109,20 @@ class Tokenize(grain.experimental.FlatMapTransform):
     if o.add_eos and tok.eos_id is not None:
       ids = ids + [tok.eos_id]
     return packing.split_document(ids, o.max_target_length, o.long_document_mode)
+
+
+class EncodeChat(grain.experimental.FlatMapTransform):
+  """use_sft: a conversation record -> one sequence of (signed, see chat.signed) token ids that fits a row."""
+
+  max_fan_out = 1
+
+  def __init__(self, options: PipelineOptions):
+    self._options = options
+
+  def flat_map(self, element):
+    o = self._options
+    tok = tokenizers.load_tokenizer(o.tokenizer)
+    chat_format = chat.chat_format(o.chat_template, o.chat_origin, tok)
+    ids, trained = chat_format.encode(chat.conversation(element, o.columns), o.completion_only)
+    ids, trained = chat.fit(ids, trained, o.max_target_length)
+    return [chat.signed(ids, trained)] if len(ids) >= 2 else []

@@ -84,30 +84,42 @@ class FirstFitPacker:
 
 
 def row_arrays(row: Row, length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """tokens / segmentation / positions of one row, padded to `length`."""
+  """tokens / segmentation / positions / trained of one row, padded to `length`.
+
+  A negative entry -(t + 1) is token t that is not a target of the loss (a prompt token under
+  sft_train_on_completion_only, see chat.signed); such a token is still attended to.
+  """
   tokens = np.full(length, pad_id, dtype=np.int32)
   segmentation = np.zeros(length, dtype=np.int32)
   positions = np.zeros(length, dtype=np.int32)
+  trained = np.zeros(length, dtype=bool)
   start = 0
   for segment, doc in enumerate(row, 1):
     end = start + len(doc)
-    tokens[start:end] = doc
+    values = np.asarray(doc, dtype=np.int64)
+    tokens[start:end] = np.where(values < 0, -values - 1, values)
+    trained[start:end] = values >= 0
     segmentation[start:end] = segment
     positions[start:end] = np.arange(len(doc), dtype=np.int32)
     start = end
-  return {"tokens": tokens, "segmentation": segmentation, "positions": positions}
+  return {"tokens": tokens, "segmentation": segmentation, "positions": positions, "trained": trained}
 
 
 def make_batch(rows: Sequence[dict[str, np.ndarray]], batch_rows: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Stacks rows into the six batch arrays, adding all-padding rows up to `batch_rows`, and shifts targets."""
+  """Stacks rows into the six batch arrays, adding all-padding rows up to `batch_rows`, and shifts targets.
+
+  Position i has a target when token i + 1 is in the same document and trained.
+  """
   length = len(rows[0]["tokens"]) if rows else 0
   tokens = np.full((batch_rows, length), pad_id, dtype=np.int32)
   segmentation = np.zeros((batch_rows, length), dtype=np.int32)
   positions = np.zeros((batch_rows, length), dtype=np.int32)
+  trained = np.zeros((batch_rows, length), dtype=bool)
   for i, row in enumerate(rows):
     tokens[i], segmentation[i], positions[i] = row["tokens"], row["segmentation"], row["positions"]
+    trained[i] = row["trained"]
   has_target = np.zeros_like(segmentation, dtype=bool)
-  has_target[:, :-1] = (segmentation[:, 1:] == segmentation[:, :-1]) & (segmentation[:, :-1] != 0)
+  has_target[:, :-1] = (segmentation[:, 1:] == segmentation[:, :-1]) & (segmentation[:, :-1] != 0) & trained[:, 1:]
   targets = np.full_like(tokens, pad_id)
   targets[:, :-1] = np.where(has_target[:, :-1], tokens[:, 1:], pad_id)
   return {

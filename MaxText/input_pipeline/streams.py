@@ -90,8 +90,11 @@ def stream_rows(
     mixed = grain.MapDataset.mix(records, [w for _, w in parts])
   else:
     mixed = min(records, key=len)  # one source, or a mixture with an empty part (which ends at once)
-  docs = mixed.map(documents.ToText(options.columns)).to_iter_dataset(_READ)
-  pieces = grain.experimental.FlatMapIterDataset(docs, documents.Tokenize(options))
+  if options.sft:
+    pieces = grain.experimental.FlatMapIterDataset(mixed.to_iter_dataset(_READ), documents.EncodeChat(options))
+  else:
+    docs = mixed.map(documents.ToText(options.columns)).to_iter_dataset(_READ)
+    pieces = grain.experimental.FlatMapIterDataset(docs, documents.Tokenize(options))
   if options.packing:
     bins = options.packing_bins or options.rows_per_stream
     return packing.PackIterDataset(pieces, options.max_target_length, bins, pad_id)

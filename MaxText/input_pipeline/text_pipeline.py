@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from MaxText.config_schema import ConfigError
-from MaxText.input_pipeline import distributed_batch, documents, streams
+from MaxText.input_pipeline import chat, distributed_batch, documents, streams
 from MaxText.input_pipeline import tokenizer as tokenizers
 
 logger = logging.getLogger("MaxText")
@@ -177,7 +177,10 @@ class TextBatchIterator(distributed_batch.BatchIterator):
     self._peeked = self._first_step()
 
   def _first_step(self):
-    step = self._step()
+    try:
+      step = self._step()
+    except chat.ChatError as e:  # a bad conversation or template among the first records: before anything compiles
+      raise ConfigError(f"use_sft: {self._name}: {e}") from None
     batch, short, _ = step
     if (self._train and short) or not batch["inputs_segmentation"].any():
       raise ConfigError(

@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import functools
 import json
+import re
 from typing import Optional, Sequence
 
 from etils import epath
@@ -81,6 +82,24 @@ class Tokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     raise NotImplementedError
 
+  def piece(self, token_id: int) -> str:
+    """The text of one token as a template writes it (`</s>`, `<|eot_id|>`, ...), special tokens included."""
+    raise NotImplementedError
+
+  def encode_special(self, text: str) -> list[int]:
+    """Like encode, but the text of the bos and eos tokens becomes their ids (rendered chat templates hold them)."""
+    specials = {self.piece(t): t for t in (self.bos_id, self.eos_id) if t is not None}
+    specials = {k: v for k, v in specials.items() if k}
+    if not specials:
+      return self.encode(text)
+    ids = []
+    for part in re.split("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")", text):
+      if part in specials:
+        ids.append(specials[part])
+      elif part:
+        ids += self.encode(part)
+    return ids
+
   def _resolve_special(self, spec: TokenizerSpec, token_to_id) -> None:
     """Applies tokenizer_{bos,eos,pad}_token overrides; an unknown token name is a config error."""
     for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("pad_token", "pad_id")):
@@ -117,6 +136,9 @@ class SentencePieceTokenizer(Tokenizer):
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
 
+  def piece(self, token_id: int) -> str:
+    return self._sp.id_to_piece(int(token_id))
+
 
 class HuggingFaceTokenizer(Tokenizer):
   """A `tokenizers` tokenizer.json; bos/eos/pad from a sibling tokenizer_config.json or common token names."""
@@ -148,6 +170,12 @@ class HuggingFaceTokenizer(Tokenizer):
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def piece(self, token_id: int) -> str:
+    return self._tok.id_to_token(int(token_id)) or ""
+
+  def encode_special(self, text: str) -> list[int]:
+    return self.encode(text)  # a tokenizer.json's added tokens are matched in the text already
 
 
 def _hf_declared_specials(config_path: epath.Path) -> dict[str, str]:
@@ -203,6 +231,12 @@ class TiktokenTokenizer(Tokenizer):
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._enc.decode([int(i) for i in ids])
+
+  def piece(self, token_id: int) -> str:
+    return self._enc.decode_single_token_bytes(int(token_id)).decode("utf-8", errors="replace")
+
+  def encode_special(self, text: str) -> list[int]:
+    return self._enc.encode(text, allowed_special="all")
 
 
 _KINDS = {

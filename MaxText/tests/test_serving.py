@@ -243,12 +243,12 @@ def test_bad_requests_get_400_with_json_error(live):
     status, error = post(url + path, body)
     assert status == 400, (body, error)
     assert error["error"]["param"] == param and error["error"]["message"], error
-  # A tokenizer without a chat template (SentencePiece): chat is a 400 that says so.
+  # A tokenizer without a chat template (SentencePiece) renders chat with the documented default template.
   config = mtu.config_of(**MODEL, vocab_size=4096, **PAGED)
-  sp_server = serve.Server(server.scheduler, serve.build_tokenizer(config), config, "sp")
-  assert sp_server.chat_template is None
-  with pytest.raises(serve.RequestError, match="has no chat template"):
-    sp_server.encode_chat([serve.ChatMessage(role="user", content="hi")])
+  tok = serve.build_tokenizer(config)
+  sp_server = serve.Server(server.scheduler, tok, config, "sp")
+  ids = sp_server.encode_chat([serve.ChatMessage(role="user", content="hi")])
+  assert ids == [tok.bos_id] + tok.encode("<|user|>\nhi\n<|assistant|>\n")
 
 
 def test_health_and_metrics(live):
