@@ -274,8 +274,8 @@ class _Values:
 def check_sft(v: dict):
   if not v["use_sft"]:
     return
-  if v["dataset_type"] == "synthetic":
-    raise ConfigError("use_sft: fine-tunes on conversations from files (dataset_type grain | hf | tfds), not synthetic")
+  if v["dataset_type"] not in ("grain", "hf"):
+    raise ConfigError(f"use_sft: reads conversations through dataset_type grain or hf, not {v['dataset_type']}")
   if len(v["train_data_columns"]) not in (1, 2):
     raise ConfigError(
         f"train_data_columns: use_sft reads one column of messages ([messages]) or a prompt and a completion column"

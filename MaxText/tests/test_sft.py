@@ -302,5 +302,43 @@ def test_bad_templates_and_settings_are_config_errors(tok_dirs, tmp_path):
     first_batch(sft_config(tok_dirs["chatml"], data, chat_template_path=str(tmp_path / "missing.jinja")))
   with pytest.raises(ConfigError, match="train_data_columns: use_sft reads one column"):
     sft_config(tok_dirs["chatml"], data, train_data_columns=["a", "b", "c"])
-  with pytest.raises(ConfigError, match="use_sft: fine-tunes on conversations from files"):
+  with pytest.raises(ConfigError, match="use_sft: reads conversations through dataset_type grain or hf"):
     sft_config(tok_dirs["chatml"], data, dataset_type="synthetic")
+
+
+def _segments(batch):
+  """Every packed conversation of a batch as (token ids, targets where trained)."""
+  out = []
+  for row in range(batch["inputs"].shape[0]):
+    seg, tseg = batch["inputs_segmentation"][row], batch["targets_segmentation"][row]
+    for s in np.unique(seg[seg > 0]):
+      out.append((tuple(batch["inputs"][row][seg == s]), tuple(batch["targets"][row][tseg == s])))
+  return sorted(out)
+
+
+def test_grain_arrayrecord_and_hf_sources_give_the_same_conversations(tok_dirs, tmp_path):
+  from MaxText.tests.test_input_pipeline import write_arrayrecord  # pylint: disable=import-outside-toplevel
+
+  records = [{"messages": m} for m in make_conversations(40, seed=3)]
+  jsonl = write_jsonl(tmp_path / "chat.jsonl", records)
+  arrayrecord = write_arrayrecord(tmp_path / "chat.arrayrecord", [json.dumps(r).encode() for r in records])
+  # The same records in the same order: every source shuffles record indices alike.
+  kw = dict(data_streams=1)
+  want = _segments(first_batch(sft_config(tok_dirs["chatml"], jsonl, **kw)))
+  assert len(want) > 2
+  assert _segments(first_batch(sft_config(tok_dirs["chatml"], arrayrecord, **kw))) == want
+  hf = sft_config(tok_dirs["chatml"], "", dataset_type="hf", hf_path="json", hf_data_files=str(jsonl), **kw)
+  assert _segments(first_batch(hf)) == want
+
+
+def test_a_bad_record_later_in_the_data_stops_the_run_naming_it(tok_dirs, tmp_path):
+  good = [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "beta"}]
+  bad = [{"role": "user", "content": "kappa lambda"}]
+  data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": good}] * 30 + [{"messages": bad}])
+  # Eval data is read in order, one conversation per row here, so the bad record comes at the 16th batch.
+  config = sft_config(tok_dirs["chatml"], data, grain_eval_files=str(data), eval_interval=10, packing=False)
+  _, it = create_data_iterators(config, sharding.create_mesh(config))
+  next(it)
+  with pytest.raises(chat.ChatError, match="without an assistant turn.*kappa lambda"):
+    for _ in range(20):
+      next(it)
