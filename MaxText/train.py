@@ -25,8 +25,8 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils, serialize_executable
 
-from MaxText import checkpointing, context_parallel, input_pipeline, metrics, optimizers, pyconfig, sharding, startup
-from MaxText import storage
+from MaxText import checkpointing, context_parallel, input_pipeline, lora, metrics, optimizers, pyconfig, sharding
+from MaxText import startup, storage
 from MaxText.config_schema import ConfigError
 from MaxText.layers import decoders, model_creation, pipeline
 from MaxText.layers.ops import head_loss
@@ -129,6 +129,14 @@ class TrainSetup:
     self.graphdef, self.rest, abstract_params, self.param_shardings, decay_mask = build_model_skeleton(
         config, mesh, with_decay_mask=True
     )
+    # LoRA: the state's params are the adapters alone (what trains, has optimizer state and is checkpointed); the
+    # frozen base is a separate argument of the step, loaded from load_parameters_path.
+    self.lora = config.lora_rank > 0
+    self.abstract_frozen = self.frozen_shardings = None
+    if self.lora:
+      self.abstract_frozen, abstract_params = lora.split(abstract_params)
+      self.frozen_shardings, self.param_shardings = lora.split(self.param_shardings)
+      decay_mask = lora.split(decay_mask)[1]
     self.tx, self.schedule = optimizers.create_optimizer(config, decay_mask)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     self.abstract_state = {
@@ -142,7 +150,8 @@ class TrainSetup:
         "params": self.param_shardings,
         "opt_state": _opt_state_shardings(abstract_opt, self.param_shardings, mesh),
     }
-    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+    self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))  # trained ones
+    self.num_frozen = lora.count(self.abstract_frozen) if self.lora else 0
     self.state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
 
   def init_state(self):
@@ -150,9 +159,30 @@ class TrainSetup:
 
     def init():
       params = _pure(nnx.state(model_creation.get_model(config), nnx.Param).to_pure_dict())
+      if self.lora:
+        params = lora.split(params)[1]
       return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
 
     return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def load_frozen(self):
+    """LoRA: the frozen base params, from load_parameters_path, else initialized from init_weights_seed."""
+    config = self.config
+    if config.load_parameters_path:
+      logger.info("LoRA: frozen base parameters from %s", config.load_parameters_path)
+      return checkpointing.load_params(
+          config.load_parameters_path, self.abstract_frozen, self.frozen_shardings, config.param_scan_axis
+      )
+    logger.warning("LoRA: no load_parameters_path; the frozen base is randomly initialized (init_weights_seed)")
+
+    def init():
+      return lora.split(_pure(nnx.state(model_creation.get_model(config), nnx.Param).to_pure_dict()))[0]
+
+    return jax.jit(init, out_shardings=self.frozen_shardings)()
+
+  def full_params(self, params, frozen):
+    """The model's params: `params` itself, or under LoRA the frozen base with the adapters `params`."""
+    return lora.combine(frozen, params) if self.lora else params
 
   def state_from_params(self, params):
     def fresh(params):
@@ -200,12 +230,17 @@ def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool
   return total, aux
 
 
-def train_step(setup: TrainSetup, state, batch):
-  """One optimizer step over `gradient_accumulation_steps` micro-batches (exact token-weighted mean)."""
+def train_step(setup: TrainSetup, state, batch, frozen=None):
+  """One optimizer step over `gradient_accumulation_steps` micro-batches (exact token-weighted mean).
+
+  Gradients are taken with respect to state["params"] only: under LoRA the adapters, with the base `frozen`.
+  """
   config = setup.config
   deterministic = not (config.enable_dropout and config.dropout_rate > 0)
   step_key = jax.random.fold_in(jax.random.key(config.init_weights_seed), state["step"])
-  grad_fn = jax.value_and_grad(lambda p, b, k: loss_sums(setup, p, b, k, deterministic), has_aux=True)
+  grad_fn = jax.value_and_grad(
+      lambda p, b, k: loss_sums(setup, setup.full_params(p, frozen), b, k, deterministic), has_aux=True
+  )
   ga = config.gradient_accumulation_steps
   if ga == 1:
     (loss_sum, aux), grads = grad_fn(state["params"], batch, step_key)
@@ -229,9 +264,11 @@ def train_step(setup: TrainSetup, state, batch):
   updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   # The model's own update rules (e.g. a MoE routing bias set by its load rule) see the step's summed stats.
-  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
+  model = nnx.merge(setup.graphdef, nnx.State(setup.full_params(params, frozen)), setup.rest)
   model.post_update(aux["stats"])
   params = _pure(nnx.state(model, nnx.Param).to_pure_dict())
+  if setup.lora:
+    params = lora.split(params)[1]
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
   step_metrics = {
       "learning/loss": loss_sum / weights,
@@ -246,8 +283,8 @@ def train_step(setup: TrainSetup, state, batch):
   return new_state, step_metrics
 
 
-def eval_step(setup: TrainSetup, params, batch):
-  loss_sum, aux = loss_sums(setup, params, batch, None, deterministic=True, aux_losses=False)
+def eval_step(setup: TrainSetup, params, batch, frozen=None):
+  loss_sum, aux = loss_sums(setup, setup.full_params(params, frozen), batch, None, deterministic=True, aux_losses=False)
   return {"eval/loss_sum": loss_sum, "eval/total_weights": aux["total_weights"]}
 
 
@@ -256,15 +293,17 @@ def compile_train_step(setup: TrainSetup, batch_shapes):
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
   # Batches enter both steps in load-balanced order under context parallelism (identity otherwise).
   enter = functools.partial(context_parallel.reorder_batch, config=setup.config)
+  # Under LoRA both take the frozen base as a last argument (see step_args).
+  frozen = (setup.frozen_shardings,) if setup.lora else ()
   step = jax.jit(
-      lambda state, batch: train_step(setup, state, enter(batch)),
-      in_shardings=(setup.state_shardings, data_shardings),
+      lambda state, batch, *base: train_step(setup, state, enter(batch), *base),
+      in_shardings=(setup.state_shardings, data_shardings) + frozen,
       out_shardings=(setup.state_shardings, replicated),
       donate_argnums=(0,),
   )
   evaluate = jax.jit(
-      lambda params, batch: eval_step(setup, params, enter(batch)),
-      in_shardings=(setup.param_shardings, data_shardings),
+      lambda params, batch, *base: eval_step(setup, params, enter(batch), *base),
+      in_shardings=(setup.param_shardings, data_shardings) + frozen,
       out_shardings=replicated,
   )
   return step, evaluate, data_shardings
@@ -350,6 +389,8 @@ def _restore_or_init(setup: TrainSetup, manager, train_iter):
     if state is not None:
       logger.info("Resuming run %s from step %d", config.run_name, step)
       return state, step
+  if setup.lora:  # fresh adapters; the base is setup.load_frozen()'s
+    return setup.init_state(), 0
   if config.checkpoint_path:
     path = checkpointing.resolve(config.checkpoint_path)
     if checkpointing.holds_full_state(path):
@@ -397,7 +438,16 @@ def _run_eval(config, evaluate, params, eval_iter, step, logger_):
 
 def _log_startup(config, setup: TrainSetup, tflops, compiled):
   total, weights, attention = tflops
-  logger.info("Model %s: %s parameters (%.3f B)", config.model_name, f"{setup.num_params:,}", setup.num_params / 1e9)
+  n_params = setup.num_params + setup.num_frozen
+  logger.info("Model %s: %s parameters (%.3f B)", config.model_name, f"{n_params:,}", n_params / 1e9)
+  if setup.lora:
+    logger.info(
+        "LoRA rank %d on %s: %s trainable parameters (%.3f%%); the base is frozen",
+        config.lora_rank,
+        ",".join(config.lora_target_modules),
+        f"{setup.num_params:,}",
+        100 * setup.num_params / n_params,
+    )
   logger.info(
       "Per-device TFLOPs per step: %.4f (weight matmuls %.4f, attention %.4f; %.1f%% attention)",
       total,
@@ -423,6 +473,8 @@ def train(config) -> list[dict[str, Any]]:
     key = "checkpoint_is_quantized" if config.checkpoint_is_quantized else "save_quantized_params_path"
     raise ConfigError(f"{key}: a decode key (int8 params cannot be trained); train with quantization=... alone")
   _check_output_dir(config)
+  if config.lora_rank and config.checkpoint_path:
+    raise ConfigError("checkpoint_path: with lora_rank the base is load_parameters_path (adapters resume with run_name)")
   if config.checkpoint_path:  # before any compile: a missing bucket / step is one CONFIG ERROR
     from MaxText.inference import loading  # pylint: disable=import-outside-toplevel
 
@@ -449,12 +501,16 @@ def train(config) -> list[dict[str, Any]]:
     first_batch = next(train_iter)
     step_fn, evaluate, _ = compile_train_step(setup, first_batch)
     tflops = metrics.training_tflops_per_device(config)
+    frozen = (setup.load_frozen(),) if setup.lora else ()
     if config.compiled_trainstep_file:
-      compiled = load_compiled_step(config.compiled_trainstep_file, (state, first_batch))
+      compiled = load_compiled_step(config.compiled_trainstep_file, (state, first_batch) + frozen)
     else:
-      compiled = step_fn.lower(state, first_batch).compile()
+      compiled = step_fn.lower(state, first_batch, *frozen).compile()
     _log_startup(config, setup, tflops, compiled)
     metric_logger = metrics.MetricLogger(config, tflops[0])
+    if setup.lora:
+      compiled = functools.partial(_with_frozen, compiled, frozen)
+      evaluate = functools.partial(_with_frozen, evaluate, frozen)
     loop = TrainLoop(config, compiled, evaluate, manager, metric_logger, train_iter, eval_iter)
     try:
       history = loop.run(state, start_step, first_batch)
@@ -464,6 +520,10 @@ def train(config) -> list[dict[str, Any]]:
         manager.wait_until_finished()
         manager.close()
   return history
+
+
+def _with_frozen(fn, frozen, state_or_params, batch):
+  return fn(state_or_params, batch, *frozen)
 
 
 class TrainLoop:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from MaxText.config import mesh, model, numerics
 from MaxText.config.declare import ConfigError
+from MaxText.config.lora import TARGETS
 
 # Entry points whose start-up passes `program`; each may add its own refusals.
 PROGRAMS = ("train", "train_compile", "decode", "decode_compile", "serve", "generate_param_only_checkpoint")
@@ -34,6 +35,7 @@ def check(v: dict[str, Any], program: Optional[str] = None):
   check_vocab_tiling(v)
   check_pipeline(v, program)
   check_sft(v)
+  check_lora(v)
   check_run(v)
 
 
@@ -280,6 +282,35 @@ def check_sft(v: dict):
     raise ConfigError(
         f"train_data_columns: use_sft reads one column of messages ([messages]) or a prompt and a completion column"
         f" ([prompt, completion]), got {v['train_data_columns']}"
+    )
+
+
+def check_lora(v: dict):
+  if v["lora_rank"] == 0:
+    return
+  from MaxText import lora  # pylint: disable=import-outside-toplevel
+
+  unknown = [t for t in v["lora_target_modules"] if t not in TARGETS]
+  if unknown or not v["lora_target_modules"]:
+    raise ConfigError(f"lora_target_modules: {unknown or '[]'} is not a list of {', '.join(TARGETS)}")
+  dims = lora.target_dims(v)
+  for name in v["lora_target_modules"]:
+    if v["lora_rank"] > min(dims[name]):
+      raise ConfigError(
+          f"lora_rank: {v['lora_rank']} is larger than the {name} projection's smaller dimension ({dims[name][0]} ->"
+          f" {dims[name][1]}); a rank at most {min(dims[name])} can change it"
+      )
+  if v["attention_type"] == "mla":
+    raise ConfigError("lora_rank: LoRA adapters on MLA attention (DeepSeek) are not supported yet")
+  if v["ici_stage_parallelism"] * v["dcn_stage_parallelism"] > 1:
+    raise ConfigError("lora_rank: LoRA with pipeline stages (ici/dcn_stage_parallelism > 1) is not supported yet")
+  for key in ("checkpoint_is_quantized", "save_quantized_params_path"):
+    if v[key]:
+      raise ConfigError(f"{key}: int8 decoding of a LoRA model (lora_rank > 0) is not supported yet")
+  if v["load_full_state_path"]:
+    raise ConfigError(
+        "load_full_state_path: with lora_rank the base comes from load_parameters_path and the adapters from the"
+        " run's own checkpoints"
     )
 
 

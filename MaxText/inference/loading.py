@@ -10,7 +10,7 @@ import logging
 
 import jax
 
-from MaxText import checkpointing, storage
+from MaxText import checkpointing, lora, storage
 from MaxText.config_schema import ConfigError
 from MaxText.layers import pipeline, quantization, scan_layout
 
@@ -108,8 +108,41 @@ def _load_and_quantize(config, abstract_params, param_shardings):
   return params
 
 
+def _load_lora(config, abstract_params, param_shardings):
+  """A LoRA config's params: the base from load_parameters_path, the adapters from checkpoint_path or run_name."""
+  if not config.load_parameters_path:
+    raise ConfigError(
+        "load_parameters_path: a LoRA config (lora_rank > 0) loads its frozen base from load_parameters_path and its"
+        " adapters from checkpoint_path or the newest checkpoint of run_name"
+    )
+  base_abstract, adapter_abstract = lora.split(abstract_params)
+  base_shardings, adapter_shardings = lora.split(param_shardings)
+  base = _load_checked(config, "load_parameters_path", config.load_parameters_path, base_abstract, base_shardings)
+  if config.checkpoint_path:
+    key, path = "checkpoint_path", checkpoint_path_source(config.checkpoint_path)
+  else:
+    key, path = "run_name", latest_checkpoint(config.checkpoint_dir)
+    if path is None:
+      raise ConfigError(
+          f"run_name: no LoRA adapters found for run {config.run_name!r} in {config.checkpoint_dir} (set"
+          " checkpoint_path to a checkpoint of the LoRA run)"
+      )
+  adapters = _load_checked(config, key, path, adapter_abstract, adapter_shardings)
+  return lora.combine(base, adapters)
+
+
 def _load(config, abstract_params, param_shardings):
+  if config.lora_rank > 0:
+    return _load_lora(config, abstract_params, param_shardings)
   key, path = checkpoint_source(config)
+  return _load_checked(config, key, path, abstract_params, param_shardings)
+
+
+def _load_checked(config, key: str, path: str, abstract_params, param_shardings):
+  if storage.is_remote(path):
+    storage.check_readable(key, path)
+  elif not storage.exists(path):
+    raise ConfigError(f"{key}: no checkpoint at {path}")
   try:
     problems = shape_mismatches(path, abstract_params, config.param_scan_axis)
   except (FileNotFoundError, ValueError) as e:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from MaxText import context_parallel, sharding
+from MaxText import context_parallel, lora, sharding
 from MaxText.layers.cache import PageSpec, new_cache
 from MaxText.layers.embeddings import RotaryEmbedding, apply_rope
 from MaxText.layers.linears import DenseGeneral
@@ -121,10 +121,12 @@ class Attention(nnx.Module):
     kw = dict(rngs=rngs, dtype=config.dtype, weight_dtype=config.weight_dtype, use_bias=config.use_bias)
     kw["quant"] = spec_from_config(config)  # None unless `quantization` is set
     kw["matmul_backward"] = config.dense_matmul_backward
-    self.query = DenseGeneral(emb, (self.num_query_heads, head_dim), kernel_axes=("embed", "q_heads", "kv"), **kw)
-    self.key = DenseGeneral(emb, (self.num_kv_heads, head_dim), kernel_axes=("embed", "kv_heads", "kv"), **kw)
-    self.value = DenseGeneral(emb, (self.num_kv_heads, head_dim), kernel_axes=("embed", "kv_heads", "kv"), **kw)
-    self.out = DenseGeneral((self.num_query_heads, head_dim), emb, kernel_axes=("heads", "kv", "embed"), **kw)
+    adapter = lora.dense_kwargs(config)
+    q_shape, kv_shape = (self.num_query_heads, head_dim), (self.num_kv_heads, head_dim)
+    self.query = DenseGeneral(emb, q_shape, kernel_axes=("embed", "q_heads", "kv"), **kw, **adapter("query"))
+    self.key = DenseGeneral(emb, kv_shape, kernel_axes=("embed", "kv_heads", "kv"), **kw, **adapter("key"))
+    self.value = DenseGeneral(emb, kv_shape, kernel_axes=("embed", "kv_heads", "kv"), **kw, **adapter("value"))
+    self.out = DenseGeneral(q_shape, emb, kernel_axes=("heads", "kv", "embed"), **kw, **adapter("out"))
     if config.use_qk_norm:
       norm_kw = dict(
           epsilon=config.normalization_layer_epsilon,

@@ -18,7 +18,7 @@ from typing import Optional
 import jax
 from flax import nnx
 
-from MaxText import sharding
+from MaxText import lora, sharding
 from MaxText.layers.attentions import Attention
 from MaxText.layers.linears import MlpBlock
 from MaxText.layers.mla import MLA
@@ -67,6 +67,7 @@ class DecoderBlock(nnx.Module):
           use_bias=config.use_bias,
           quant=spec_from_config(config),
           matmul_backward=config.dense_matmul_backward,
+          lora=lora.dense_kwargs(config),
       )
     self.dropout = nnx.Dropout(config.dropout_rate if config.enable_dropout else 0.0)
 

@@ -52,6 +52,8 @@ class DenseGeneral(nnx.Module):
   With `quant` the matmul is quantized (layers/quantization.py); with `quant.stored` the kernel is held as int8 plus
   a per-output-channel `kernel_scale` (decode from a quantized checkpoint). `matmul_backward` is the resolved
   `dense_matmul_backward` (ops/matmul.py: "autodiff" | "explicit"; "auto" picks by the running backend).
+  With `lora_rank` > 0 it also holds a LoRA adapter, y += lora_scale * (x . lora_a) . lora_b: lora_a [in..., rank]
+  starts random, lora_b [rank, out...] at zero (so a fresh adapter changes nothing); MaxText/lora.py trains only them.
   """
 
   def __init__(
@@ -67,6 +69,8 @@ class DenseGeneral(nnx.Module):
       bias_axes: tuple[str | None, ...] | None = None,
       quant: QuantSpec | None = None,
       matmul_backward: str = "auto",
+      lora_rank: int = 0,
+      lora_scale: float = 1.0,
   ):
     self.in_features = _as_tuple(in_features)
     self.out_features = _as_tuple(out_features)
@@ -97,6 +101,22 @@ class DenseGeneral(nnx.Module):
       self.bias = nnx.Param(jnp.zeros(self.out_features, weight_dtype), out_sharding=names, eager_sharding=False)
     else:
       self.bias = None
+    self.lora_scale = lora_scale
+    if lora_rank > 0:
+      # The rank dimension is small and unnamed (replicated); in/out dimensions shard like the kernel's.
+      a_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=tuple(range(n_in)), out_axis=n_in)
+      self.lora_a = nnx.Param(
+          a_init(rngs.params(), self.in_features + (lora_rank,), weight_dtype),
+          out_sharding=tuple(kernel_axes[:n_in]) + (None,),
+          eager_sharding=False,
+      )
+      self.lora_b = nnx.Param(
+          jnp.zeros((lora_rank,) + self.out_features, weight_dtype),
+          out_sharding=(None,) + tuple(kernel_axes[n_in:]),
+          eager_sharding=False,
+      )
+    else:
+      self.lora_a = self.lora_b = None
 
   def __call__(self, x: jax.Array, *, compute_dtype: jnp.dtype | None = None) -> jax.Array:
     dtype = compute_dtype or self.dtype
@@ -108,6 +128,9 @@ class DenseGeneral(nnx.Module):
     else:
       y = matmul.dense_matmul(x.astype(dtype), self.kernel[...].astype(dtype), n_in, self.matmul_backward)
       y = checkpoint_name(y, DENSE_OUTPUT_NAME)
+    if self.lora_a is not None:
+      h = jnp.tensordot(x.astype(dtype), self.lora_a[...].astype(dtype), axes=n_in)
+      y = y + self.lora_scale * jnp.tensordot(h, self.lora_b[...].astype(dtype), axes=1)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
@@ -118,7 +141,8 @@ class MlpBlock(nnx.Module):
 
   `activations=("silu", "linear")` is SwiGLU (Llama), `("gelu_tanh", "linear")` GeGLU (Gemma); a single activation
   is a plain MLP (GPT-3, with `use_bias`). Projections are named `wi_0, wi_1, ...` (or `wi` when there is one) and
-  `wo`, the names checkpoint converters and remat policies use. `matmul_backward` goes to every projection.
+  `wo`, the names checkpoint converters and remat policies use. `matmul_backward` goes to every projection;
+  `lora(name)` gives each projection its DenseGeneral LoRA arguments (lora.dense_kwargs).
   """
 
   def __init__(
@@ -133,16 +157,18 @@ class MlpBlock(nnx.Module):
       use_bias: bool = False,
       quant: QuantSpec | None = None,
       matmul_backward: str = "auto",
+      lora: Callable[[str], dict] = lambda name: {},
   ):
     self.activation_names = tuple(activations)
     kw = dict(rngs=rngs, dtype=dtype, weight_dtype=weight_dtype, use_bias=use_bias, quant=quant)
     kw["matmul_backward"] = matmul_backward
     if len(self.activation_names) == 1:
-      self.wi = DenseGeneral(emb_dim, mlp_dim, kernel_axes=("embed", "mlp"), **kw)
+      self.wi = DenseGeneral(emb_dim, mlp_dim, kernel_axes=("embed", "mlp"), **kw, **lora("wi"))
     else:
       for i in range(len(self.activation_names)):
-        setattr(self, f"wi_{i}", DenseGeneral(emb_dim, mlp_dim, kernel_axes=("embed", "mlp"), **kw))
-    self.wo = DenseGeneral(mlp_dim, emb_dim, kernel_axes=("mlp", "embed"), **kw)
+        name = f"wi_{i}"
+        setattr(self, name, DenseGeneral(emb_dim, mlp_dim, kernel_axes=("embed", "mlp"), **kw, **lora(name)))
+    self.wo = DenseGeneral(mlp_dim, emb_dim, kernel_axes=("mlp", "embed"), **kw, **lora("wo"))
 
   def _input_projection(self, i: int) -> DenseGeneral:
     return self.wi if len(self.activation_names) == 1 else getattr(self, f"wi_{i}")

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from MaxText import sharding
+from MaxText import lora, sharding
 from MaxText.layers import params
 from MaxText.layers.linears import MlpBlock, activation
 
@@ -199,6 +199,7 @@ class MoeBlock(nnx.Module):
           dtype=config.dtype,
           weight_dtype=config.weight_dtype,
           matmul_backward=config.dense_matmul_backward,
+          lora=lora.dense_kwargs(config),
       )
     else:
       self.shared_experts = None

@@ -1,0 +1,96 @@
+"""LoRA: low-rank adapters on the dense projections, trained while the base weights stay frozen.
+
+With `lora_rank` > 0 every projection named in `lora_target_modules` (layers/linears.DenseGeneral) holds `lora_a`
+[in..., rank] and `lora_b` [rank, out...] next to its kernel and computes x.W + (lora_alpha / lora_rank) x.A.B.
+Parameters are pure nested dicts everywhere outside the modules; `split` separates the adapters (leaves named lora_a
+or lora_b) from the base, `combine` puts them back, and `merge` folds the adapters into the kernels (W + s A.B) for
+a plain model: export, or a checkpoint any config without LoRA loads.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+ADAPTER_NAMES = ("lora_a", "lora_b")
+
+
+def scale(config) -> float:
+  return config.lora_alpha / config.lora_rank
+
+
+def dense_kwargs(config) -> Callable[[str], dict]:
+  """name -> the LoRA arguments of the DenseGeneral of that name ({} when it gets no adapter)."""
+
+  def kwargs(name: str) -> dict:
+    if config.lora_rank > 0 and name in config.lora_target_modules:
+      return {"lora_rank": config.lora_rank, "lora_scale": scale(config)}
+    return {}
+
+  return kwargs
+
+
+def is_adapter(path: tuple) -> bool:
+  return str(getattr(path[-1], "key", path[-1])) in ADAPTER_NAMES
+
+
+def split(params: dict) -> tuple[dict, dict]:
+  """(base, adapters): the params pure dict without the adapter leaves, and the adapter leaves alone."""
+  flat = traverse_util.flatten_dict(params)
+  base = {k: v for k, v in flat.items() if not is_adapter(k)}
+  adapters = {k: v for k, v in flat.items() if is_adapter(k)}
+  return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(adapters)
+
+
+def combine(base: dict, adapters: dict) -> dict:
+  """The full params pure dict from `split`'s two halves."""
+  flat = traverse_util.flatten_dict(base)
+  flat.update(traverse_util.flatten_dict(adapters))
+  return traverse_util.unflatten_dict(flat)
+
+
+def count(adapters: dict) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
+
+
+def _delta(a, b, kernel_ndim: int, param_scan_axis: int):
+  """s-less A.B in the kernel's layout: [in..., out...], or stacked over layers at param_scan_axis."""
+  scanned = a.ndim + b.ndim == kernel_ndim + 3
+  if not scanned:
+    return jnp.tensordot(a, b, axes=1)
+  a, b = jnp.moveaxis(a, param_scan_axis, 0), jnp.moveaxis(b, param_scan_axis, 0)
+  delta = jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b)
+  return jnp.moveaxis(delta, 0, param_scan_axis)
+
+
+def merge(params: dict, lora_scale: float, param_scan_axis: int) -> dict:
+  """Params with every adapter folded into its kernel (in float32, cast back) and the adapter leaves removed."""
+  flat = traverse_util.flatten_dict(params)
+  out = {k: v for k, v in flat.items() if not is_adapter(k)}
+  for key in flat:
+    if str(key[-1]) != "lora_a":
+      continue
+    module = key[:-1]
+    kernel = flat[module + ("kernel",)]
+    a, b = flat[module + ("lora_a",)], flat[module + ("lora_b",)]
+    delta = _delta(a.astype(jnp.float32), b.astype(jnp.float32), kernel.ndim, param_scan_axis)
+    out[module + ("kernel",)] = (kernel.astype(jnp.float32) + lora_scale * delta).astype(kernel.dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+def target_dims(v: dict[str, Any]) -> dict[str, tuple[int, int]]:
+  """(in, out) sizes of each targetable projection of a resolved config dict `v`."""
+  q, kv = v["num_query_heads"] * v["head_dim"], v["num_kv_heads"] * v["head_dim"]
+  emb, mlp = v["emb_dim"], v["mlp_dim"]
+  return {
+      "query": (emb, q),
+      "key": (emb, kv),
+      "value": (emb, kv),
+      "out": (q, emb),
+      "wi_0": (emb, mlp),
+      "wi_1": (emb, mlp),
+      "wi": (emb, mlp),
+      "wo": (mlp, emb),
+  }

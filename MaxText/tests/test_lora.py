@@ -1,0 +1,162 @@
+"""LoRA: fresh adapters change nothing, the trainable count is the formula, the base stays frozen with no optimizer
+state, checkpoints hold only adapters, merged weights equal base + adapter, sharded equals unsharded, decode loads
+base + adapters, and bad settings are config errors."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+from MaxText import api, checkpointing, lora, pyconfig, sharding, train
+from MaxText.config_schema import ConfigError
+from MaxText.inference import loading
+from MaxText.layers import model_creation
+from MaxText.tests import model_test_utils as mtu
+from MaxText.tests.test_train import TINY, losses
+
+RANK = 4
+
+
+def make_config(tmp_path, *args, **kw):
+  return pyconfig.initialize(["", "base.yml", f"base_output_directory={tmp_path}", *TINY, *args], **kw)
+
+
+def params_of(model) -> dict:
+  return train._pure(nnx.state(model, nnx.Param).to_pure_dict())  # pylint: disable=protected-access
+
+
+def logits_of(config, params):
+  model = model_creation.abstract_model(config)
+  nnx.update(model, nnx.State(params))
+  tokens, positions, segments = mtu.inputs(packed=True)
+  return np.asarray(mtu.forward(model, tokens, positions, segments), np.float64)
+
+
+def expected_count(rank: int, layers: int = 2) -> int:
+  """tiny-llama: emb 64, 4 query / 2 kv heads of 16, gated MLP of 128; r * (in + out) per adapted projection."""
+  emb, q, kv, mlp = 64, 64, 32, 128
+  per_layer = (emb + q) + 2 * (emb + kv) + (q + emb) + 2 * (emb + mlp) + (mlp + emb)
+  return rank * per_layer * layers
+
+
+def test_fresh_adapters_change_no_logits_and_count_the_formula(tmp_path):
+  config = make_config(tmp_path, f"lora_rank={RANK}")
+  params = params_of(model_creation.get_model(config))
+  base, adapters = lora.split(params)
+  assert lora.count(adapters) == expected_count(RANK)
+  assert all(k[-1] in lora.ADAPTER_NAMES for k in traverse_util.flatten_dict(adapters))
+  plain = make_config(tmp_path)
+  np.testing.assert_array_equal(logits_of(config, params), logits_of(plain, base))
+  only_query = make_config(tmp_path, "lora_rank=2", "lora_target_modules=[query]")
+  assert lora.count(lora.split(params_of(model_creation.get_model(only_query)))[1]) == 2 * (64 + 64) * 2
+
+
+def save_base(tmp_path):
+  """A params-only checkpoint of the plain tiny model (the 'converted base')."""
+  plain = make_config(tmp_path)
+  params = params_of(model_creation.get_model(plain))
+  path = str(tmp_path / "base_params")
+  checkpointing.save_params(path, params)
+  return path, params
+
+
+def test_training_freezes_the_base_and_merged_weights_equal_base_plus_adapters(tmp_path):
+  base_path, base = save_base(tmp_path)
+  args = [f"lora_rank={RANK}", f"load_parameters_path={base_path}", "run_name=lora", "steps=6", "checkpoint_period=6"]
+  config = make_config(tmp_path, *args, "per_device_batch_size=1", "learning_rate=1e-2")
+  setup = train.TrainSetup(config, sharding.create_mesh(config))
+  # Optimizer moments exist for the adapters only.
+  moments = [x for x in jax.tree.leaves(setup.abstract_state["opt_state"]) if x.ndim > 0]
+  assert sum(int(np.prod(x.shape)) for x in moments) == 2 * expected_count(RANK)
+  history = train.train(config)
+  assert losses(history)[-1] < losses(history)[0]
+
+  step_dir = tmp_path / "lora" / "checkpoints" / "6"
+  stored = traverse_util.flatten_dict(checkpointing.stored_params_tree(str(step_dir)))
+  assert stored and all(str(k[-1]) in lora.ADAPTER_NAMES for k in stored), sorted(stored)[:4]
+
+  # Decoding: the base from load_parameters_path, the adapters from the run's newest checkpoint.
+  decode_args = [f"lora_rank={RANK}", f"load_parameters_path={base_path}", "run_name=lora"]
+  decode_config = make_config(tmp_path, *decode_args)
+  _, _, abstract, shardings = train.build_model_skeleton(decode_config, sharding.create_mesh(decode_config))
+  full = jax.device_get(loading.load_params(decode_config, abstract, shardings))
+  loaded_base, adapters = lora.split(full)
+  want_base = traverse_util.flatten_dict(base)
+  for key, value in traverse_util.flatten_dict(loaded_base).items():
+    np.testing.assert_array_equal(value, want_base[key])  # frozen: exactly the base it started from
+  assert any(np.abs(v).max() > 0 for k, v in traverse_util.flatten_dict(adapters).items() if k[-1] == "lora_b")
+  merged = lora.merge(full, lora.scale(config), config.param_scan_axis)
+  want = logits_of(make_config(tmp_path), merged)
+  np.testing.assert_allclose(logits_of(config, full), want, rtol=1e-5, atol=1e-5)
+  # The public API loads the same way.
+  model = api.load(
+      "base.yml", base_output_directory=str(tmp_path), **_tiny_keys(), **dict(a.split("=") for a in decode_args)
+  )
+  tokens = mtu.inputs()[0]
+  plain = make_config(tmp_path)
+  np.testing.assert_allclose(model.logits(tokens), _plain_logits(plain, merged, tokens), rtol=1e-5, atol=1e-5)
+
+
+def _plain_logits(config, params, tokens):
+  model = model_creation.abstract_model(config)
+  nnx.update(model, nnx.State(params))
+  positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+  return np.asarray(mtu.forward(model, tokens, positions, None))
+
+
+def _tiny_keys():
+  keys = {}
+  for arg in TINY:
+    k, v = arg.split("=", 1)
+    keys[k] = v
+  return keys
+
+
+def test_merge_handles_unscanned_layers(tmp_path):
+  config = make_config(tmp_path, f"lora_rank={RANK}", "scan_layers=false")
+  params = params_of(mtu.build(**_tiny_overrides(config)))
+  # Random adapters of a trained adapter's size (test fills are unit-variance: B would swamp the kernels).
+  params = jax.tree_util.tree_map_with_path(lambda p, x: x * 0.05 if str(p[-1].key) == "lora_b" else x, params)
+  merged = lora.merge(params, lora.scale(config), config.param_scan_axis)
+  plain = make_config(tmp_path, "scan_layers=false")
+  np.testing.assert_allclose(logits_of(plain, merged), logits_of(config, params), rtol=1e-5, atol=1e-5)
+
+
+def _tiny_overrides(config):
+  return {"lora_rank": config.lora_rank, "scan_layers": config.scan_layers}
+
+
+def test_lora_sharded_equals_unsharded(tmp_path):
+  common = [f"lora_rank={RANK}", "steps=3", "per_device_batch_size=1", "enable_checkpointing=false"]
+  replicated = losses(train.train(make_config(tmp_path, *common, "ici_data_parallelism=8")))
+  sharded = losses(train.train(make_config(tmp_path, *common, "ici_fsdp_parallelism=4", "ici_tensor_parallelism=2")))
+  np.testing.assert_allclose(sharded, replicated, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["lora_rank=65"], "lora_rank: 65 is larger than the query projection's smaller dimension"),
+        (["lora_rank=4", "lora_target_modules=[q_proj]"], r"lora_target_modules: \['q_proj'\] is not a list of"),
+        (["lora_rank=4", "ici_stage_parallelism=2"], "LoRA with pipeline stages"),
+        (["lora_rank=4", "load_full_state_path=/x"], "load_full_state_path: with lora_rank"),
+    ],
+)
+def test_bad_lora_settings_are_config_errors(tmp_path, args, message):
+  with pytest.raises(ConfigError, match=message):
+    make_config(tmp_path, *args)
+
+
+def test_decoding_a_lora_config_needs_its_base(tmp_path):
+  with pytest.raises(ConfigError, match="load_parameters_path: a LoRA config"):
+    api.load("base.yml", base_output_directory=str(tmp_path), **_tiny_keys(), lora_rank=RANK, run_name="none")
+  base_path, _ = save_base(tmp_path)
+  with pytest.raises(ConfigError, match="run_name: no LoRA adapters found for run 'none'"):
+    api.load(
+        "base.yml",
+        base_output_directory=str(tmp_path),
+        **_tiny_keys(),
+        lora_rank=RANK,
+        run_name="none",
+        load_parameters_path=base_path,
+    )
