@@ -3,6 +3,9 @@
 Reads the latest committed checkpoint of `run_name` (or `load_full_state_path` / `load_parameters_path`) and
 writes {"params": ...} to `param_checkpoint_output_path` (default {run_dir}/params) in the config's
 `weight_dtype` and layer layout (`scan_layers`), whatever the source's were.
+
+With `lora_rank` > 0 it merges: the base (`load_parameters_path`) plus the run's adapters (its newest checkpoint, or
+`checkpoint_path`) become plain weights W + (lora_alpha / lora_rank) A.B that any config without LoRA loads.
 """
 
 import logging
@@ -11,7 +14,8 @@ from typing import Sequence
 
 import jax
 
-from MaxText import checkpointing, pyconfig, sharding, startup, train
+from MaxText import checkpointing, lora, pyconfig, sharding, startup, train
+from MaxText.inference import loading
 from MaxText.config_schema import ConfigError
 
 logger = logging.getLogger("MaxText")
@@ -29,12 +33,23 @@ def source_path(config) -> str:
   return f"{config.checkpoint_dir}/{step}"
 
 
-def export(config) -> str:
+def merged_lora_params(config):
+  """A LoRA config's base + adapters folded into plain params (see inference/loading.py for the sources)."""
   mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
-  src = source_path(config)
-  params = checkpointing.load_params(src, setup.abstract_state["params"], setup.param_shardings, config.param_scan_axis)
-  out = config.param_checkpoint_output_path or f"{config.run_dir}/params"
+  _, _, abstract, shardings = train.build_model_skeleton(config, mesh)
+  params = loading.load_params(config, abstract, shardings)
+  return lora.merge(params, lora.scale(config), config.param_scan_axis)
+
+
+def export(config, out: str = "") -> str:
+  out = out or config.param_checkpoint_output_path or f"{config.run_dir}/params"
+  if config.lora_rank > 0:
+    params, src = merged_lora_params(config), "base + LoRA adapters"
+  else:
+    mesh = sharding.create_mesh(config)
+    setup = train.TrainSetup(config, mesh)
+    src = source_path(config)
+    params = checkpointing.load_params(src, setup.abstract_state["params"], setup.param_shardings, config.param_scan_axis)
   checkpointing.save_params(out, params)
   count = sum(x.size for x in jax.tree.leaves(params))
   logger.info(

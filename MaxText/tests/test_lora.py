@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from MaxText import api, checkpointing, lora, pyconfig, sharding, train
+from MaxText import api, checkpointing, generate_param_only_checkpoint, lora, pyconfig, sharding, train
 from MaxText.config_schema import ConfigError
 from MaxText.inference import loading
 from MaxText.layers import model_creation
 from MaxText.tests import model_test_utils as mtu
 from MaxText.tests.test_train import TINY, losses
+from MaxText.utils.ckpt_conversion import to_huggingface
 
 RANK = 4
 
@@ -96,6 +97,20 @@ def test_training_freezes_the_base_and_merged_weights_equal_base_plus_adapters(t
   plain = make_config(tmp_path)
   np.testing.assert_allclose(model.logits(tokens), _plain_logits(plain, merged, tokens), rtol=1e-5, atol=1e-5)
 
+  # Export: a merged params-only checkpoint any plain config loads, and a Hugging Face model that transformers runs
+  # to the same logits as base + adapters.
+  out = generate_param_only_checkpoint.export(decode_config, str(tmp_path / "merged"))
+  plain_model = api.load("base.yml", base_output_directory=str(tmp_path), **_tiny_keys(), load_parameters_path=out)
+  np.testing.assert_allclose(plain_model.logits(tokens), model.logits(tokens), rtol=1e-5, atol=1e-5)
+  to_huggingface.convert(decode_config, str(tmp_path / "hf"))
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+  with torch.no_grad():
+    hf_logits = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(hf_logits, model.logits(tokens), rtol=1e-4, atol=1e-4)
+
 
 def _plain_logits(config, params, tokens):
   model = model_creation.abstract_model(config)
@@ -131,6 +146,15 @@ def test_lora_sharded_equals_unsharded(tmp_path):
   replicated = losses(train.train(make_config(tmp_path, *common, "ici_data_parallelism=8")))
   sharded = losses(train.train(make_config(tmp_path, *common, "ici_fsdp_parallelism=4", "ici_tensor_parallelism=2")))
   np.testing.assert_allclose(sharded, replicated, rtol=1e-5)
+
+
+def test_lora_gradient_accumulation_equals_the_large_batch_unscanned(tmp_path):
+  common = [f"lora_rank={RANK}", "steps=3", "enable_checkpointing=false", "scan_layers=false"]
+  big = losses(train.train(make_config(tmp_path, *common, "per_device_batch_size=2")))
+  accumulated = losses(
+      train.train(make_config(tmp_path, *common, "per_device_batch_size=1", "gradient_accumulation_steps=2"))
+  )
+  np.testing.assert_allclose(accumulated, big, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@
         [weight_dtype=bfloat16] [key=value ...]
 
 P is a params-only checkpoint (to_maxtext, generate_param_only_checkpoint) or a step directory of a training run,
-scanned or unscanned. Tensors are written in `weight_dtype`, one rule at a time: host memory stays near one
+scanned or unscanned. With `lora_rank` > 0, P is the base and the adapters of `run_name` (or `checkpoint_path`) are
+merged into it first (generate_param_only_checkpoint's merge, through a local temporary checkpoint). Tensors are written in `weight_dtype`, one rule at a time: host memory stays near one
 parameter (stacked over layers when the checkpoint is scanned), plus Orbax's transient copy while reading it.
 A config whose settings the family's Hugging Face model cannot express (say, a soft cap on a Llama) is refused
 rather than exported as a different model. P and DIR may be buckets (gs://...): each safetensors shard is written
@@ -14,6 +15,7 @@ locally and uploaded as soon as it is complete.
 import json
 import logging
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -52,12 +54,24 @@ def hf_config_json(config) -> dict[str, Any]:
 
 def convert(config, hf_output_path: str, max_shard_bytes: int = 5 * 10**9):
   """Writes hf_output_path/{config.json, model*.safetensors} (and the tokenizer files, for a huggingface tokenizer)."""
-  start = time.time()
   if not config.load_parameters_path:
     raise ConfigError(f"load_parameters_path: required; usage: {USAGE}")
+  if config.lora_rank > 0:
+    from MaxText import generate_param_only_checkpoint  # pylint: disable=import-outside-toplevel
+
+    hf_config_json(config)  # refuse an inexpressible config before merging anything
+    with tempfile.TemporaryDirectory() as tmp:
+      merged = generate_param_only_checkpoint.export(config, f"{tmp}/params")
+      _convert(config, merged, hf_output_path, max_shard_bytes)
+    return
+  _convert(config, config.load_parameters_path, hf_output_path, max_shard_bytes)
+
+
+def _convert(config, params_path: str, hf_output_path: str, max_shard_bytes: int):
+  start = time.time()
   spec = models.get(config.decoder_block)
   config_json = hf_config_json(config)
-  reader = params_io.ParamsReader(config.load_parameters_path)
+  reader = params_io.ParamsReader(params_path)
   rules = spec.hf.weights(config)
   num_layers = config.num_decoder_layers
   layout = layer_layout(config)
