@@ -5,7 +5,8 @@
 
 P is a params-only checkpoint (to_maxtext, generate_param_only_checkpoint) or a step directory of a training run,
 scanned or unscanned. With `lora_rank` > 0, P is the base and the adapters of `run_name` (or `checkpoint_path`) are
-merged into it first (generate_param_only_checkpoint's merge, through a local temporary checkpoint). Tensors are written in `weight_dtype`, one rule at a time: host memory stays near one
+merged into it first (generate_param_only_checkpoint's merge, through a local temporary checkpoint: the whole model
+is loaded once for it). Tensors are written in `weight_dtype`, one rule at a time: host memory stays near one
 parameter (stacked over layers when the checkpoint is scanned), plus Orbax's transient copy while reading it.
 A config whose settings the family's Hugging Face model cannot express (say, a soft cap on a Llama) is refused
 rather than exported as a different model. P and DIR may be buckets (gs://...): each safetensors shard is written
