@@ -137,6 +137,12 @@ class TrainSetup:
       self.abstract_frozen, abstract_params = lora.split(abstract_params)
       self.frozen_shardings, self.param_shardings = lora.split(self.param_shardings)
       decay_mask = lora.split(decay_mask)[1]
+    # DPO without LoRA: the frozen argument is a copy of the starting params, the reference model. (Under LoRA the
+    # reference is the base with the adapters off.)
+    self.dpo_copy = config.use_dpo and not self.lora
+    if self.dpo_copy:
+      self.abstract_frozen, self.frozen_shardings = abstract_params, self.param_shardings
+    self.has_frozen = self.lora or self.dpo_copy
     self.tx, self.schedule = optimizers.create_optimizer(config, decay_mask)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     self.abstract_state = {
@@ -166,23 +172,32 @@ class TrainSetup:
     return jax.jit(init, out_shardings=self.state_shardings)()
 
   def load_frozen(self):
-    """LoRA: the frozen base params, from load_parameters_path, else initialized from init_weights_seed."""
+    """The frozen step argument (LoRA: the base; DPO: the reference): the params of load_parameters_path, else the
+    initialization from init_weights_seed (the same one init_state starts from)."""
     config = self.config
+    what = "LoRA base" if self.lora else "DPO reference"
     if config.load_parameters_path:
-      logger.info("LoRA: frozen base parameters from %s", config.load_parameters_path)
+      logger.info("%s: frozen parameters from %s", what, config.load_parameters_path)
       return checkpointing.load_params(
           config.load_parameters_path, self.abstract_frozen, self.frozen_shardings, config.param_scan_axis
       )
-    logger.warning("LoRA: no load_parameters_path; the frozen base is randomly initialized (init_weights_seed)")
+    logger.warning("%s: no load_parameters_path; frozen parameters from the random initialization", what)
 
     def init():
-      return lora.split(_pure(nnx.state(model_creation.get_model(config), nnx.Param).to_pure_dict()))[0]
+      params = _pure(nnx.state(model_creation.get_model(config), nnx.Param).to_pure_dict())
+      return lora.split(params)[0] if self.lora else params
 
     return jax.jit(init, out_shardings=self.frozen_shardings)()
 
   def full_params(self, params, frozen):
     """The model's params: `params` itself, or under LoRA the frozen base with the adapters `params`."""
     return lora.combine(frozen, params) if self.lora else params
+
+  def reference_params(self, params, frozen):
+    """DPO's reference model: the base with zero adapters (LoRA), else the frozen copy of the starting params."""
+    if self.lora:
+      return lora.combine(frozen, jax.tree.map(jnp.zeros_like, params))
+    return frozen
 
   def state_from_params(self, params):
     def fresh(params):
@@ -194,13 +209,19 @@ class TrainSetup:
 # ----------------------------------------------------------------------------- loss and step
 
 
-def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool, aux_losses: bool = True):
+def loss_sums(
+    setup: TrainSetup, params, batch, dropout_key, deterministic: bool, aux_losses: bool = True, reference=None
+):
   """(sum of masked per-token loss, aux) for one (micro) batch; the caller divides by total weights.
 
   The model's auxiliary terms (Transformer.aux_terms) are per-token means, so they enter the sums times the
   micro-batch's token count: after the division they are token-weighted means over micro-batches. `aux_losses`
   False (eval) leaves the auxiliary loss out of the objective. aux["stats"] is summed over micro-batches as is.
+  With use_dpo the sums are DPO's instead (dpo_loss_sums), over preference pairs, with `reference` the frozen
+  reference model's params.
   """
+  if setup.config.use_dpo:
+    return dpo_loss_sums(setup, params, reference, batch, dropout_key, deterministic, aux_losses)
   config = setup.config
   model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
   hidden, model_aux = model(
@@ -230,6 +251,57 @@ def loss_sums(setup: TrainSetup, params, batch, dropout_key, deterministic: bool
   return total, aux
 
 
+def _sequence_logps(setup: TrainSetup, params, batch, dropout_key, deterministic: bool):
+  """(log-probabilities of segment 1 and 2 of every row [B, 2], the model, its auxiliary outputs)."""
+  config = setup.config
+  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
+  hidden, model_aux = model(
+      batch["inputs"],
+      batch["inputs_position"],
+      batch["inputs_segmentation"],
+      deterministic=deterministic,
+      rngs=None if deterministic else nnx.Rngs(dropout=dropout_key),
+      return_hidden=True,
+      return_aux=True,
+  )
+  per_token, _ = head_loss.tiled_cross_entropy(model, hidden, batch["targets"], 0.0, config.num_vocab_tiling)
+  seg = batch["targets_segmentation"]
+  logps = jnp.stack([-(per_token * (seg == s)).sum(-1) for s in (1, 2)], axis=-1)
+  return logps, model, model_aux
+
+
+def dpo_loss_sums(setup: TrainSetup, params, reference, batch, dropout_key, deterministic: bool, aux_losses: bool):
+  """DPO over the batch's (chosen = segment 1, rejected = segment 2) pairs, summed; total_weights counts pairs.
+
+  With policy and reference log-probabilities of each answer, the implicit rewards are r = beta * (log pi - log
+  pi_ref), and each pair costs -(1 - eps) log sigmoid(r_chosen - r_rejected) - eps log sigmoid(r_rejected - r_chosen)
+  (eps = dpo_label_smoothing).
+  """
+  config = setup.config
+  policy, model, model_aux = _sequence_logps(setup, params, batch, dropout_key, deterministic)
+  ref, _, _ = _sequence_logps(setup, jax.lax.stop_gradient(reference), batch, None, True)
+  rewards = config.dpo_beta * (policy - jax.lax.stop_gradient(ref))
+  margin = rewards[:, 0] - rewards[:, 1]
+  eps = config.dpo_label_smoothing
+  per_pair = -(1.0 - eps) * jax.nn.log_sigmoid(margin) - eps * jax.nn.log_sigmoid(-margin)
+  seg = batch["targets_segmentation"]
+  valid = ((seg == 1).any(-1) & (seg == 2).any(-1)).astype(jnp.float32)  # padding rows hold no pair
+  pairs = valid.sum()
+  terms = model.aux_terms(model_aux)
+  metric_sums = {k: v * pairs for k, v in terms["metrics"].items()}
+  metric_sums |= {
+      "dpo_reward_chosen": (rewards[:, 0] * valid).sum(),
+      "dpo_reward_rejected": (rewards[:, 1] * valid).sum(),
+      "dpo_reward_margin": (margin * valid).sum(),
+      "dpo_accuracy": ((margin > 0) * valid).sum(),
+  }
+  aux = {"total_weights": pairs, "z_loss_sum": jnp.zeros(()), "metric_sums": metric_sums, "stats": terms["stats"]}
+  total = (per_pair * valid).sum()
+  if aux_losses:
+    total = total + terms["loss"] * pairs
+  return total, aux
+
+
 def train_step(setup: TrainSetup, state, batch, frozen=None):
   """One optimizer step over `gradient_accumulation_steps` micro-batches (exact token-weighted mean).
 
@@ -238,9 +310,12 @@ def train_step(setup: TrainSetup, state, batch, frozen=None):
   config = setup.config
   deterministic = not (config.enable_dropout and config.dropout_rate > 0)
   step_key = jax.random.fold_in(jax.random.key(config.init_weights_seed), state["step"])
-  grad_fn = jax.value_and_grad(
-      lambda p, b, k: loss_sums(setup, setup.full_params(p, frozen), b, k, deterministic), has_aux=True
-  )
+
+  def objective(p, b, k):
+    reference = setup.reference_params(p, frozen) if config.use_dpo else None
+    return loss_sums(setup, setup.full_params(p, frozen), b, k, deterministic, reference=reference)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
   ga = config.gradient_accumulation_steps
   if ga == 1:
     (loss_sum, aux), grads = grad_fn(state["params"], batch, step_key)
@@ -284,7 +359,9 @@ def train_step(setup: TrainSetup, state, batch, frozen=None):
 
 
 def eval_step(setup: TrainSetup, params, batch, frozen=None):
-  loss_sum, aux = loss_sums(setup, setup.full_params(params, frozen), batch, None, deterministic=True, aux_losses=False)
+  reference = setup.reference_params(params, frozen) if setup.config.use_dpo else None
+  full = setup.full_params(params, frozen)
+  loss_sum, aux = loss_sums(setup, full, batch, None, deterministic=True, aux_losses=False, reference=reference)
   return {"eval/loss_sum": loss_sum, "eval/total_weights": aux["total_weights"]}
 
 
@@ -293,8 +370,8 @@ def compile_train_step(setup: TrainSetup, batch_shapes):
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
   # Batches enter both steps in load-balanced order under context parallelism (identity otherwise).
   enter = functools.partial(context_parallel.reorder_batch, config=setup.config)
-  # Under LoRA both take the frozen base as a last argument (see step_args).
-  frozen = (setup.frozen_shardings,) if setup.lora else ()
+  # Under LoRA or DPO both take the frozen params (base or reference) as a last argument.
+  frozen = (setup.frozen_shardings,) if setup.has_frozen else ()
   step = jax.jit(
       lambda state, batch, *base: train_step(setup, state, enter(batch), *base),
       in_shardings=(setup.state_shardings, data_shardings) + frozen,
@@ -501,14 +578,14 @@ def train(config) -> list[dict[str, Any]]:
     first_batch = next(train_iter)
     step_fn, evaluate, _ = compile_train_step(setup, first_batch)
     tflops = metrics.training_tflops_per_device(config)
-    frozen = (setup.load_frozen(),) if setup.lora else ()
+    frozen = (setup.load_frozen(),) if setup.has_frozen else ()
     if config.compiled_trainstep_file:
       compiled = load_compiled_step(config.compiled_trainstep_file, (state, first_batch) + frozen)
     else:
       compiled = step_fn.lower(state, first_batch, *frozen).compile()
     _log_startup(config, setup, tflops, compiled)
     metric_logger = metrics.MetricLogger(config, tflops[0])
-    if setup.lora:
+    if setup.has_frozen:
       compiled = functools.partial(_with_frozen, compiled, frozen)
       evaluate = functools.partial(_with_frozen, evaluate, frozen)
     loop = TrainLoop(config, compiled, evaluate, manager, metric_logger, train_iter, eval_iter)

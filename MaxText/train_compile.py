@@ -39,9 +39,14 @@ def compile_train_step(config):
   state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), setup.abstract_state, setup.state_shardings
   )
+  abstract = lambda tree, shardings: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+  )
+  # LoRA's frozen base or DPO's reference model: an argument of the step, held like the params.
+  frozen = (abstract(setup.abstract_frozen, setup.frozen_shardings),) if setup.has_frozen else ()
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     step, _, _ = train.compile_train_step(setup, batch)
-    return step.lower(state, batch).compile(), setup
+    return step.lower(state, batch, *frozen).compile(), setup
 
 
 def report(config, compiled, setup) -> dict:
@@ -53,7 +58,8 @@ def report(config, compiled, setup) -> dict:
   flops = aot_report.compiler_flops(compiled)
   collectives = aot_report.collective_bytes(compiled.as_text(), config.num_devices)
   out = {
-      "parameters": setup.num_params,
+      "parameters": setup.num_params + setup.num_frozen,
+      "trained_parameters": setup.num_params,
       "tflops_per_device_per_step": total,
       "compiler_tflops_per_device_per_step": None if flops is None else flops / 1e12,
       "collectives": collectives,

@@ -59,8 +59,9 @@ class MaxTextTrainRunner:
       self.batch = next(data)
       step_fn, _, _ = train.compile_train_step(setup, self.batch)
       self.state = setup.init_state()
+      self.frozen = (setup.load_frozen(),) if setup.has_frozen else ()  # LoRA base or DPO reference
       start = time.perf_counter()
-      self.compiled = step_fn.lower(self.state, self.batch).compile()
+      self.compiled = step_fn.lower(self.state, self.batch, *self.frozen).compile()
       self.compile_seconds = time.perf_counter() - start
     self.tokens_per_step = config.global_batch_size_to_train_on * config.max_target_length
     self.loss = float("nan")
@@ -71,7 +72,7 @@ class MaxTextTrainRunner:
     with sharding.use_mesh(self.mesh, self.config.logical_axis_rules):
       for _ in range(steps):
         start = time.perf_counter()
-        self.state, m = self.compiled(self.state, self.batch)
+        self.state, m = self.compiled(self.state, self.batch, *self.frozen)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - start)
         self.loss = float(m["learning/loss"])

@@ -274,6 +274,17 @@ class _Values:
 
 
 def check_sft(v: dict):
+  if v["use_dpo"]:
+    if v["use_sft"]:
+      raise ConfigError("use_dpo: trains on preference pairs; use_sft (conversations) is another objective: set one")
+    if v["dataset_type"] not in ("grain", "hf"):
+      raise ConfigError(f"use_dpo: reads preference pairs through dataset_type grain or hf, not {v['dataset_type']}")
+    if len(v["train_data_columns"]) != 3:
+      raise ConfigError(
+          f"train_data_columns: use_dpo reads [prompt, chosen, rejected] columns, got {v['train_data_columns']}"
+      )
+    if v["num_pipeline_microbatches"] > 1 or v["ici_stage_parallelism"] * v["dcn_stage_parallelism"] > 1:
+      raise ConfigError("use_dpo: DPO with pipeline stages is not supported yet")
   if not v["use_sft"]:
     return
   if v["dataset_type"] not in ("grain", "hf"):

@@ -114,6 +114,13 @@ KEYS = (
         "use_sft: the loss covers only assistant turns (false: every token of the conversation)",
     ),
     Key(
+        "use_dpo",
+        False,
+        BOOL,
+        "direct preference optimization: records are (prompt, chosen, rejected) (train_data_columns: [prompt, chosen,"
+        " rejected]) rendered with the chat template, one pair per row",
+    ),
+    Key(
         "chat_template_path",
         "",
         STR,

@@ -33,6 +33,13 @@ KEYS = (
     Key("mu_dtype", "", Str("", *DTYPES), 'dtype of Adam\'s first moment ("" = weight_dtype)'),
     Key("gradient_clipping_threshold", 1.0, Float(0.0), "global-norm gradient clipping (0 = off)"),
     Key("z_loss_multiplier", 0.0, Float(0.0), "weight of the z-loss (log Z squared) term"),
+    Key("dpo_beta", 0.1, Float(0.0), "use_dpo: beta, the strength of the implicit KL penalty to the reference model"),
+    Key(
+        "dpo_label_smoothing",
+        0.0,
+        Float(0.0, 0.5),
+        "use_dpo: assumed probability that a preference label is flipped (conservative DPO; 0 = plain DPO)",
+    ),
     Key("init_weights_seed", 0, NONNEG, "seed for parameter initialization"),
     Key("enable_dropout", True, BOOL, "allow dropout (only matters when dropout_rate > 0)"),
     Key("abort_on_nan_loss", True, BOOL, "stop the run at the first NaN/Inf loss"),

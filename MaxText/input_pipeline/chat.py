@@ -122,15 +122,18 @@ class ChatFormat:
     """The token ids a model continues to answer `messages` (rendered with the generation prompt)."""
     return self.tokenizer.encode_special(self.render(messages, add_generation_prompt=True))
 
-  def encode(self, messages: Sequence[dict[str, Any]], completion_only: bool) -> tuple[list[int], list[bool]]:
+  def encode(
+      self, messages: Sequence[dict[str, Any]], completion_only: bool, first: int = 0
+  ) -> tuple[list[int], list[bool]]:
     """A whole conversation: (token ids, trained) where trained[i] says token i is a target of the loss.
 
-    With `completion_only`, exactly the tokens of assistant turns are trained; otherwise every token is.
+    With `completion_only`, exactly the tokens of assistant turns from message `first` on are trained; otherwise
+    every token is.
     """
     ids, trained, done = [], [], ""
     full = self.render(messages, add_generation_prompt=False)
     for i, message in enumerate(messages):
-      if message["role"] != "assistant":
+      if message["role"] != "assistant" or i < first:
         continue
       before = self.render(messages[:i], add_generation_prompt=True)
       after = self.render(messages[: i + 1], add_generation_prompt=False)
@@ -189,7 +192,7 @@ def _as_messages(value: Any, role: Optional[str], column: str, record: Any) -> l
   )
 
 
-def conversation(record: Any, columns: Sequence[str]) -> list[dict[str, Any]]:
+def conversation(record: Any, columns: Sequence[str], need_answer: bool = True) -> list[dict[str, Any]]:
   """The messages of one record: one column of messages, or prompt + completion columns; checked.
 
   A prompt/completion string is a user/assistant message. Raises ChatError quoting the record when it has no
@@ -211,9 +214,30 @@ def conversation(record: Any, columns: Sequence[str]) -> list[dict[str, Any]]:
     if message["role"] not in ROLES:
       raise ChatError(f"unknown role {message['role']!r} (known: {', '.join(ROLES)}) in {_quote(record)}")
     out.append({k: v for k, v in message.items() if v is not None})  # Arrow fills keys other rows have with None
-  if not any(m["role"] == "assistant" for m in out):
+  if need_answer and not any(m["role"] == "assistant" for m in out):
     raise ChatError(f"a conversation without an assistant turn has nothing to train on: {_quote(record)}")
   return out
+
+
+def preference(record: Any, columns: Sequence[str]) -> tuple[list[dict], list[dict], list[dict]]:
+  """(prompt, chosen, rejected) messages of a preference record with columns [prompt, chosen, rejected].
+
+  Each column is a string (the prompt a user message, the answers assistant messages) or a list of messages; both
+  answers need an assistant turn. Raises ChatError quoting the record otherwise.
+  """
+  if not isinstance(record, dict) or any(c not in record for c in columns):
+    raise ChatError(
+        f"a preference record must have the columns {list(columns)} (train_data_columns), got {_quote(record)}"
+    )
+  prompt_col, chosen_col, rejected_col = columns
+  prompt = conversation({"m": _as_messages(record[prompt_col], "user", prompt_col, record)}, ["m"], need_answer=False)
+  answers = []
+  for column in (chosen_col, rejected_col):
+    answer = conversation({"m": _as_messages(record[column], "assistant", column, record)}, ["m"], need_answer=False)
+    if not any(m["role"] == "assistant" for m in answer):
+      raise ChatError(f"column {column!r} has no assistant message: {_quote(record)}")
+    answers.append(answer)
+  return prompt, answers[0], answers[1]
 
 
 def fit(ids: Sequence[int], trained: Sequence[bool], length: int) -> tuple[list[int], list[bool]]:

@@ -32,6 +32,7 @@ class PipelineOptions:
   streams: int
   rows_per_stream: int
   sft: bool = False
+  dpo: bool = False
   completion_only: bool = True
   chat_template: str = ""  # Jinja source (use_sft)
   chat_origin: str = ""  # where it came from, for errors
@@ -46,7 +47,7 @@ class PipelineOptions:
           " one stream per row"
       )
     template, origin = "", ""
-    if config.use_sft:
+    if config.use_sft or config.use_dpo:
       checked = chat.from_config(config, tokenizers.build_tokenizer(config))  # a broken template fails here
       template, origin = checked.source, checked.origin
     return cls(
@@ -64,6 +65,7 @@ class PipelineOptions:
         streams=streams,
         rows_per_stream=rows // streams,
         sft=config.use_sft,
+        dpo=config.use_dpo,
         completion_only=config.sft_train_on_completion_only,
         chat_template=template,
         chat_origin=origin,
@@ -126,3 +128,29 @@ class EncodeChat(grain.experimental.FlatMapTransform):
     ids, trained = chat_format.encode(chat.conversation(element, o.columns), o.completion_only)
     ids, trained = chat.fit(ids, trained, o.max_target_length)
     return [chat.signed(ids, trained)] if len(ids) >= 2 else []
+
+
+class EncodePreference(grain.experimental.FlatMapTransform):
+  """use_dpo: a (prompt, chosen, rejected) record -> (chosen, rejected) signed token sequences, each at most half a row.
+
+  Only the answers' tokens are trained (their log-probabilities enter the DPO loss); a pair where either side keeps
+  fewer than two tokens is dropped.
+  """
+
+  max_fan_out = 1
+
+  def __init__(self, options: PipelineOptions):
+    self._options = options
+
+  def flat_map(self, element):
+    o = self._options
+    chat_format = chat.chat_format(o.chat_template, o.chat_origin, tokenizers.load_tokenizer(o.tokenizer))
+    prompt, chosen, rejected = chat.preference(element, o.columns)
+    pair = []
+    for answer in (chosen, rejected):
+      ids, trained = chat_format.encode(prompt + answer, completion_only=True, first=len(prompt))
+      ids, trained = chat.fit(ids, trained, o.max_target_length // 2)
+      if len(ids) < 2 or not any(trained[1:]):
+        return []
+      pair.append(chat.signed(ids, trained))
+    return [tuple(pair)]

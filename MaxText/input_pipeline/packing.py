@@ -181,6 +181,16 @@ class PackIterDataset(grain.IterDataset):
     return _PackIterator(self._parent.__iter__(), self._length, self._max_open, self._pad_id)
 
 
+class PairRow(grain.transforms.Map):
+  """use_dpo: one (chosen, rejected) pair per row, as segments 1 and 2."""
+
+  def __init__(self, length: int, pad_id: int):
+    self._length, self._pad_id = length, pad_id
+
+  def map(self, element):
+    return row_arrays([list(doc) for doc in element], self._length, self._pad_id)
+
+
 class PadRow(grain.transforms.Map):
   """packing=false: one document per row, padded."""
 

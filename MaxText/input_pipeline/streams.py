@@ -90,6 +90,9 @@ def stream_rows(
     mixed = grain.MapDataset.mix(records, [w for _, w in parts])
   else:
     mixed = min(records, key=len)  # one source, or a mixture with an empty part (which ends at once)
+  if options.dpo:
+    pairs = grain.experimental.FlatMapIterDataset(mixed.to_iter_dataset(_READ), documents.EncodePreference(options))
+    return pairs.map(packing.PairRow(options.max_target_length, pad_id))
   if options.sft:
     pieces = grain.experimental.FlatMapIterDataset(mixed.to_iter_dataset(_READ), documents.EncodeChat(options))
   else:

@@ -79,6 +79,7 @@ class StreamPipeline:
 
   def __init__(self, sources, options: documents.PipelineOptions, share, pad_id: int, train: bool):
     self._options, self._pad_id = options, pad_id
+    self.chat_key = "use_dpo" if options.dpo else "use_sft"  # names the setting in errors about chat records
     self.count = options.streams
     per = options.rows_per_stream
     self.local = tuple(sorted({int(r) // per for r in share.rows}))
@@ -180,7 +181,7 @@ class TextBatchIterator(distributed_batch.BatchIterator):
     try:
       step = self._step()
     except chat.ChatError as e:  # a bad conversation or template among the first records: before anything compiles
-      raise ConfigError(f"use_sft: {self._name}: {e}") from None
+      raise ConfigError(f"{self._pipeline.chat_key}: {self._name}: {e}") from None
     batch, short, _ = step
     if (self._train and short) or not batch["inputs_segmentation"].any():
       raise ConfigError(
