@@ -305,7 +305,8 @@ def dpo_loss_sums(setup: TrainSetup, params, reference, batch, dropout_key, dete
 def train_step(setup: TrainSetup, state, batch, frozen=None):
   """One optimizer step over `gradient_accumulation_steps` micro-batches (exact token-weighted mean).
 
-  Gradients are taken with respect to state["params"] only: under LoRA the adapters, with the base `frozen`.
+  Gradients are taken with respect to state["params"] only; `frozen` is LoRA's base (state["params"] being the
+  adapters) or DPO's reference model.
   """
   config = setup.config
   deterministic = not (config.enable_dropout and config.dropout_rate > 0)

@@ -75,7 +75,8 @@ def report(config, compiled, setup) -> dict:
     )
   mesh = ", ".join(f"{a}={n}" for a, n in zip(config.mesh_axes, config.ici_parallelism) if n > 1) or "one device"
   dcn = ", ".join(f"{a}={n}" for a, n in zip(config.mesh_axes, config.dcn_parallelism) if n > 1)
-  print(f"model {config.model_name}: {setup.num_params:,} parameters on {where}")
+  trained = f" ({setup.num_params:,} trained: LoRA adapters)" if setup.lora else ""
+  print(f"model {config.model_name}: {setup.num_params + setup.num_frozen:,} parameters{trained} on {where}")
   print(f"mesh: ici {mesh}" + (f"; dcn {dcn}" if dcn else ""))
   schedule = decoders.pipeline_schedule(config)
   if schedule is not None:

@@ -283,8 +283,14 @@ def check_sft(v: dict):
       raise ConfigError(
           f"train_data_columns: use_dpo reads [prompt, chosen, rejected] columns, got {v['train_data_columns']}"
       )
-    if v["num_pipeline_microbatches"] > 1 or v["ici_stage_parallelism"] * v["dcn_stage_parallelism"] > 1:
+    if v["ici_stage_parallelism"] * v["dcn_stage_parallelism"] > 1:
       raise ConfigError("use_dpo: DPO with pipeline stages is not supported yet")
+    for key in ("load_full_state_path", "checkpoint_path"):
+      if v[key] and not v["lora_rank"]:
+        raise ConfigError(
+            f"{key}: a DPO run starts from load_parameters_path, which is also its frozen reference model (a run"
+            " resumes from its own checkpoints with run_name)"
+        )
   if not v["use_sft"]:
     return
   if v["dataset_type"] not in ("grain", "hf"):

@@ -163,6 +163,8 @@ def test_bad_dpo_settings_are_config_errors(tok_dir, tmp_path):
     dpo_config(tok_dir, data, train_data_columns=["prompt", "chosen"])
   with pytest.raises(ConfigError, match="use_dpo: trains on preference pairs; use_sft"):
     dpo_config(tok_dir, data, use_sft=True)
+  with pytest.raises(ConfigError, match="load_full_state_path: a DPO run starts from load_parameters_path"):
+    dpo_config(tok_dir, data, load_full_state_path=str(tmp_path))
   bad = [{"prompt": "alpha", "chosen": [{"role": "user", "content": "beta"}], "rejected": "gamma"}] * 8
   with pytest.raises(ConfigError, match="use_dpo: .*column 'chosen' has no assistant message"):
     first_batch(dpo_config(tok_dir, write_jsonl(tmp_path / "bad.jsonl", bad)))
