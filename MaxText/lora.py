@@ -66,7 +66,10 @@ def _delta(a, b, kernel_ndim: int, param_scan_axis: int):
 
 
 def merge(params: dict, lora_scale: float, param_scan_axis: int) -> dict:
-  """Params with every adapter folded into its kernel (in float32, cast back) and the adapter leaves removed."""
+  """Params with every adapter folded into its kernel (in float32, cast back) and the adapter leaves removed.
+
+  Int8 kernels with their `kernel_scale` (QLoRA's base) are dequantized and come out float32, scales dropped.
+  """
   flat = traverse_util.flatten_dict(params)
   out = {k: v for k, v in flat.items() if not is_adapter(k)}
   for key in flat:
@@ -76,7 +79,14 @@ def merge(params: dict, lora_scale: float, param_scan_axis: int) -> dict:
     kernel = flat[module + ("kernel",)]
     a, b = flat[module + ("lora_a",)], flat[module + ("lora_b",)]
     delta = _delta(a.astype(jnp.float32), b.astype(jnp.float32), kernel.ndim, param_scan_axis)
-    out[module + ("kernel",)] = (kernel.astype(jnp.float32) + lora_scale * delta).astype(kernel.dtype)
+    scale = out.pop(module + ("kernel_scale",), None)
+    if scale is None:
+      out[module + ("kernel",)] = (kernel.astype(jnp.float32) + lora_scale * delta).astype(kernel.dtype)
+    else:
+      out[module + ("kernel",)] = kernel.astype(jnp.float32) * scale.astype(jnp.float32) + lora_scale * delta
+  for key in [k for k in out if str(k[-1]) == "kernel_scale"]:  # int8 kernels without an adapter
+    module = key[:-1]
+    out[module + ("kernel",)] = out[module + ("kernel",)].astype(jnp.float32) * out.pop(key).astype(jnp.float32)
   return traverse_util.unflatten_dict(out)
 
 

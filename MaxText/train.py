@@ -547,7 +547,7 @@ def _log_startup(config, setup: TrainSetup, tflops, compiled):
 
 def train(config) -> list[dict[str, Any]]:
   """Runs the training loop; returns each logged step's metrics (host floats)."""
-  if config.checkpoint_is_quantized or config.save_quantized_params_path:
+  if (config.checkpoint_is_quantized and not config.lora_rank) or config.save_quantized_params_path:
     key = "checkpoint_is_quantized" if config.checkpoint_is_quantized else "save_quantized_params_path"
     raise ConfigError(f"{key}: a decode key (int8 params cannot be trained); train with quantization=... alone")
   _check_output_dir(config)

@@ -184,8 +184,18 @@ def check_quantization(v: dict, program: Optional[str]):
   stored_key = next((k for k in ("checkpoint_is_quantized", "save_quantized_params_path") if v[k]), None)
   if stored_key is None:
     return
-  if program in _TRAINING:
-    raise ConfigError(f"{stored_key}: a decode key (int8 params cannot be trained); train with quantization=... alone")
+  if program in _TRAINING and not (stored_key == "checkpoint_is_quantized" and v["lora_rank"] > 0):
+    raise ConfigError(
+        f"{stored_key}: a decode key (int8 params cannot be trained; QLoRA trains adapters over them with lora_rank);"
+        " train with quantization=... alone"
+    )
+  if program in _TRAINING and v["quantization"] != "int8w":
+    raise ConfigError(
+        f"checkpoint_is_quantized: QLoRA (lora_rank over an int8 base) uses weight-only int8, quantization=int8w (got"
+        f" {v['quantization']!r})"
+    )
+  if program in _TRAINING and not v["load_parameters_path"]:
+    raise ConfigError("checkpoint_is_quantized: QLoRA needs the int8 base in load_parameters_path")
   stored = list(numerics.STORED_QUANTIZATION)
   if not v["quantization"]:
     raise ConfigError(f"{stored_key}: needs quantization set to one of {stored}")
@@ -321,9 +331,8 @@ def check_lora(v: dict):
     raise ConfigError("lora_rank: LoRA adapters on MLA attention (DeepSeek) are not supported yet")
   if v["ici_stage_parallelism"] * v["dcn_stage_parallelism"] > 1:
     raise ConfigError("lora_rank: LoRA with pipeline stages (ici/dcn_stage_parallelism > 1) is not supported yet")
-  for key in ("checkpoint_is_quantized", "save_quantized_params_path"):
-    if v[key]:
-      raise ConfigError(f"{key}: int8 decoding of a LoRA model (lora_rank > 0) is not supported yet")
+  if v["save_quantized_params_path"]:
+    raise ConfigError("save_quantized_params_path: quantize the base before LoRA (without lora_rank), not with it")
   if v["load_full_state_path"]:
     raise ConfigError(
         "load_full_state_path: with lora_rank the base comes from load_parameters_path and the adapters from the"

@@ -3,6 +3,7 @@ state, checkpoints hold only adapters, merged weights equal base + adapter, shar
 base + adapters, and bad settings are config errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
@@ -10,7 +11,7 @@ from flax import nnx, traverse_util
 from MaxText import api, checkpointing, generate_param_only_checkpoint, lora, pyconfig, sharding, train
 from MaxText.config_schema import ConfigError
 from MaxText.inference import loading
-from MaxText.layers import model_creation
+from MaxText.layers import model_creation, quantization
 from MaxText.tests import model_test_utils as mtu
 from MaxText.tests.test_train import TINY, losses
 from MaxText.utils.ckpt_conversion import to_huggingface
@@ -117,6 +118,34 @@ def _plain_logits(config, params, tokens):
   nnx.update(model, nnx.State(params))
   positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
   return np.asarray(mtu.forward(model, tokens, positions, None))
+
+
+def test_qlora_trains_adapters_over_an_int8_base_and_merges_to_float(tmp_path):
+  _, base = save_base(tmp_path)
+  quant = ["quantization=int8w", "checkpoint_is_quantized=true"]
+  int8_config = make_config(tmp_path, *quant)
+  _, _, int8_abstract, _ = train.build_model_skeleton(int8_config, sharding.create_mesh(int8_config))
+  int8_base = jax.device_get(quantization.quantize_params(base, int8_abstract))
+  int8_path = str(tmp_path / "int8_params")
+  checkpointing.save_params(int8_path, int8_base)
+
+  args = [f"lora_rank={RANK}", *quant, f"load_parameters_path={int8_path}", "run_name=qlora", "steps=6"]
+  config = make_config(tmp_path, *args, "checkpoint_period=6", "per_device_batch_size=1", "learning_rate=1e-2")
+  setup = train.TrainSetup(config, sharding.create_mesh(config))
+  frozen = traverse_util.flatten_dict(setup.abstract_frozen)
+  kernels = [x for k, x in frozen.items() if k[-1] == "kernel" and "layers" in k]  # the layers' projections
+  assert kernels and all(x.dtype == jnp.int8 for x in kernels)
+  history = train.train(config)
+  assert losses(history)[-1] < losses(history)[0]
+
+  decode_config = make_config(tmp_path, *args)
+  _, _, abstract, shardings = train.build_model_skeleton(decode_config, sharding.create_mesh(decode_config))
+  full = jax.device_get(loading.load_params(decode_config, abstract, shardings))
+  merged = lora.merge(full, lora.scale(config), config.param_scan_axis)
+  assert not any(k[-1] == "kernel_scale" for k in traverse_util.flatten_dict(merged))
+  np.testing.assert_allclose(
+      logits_of(make_config(tmp_path), merged), logits_of(decode_config, full), rtol=1e-5, atol=1e-5
+  )
 
 
 def _tiny_keys():
