@@ -194,7 +194,7 @@ def check_quantization(v: dict, program: Optional[str]):
         f"checkpoint_is_quantized: QLoRA (lora_rank over an int8 base) uses weight-only int8, quantization=int8w (got"
         f" {v['quantization']!r})"
     )
-  if program in _TRAINING and not v["load_parameters_path"]:
+  if program == "train" and not v["load_parameters_path"]:  # (an AOT compile reads no weights)
     raise ConfigError("checkpoint_is_quantized: QLoRA needs the int8 base in load_parameters_path")
   stored = list(numerics.STORED_QUANTIZATION)
   if not v["quantization"]:
