@@ -209,6 +209,21 @@ class TrainSetup:
 # ----------------------------------------------------------------------------- loss and step
 
 
+def _forward(setup: TrainSetup, params, batch, dropout_key, deterministic: bool):
+  """(model, final hidden states, auxiliary outputs) of the model with `params` on the batch's inputs."""
+  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
+  hidden, model_aux = model(
+      batch["inputs"],
+      batch["inputs_position"],
+      batch["inputs_segmentation"],
+      deterministic=deterministic,
+      rngs=None if deterministic else nnx.Rngs(dropout=dropout_key),
+      return_hidden=True,
+      return_aux=True,
+  )
+  return model, hidden, model_aux
+
+
 def loss_sums(
     setup: TrainSetup, params, batch, dropout_key, deterministic: bool, aux_losses: bool = True, reference=None
 ):
@@ -223,16 +238,7 @@ def loss_sums(
   if setup.config.use_dpo:
     return dpo_loss_sums(setup, params, reference, batch, dropout_key, deterministic, aux_losses)
   config = setup.config
-  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
-  hidden, model_aux = model(
-      batch["inputs"],
-      batch["inputs_position"],
-      batch["inputs_segmentation"],
-      deterministic=deterministic,
-      rngs=None if deterministic else nnx.Rngs(dropout=dropout_key),
-      return_hidden=True,
-      return_aux=True,
-  )
+  model, hidden, model_aux = _forward(setup, params, batch, dropout_key, deterministic)
   per_token, z_loss = head_loss.tiled_cross_entropy(
       model, hidden, batch["targets"], config.z_loss_multiplier, config.num_vocab_tiling
   )
@@ -254,16 +260,7 @@ def loss_sums(
 def _sequence_logps(setup: TrainSetup, params, batch, dropout_key, deterministic: bool):
   """(log-probabilities of segment 1 and 2 of every row [B, 2], the model, its auxiliary outputs)."""
   config = setup.config
-  model = nnx.merge(setup.graphdef, nnx.State(params), setup.rest)
-  hidden, model_aux = model(
-      batch["inputs"],
-      batch["inputs_position"],
-      batch["inputs_segmentation"],
-      deterministic=deterministic,
-      rngs=None if deterministic else nnx.Rngs(dropout=dropout_key),
-      return_hidden=True,
-      return_aux=True,
-  )
+  model, hidden, model_aux = _forward(setup, params, batch, dropout_key, deterministic)
   per_token, _ = head_loss.tiled_cross_entropy(model, hidden, batch["targets"], 0.0, config.num_vocab_tiling)
   seg = batch["targets_segmentation"]
   logps = jnp.stack([-(per_token * (seg == s)).sum(-1) for s in (1, 2)], axis=-1)

@@ -32,6 +32,15 @@ def checkpoint_path_source(path: str) -> str:
     raise ConfigError(f"checkpoint_path: {e}") from None
 
 
+def _readable(key: str, path: str) -> str:
+  """`path`, after checking it can be read; ConfigError naming `key` otherwise."""
+  if storage.is_remote(path):
+    storage.check_readable(key, path)  # names a missing bucket or missing credentials
+  elif not storage.exists(path):
+    raise ConfigError(f"{key}: no checkpoint at {path}")
+  return path
+
+
 def checkpoint_source(config) -> tuple[str, str]:
   """(config key that names the source, path) of the parameters to load; ConfigError when there are none."""
   if config.checkpoint_path:
@@ -39,11 +48,7 @@ def checkpoint_source(config) -> tuple[str, str]:
   for key in ("load_parameters_path", "load_full_state_path"):
     path = getattr(config, key)
     if path:
-      if storage.is_remote(path):
-        storage.check_readable(key, path)  # names a missing bucket or missing credentials
-      elif not storage.exists(path):
-        raise ConfigError(f"{key}: no checkpoint at {path}")
-      return key, path
+      return key, _readable(key, path)
   path = latest_checkpoint(config.checkpoint_dir)
   if path is None:
     raise ConfigError(
@@ -117,7 +122,8 @@ def _load_lora(config, abstract_params, param_shardings):
     )
   base_abstract, adapter_abstract = lora.split(abstract_params)
   base_shardings, adapter_shardings = lora.split(param_shardings)
-  base = _load_checked(config, "load_parameters_path", config.load_parameters_path, base_abstract, base_shardings)
+  base_path = _readable("load_parameters_path", config.load_parameters_path)
+  base = _load_checked(config, "load_parameters_path", base_path, base_abstract, base_shardings)
   if config.checkpoint_path:
     key, path = "checkpoint_path", checkpoint_path_source(config.checkpoint_path)
   else:
@@ -139,10 +145,7 @@ def _load(config, abstract_params, param_shardings):
 
 
 def _load_checked(config, key: str, path: str, abstract_params, param_shardings):
-  if storage.is_remote(path):
-    storage.check_readable(key, path)
-  elif not storage.exists(path):
-    raise ConfigError(f"{key}: no checkpoint at {path}")
+  """Params from a readable checkpoint `path`; ConfigError naming `key` when it does not match the model."""
   try:
     problems = shape_mismatches(path, abstract_params, config.param_scan_axis)
   except (FileNotFoundError, ValueError) as e:

@@ -9,9 +9,8 @@ from flax import nnx
 
 from MaxText import pyconfig, sharding, train
 from MaxText.config_schema import ConfigError
-from MaxText.input_pipeline import create_data_iterators
 from MaxText.input_pipeline import tokenizer as tokenizers
-from MaxText.tests.test_sft import CHATML, WORDS, write_jsonl, write_tokenizer
+from MaxText.tests.test_sft import CHATML, WORDS, first_batch, write_jsonl, write_tokenizer
 
 
 @pytest.fixture(scope="module", name="tok_dir")
@@ -56,11 +55,6 @@ def dpo_config(tok_dir, data, *args, **kw):
   )
   values.update(kw)
   return pyconfig.initialize(["", "base.yml", *args], **values)
-
-
-def first_batch(config):
-  it, _ = create_data_iterators(config, sharding.create_mesh(config))
-  return {k: np.asarray(v) for k, v in next(it).items()}
 
 
 def test_each_row_is_a_pair_with_only_the_answers_as_targets(tok_dir, tmp_path):

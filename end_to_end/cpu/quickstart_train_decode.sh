@@ -35,20 +35,10 @@ python3 -m MaxText.serve MaxText/configs/base.yml run_name=quickstart base_outpu
   per_device_batch_size=8 port="$PORT" > "$OUT/serve.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
-python3 - "$PORT" "$server" <<'PYEOF'
-import json, os, sys, time, urllib.request
-port, pid = sys.argv[1], int(sys.argv[2])
-base = f"http://127.0.0.1:{port}"
-deadline = time.monotonic() + 600
-while True:
-  try:
-    urllib.request.urlopen(f"{base}/health", timeout=5)
-    break
-  except OSError:
-    os.kill(pid, 0)  # raises once the server has died
-    if time.monotonic() > deadline:
-      sys.exit("FAIL: the server did not come up in 600 s")
-    time.sleep(1)
+python3 end_to_end/cpu/wait_for_server.py "$PORT" "$server"
+python3 - "$PORT" <<'PYEOF'
+import json, sys, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
 body = json.dumps({"prompt": "The for", "max_tokens": 16}).encode()
 req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
 reply = json.load(urllib.request.urlopen(req, timeout=300))
