@@ -297,6 +297,10 @@ def load_params(path: str, abstract_params, shardings, param_scan_axis: int = 1)
     host = scan_layout.unscanned_to_scanned(host, param_scan_axis)
   plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
   want = scan_layout.unscanned_to_scanned(plain, param_scan_axis) if want_unscanned else plain
+  if want_unscanned and scan_layout.stacks_disagree(host, want):  # the stored stacks' names place the layers
+    host = scan_layout.scanned_to_unscanned(host, param_scan_axis)
+    host = jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype).reshape(a.shape), host, plain)
+    return jax.device_put(host, shardings)
   host = jax.tree.map(lambda x, a: np.asarray(x).astype(a.dtype).reshape(a.shape), host, want)
   if want_unscanned:
     host = scan_layout.scanned_to_unscanned(host, param_scan_axis)

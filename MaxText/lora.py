@@ -2,6 +2,9 @@
 
 With `lora_rank` > 0 every projection named in `lora_target_modules` (layers/linears.DenseGeneral) holds `lora_a`
 [in..., rank] and `lora_b` [rank, out...] next to its kernel and computes x.W + (lora_alpha / lora_rank) x.A.B.
+Routed MoE experts (targets moe_wi_0, moe_wi_1, moe_wo) hold one adapter per expert in a sibling module
+`<kernel>_lora` (`lora_a` [experts, in, rank], `lora_b` [experts, rank, out]). During training the adapter's input
+goes through dropout at `lora_dropout` (the base path never does).
 Parameters are pure nested dicts everywhere outside the modules; `split` separates the adapters (leaves named lora_a
 or lora_b) from the base, `combine` puts them back, and `merge` folds the adapters into the kernels (W + s A.B) for
 a plain model: export, or a checkpoint any config without LoRA loads.
@@ -15,6 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
+EXPERT_SUFFIX = "_lora"  # routed experts' adapters: mlp/wi_0 -> mlp/wi_0_lora/{lora_a, lora_b}
 
 
 def scale(config) -> float:
@@ -26,10 +30,23 @@ def dense_kwargs(config) -> Callable[[str], dict]:
 
   def kwargs(name: str) -> dict:
     if config.lora_rank > 0 and name in config.lora_target_modules:
-      return {"lora_rank": config.lora_rank, "lora_scale": scale(config)}
+      return {"lora_rank": config.lora_rank, "lora_scale": scale(config), "lora_dropout": config.lora_dropout}
     return {}
 
   return kwargs
+
+
+def subkey(rng: jax.Array | None, index: int) -> jax.Array | None:
+  """The dropout key of one projection (by its place in the module) from the module's key; None stays None."""
+  return None if rng is None else jax.random.fold_in(rng, index)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """An adapter's input under inverted dropout (kept entries scaled by 1 / (1 - rate)); unchanged without a key."""
+  if rng is None or rate <= 0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def is_adapter(path: tuple) -> bool:
@@ -55,14 +72,29 @@ def count(adapters: dict) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
 
 
-def _delta(a, b, kernel_ndim: int, param_scan_axis: int):
-  """s-less A.B in the kernel's layout: [in..., out...], or stacked over layers at param_scan_axis."""
-  scanned = a.ndim + b.ndim == kernel_ndim + 3
-  if not scanned:
-    return jnp.tensordot(a, b, axes=1)
+def kernel_path(module: tuple) -> tuple:
+  """The path of the kernel an adapter module (the path above its lora_a/lora_b) belongs to."""
+  name = str(module[-1])
+  if name.endswith(EXPERT_SUFFIX):
+    return module[:-1] + (name[: -len(EXPERT_SUFFIX)],)
+  return module + ("kernel",)
+
+
+def _delta(a, b, kernel_ndim: int, param_scan_axis: int, expert: bool):
+  """s-less A.B in the kernel's layout: [in..., out...] or [experts, in, out], stacked over layers at param_scan_axis.
+
+  Batch axes (the layer stack, the experts) are the extra dimensions of a and b beyond a kernel's in + out.
+  """
+  batch = a.ndim + b.ndim - kernel_ndim - 2
+  product = lambda x, y: jnp.tensordot(x, y, axes=1)
+  if expert:  # [experts, in, rank] or stacked: [experts, layers, ...] / [layers, experts, ...], batch axes leading
+    for _ in range(batch):
+      product = jax.vmap(product)
+    return product(a, b)
+  if batch == 0:
+    return product(a, b)
   a, b = jnp.moveaxis(a, param_scan_axis, 0), jnp.moveaxis(b, param_scan_axis, 0)
-  delta = jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b)
-  return jnp.moveaxis(delta, 0, param_scan_axis)
+  return jnp.moveaxis(jax.vmap(product)(a, b), 0, param_scan_axis)
 
 
 def merge(params: dict, lora_scale: float, param_scan_axis: int) -> dict:
@@ -76,14 +108,16 @@ def merge(params: dict, lora_scale: float, param_scan_axis: int) -> dict:
     if str(key[-1]) != "lora_a":
       continue
     module = key[:-1]
-    kernel = flat[module + ("kernel",)]
+    path = kernel_path(module)
+    kernel = flat[path]
     a, b = flat[module + ("lora_a",)], flat[module + ("lora_b",)]
-    delta = _delta(a.astype(jnp.float32), b.astype(jnp.float32), kernel.ndim, param_scan_axis)
-    scale = out.pop(module + ("kernel_scale",), None)
+    expert = path[-1] != "kernel"
+    delta = _delta(a.astype(jnp.float32), b.astype(jnp.float32), kernel.ndim, param_scan_axis, expert)
+    scale = None if expert else out.pop(module + ("kernel_scale",), None)
     if scale is None:
-      out[module + ("kernel",)] = (kernel.astype(jnp.float32) + lora_scale * delta).astype(kernel.dtype)
+      out[path] = (kernel.astype(jnp.float32) + lora_scale * delta).astype(kernel.dtype)
     else:
-      out[module + ("kernel",)] = kernel.astype(jnp.float32) * scale.astype(jnp.float32) + lora_scale * delta
+      out[path] = kernel.astype(jnp.float32) * scale.astype(jnp.float32) + lora_scale * delta
   for key in [k for k in out if str(k[-1]) == "kernel_scale"]:  # int8 kernels without an adapter
     module = key[:-1]
     out[module + ("kernel",)] = out[module + ("kernel",)].astype(jnp.float32) * out.pop(key).astype(jnp.float32)
@@ -93,8 +127,11 @@ def merge(params: dict, lora_scale: float, param_scan_axis: int) -> dict:
 def target_dims(v: dict[str, Any]) -> dict[str, tuple[int, int]]:
   """(in, out) sizes of each targetable projection of a resolved config dict `v`."""
   q, kv = v["num_query_heads"] * v["head_dim"], v["num_kv_heads"] * v["head_dim"]
-  emb, mlp = v["emb_dim"], v["mlp_dim"]
+  emb, mlp, moe_mlp = v["emb_dim"], v["mlp_dim"], v["moe_mlp_dim"]
   return {
+      "moe_wi_0": (emb, moe_mlp),
+      "moe_wi_1": (emb, moe_mlp),
+      "moe_wo": (moe_mlp, emb),
       "query": (emb, q),
       "key": (emb, kv),
       "value": (emb, kv),

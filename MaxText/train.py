@@ -306,7 +306,7 @@ def train_step(setup: TrainSetup, state, batch, frozen=None):
   adapters) or DPO's reference model.
   """
   config = setup.config
-  deterministic = not (config.enable_dropout and config.dropout_rate > 0)
+  deterministic = not decoders.uses_dropout(config)
   step_key = jax.random.fold_in(jax.random.key(config.init_weights_seed), state["step"])
 
   def objective(p, b, k):

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from MaxText.config import mesh, model, numerics
 from MaxText.config.declare import ConfigError
-from MaxText.config.lora import TARGETS
+from MaxText.config.lora import EXPERT_TARGETS, TARGETS
 
 # Entry points whose start-up passes `program`; each may add its own refusals.
 PROGRAMS = ("train", "train_compile", "decode", "decode_compile", "serve", "generate_param_only_checkpoint")
@@ -320,6 +320,11 @@ def check_lora(v: dict):
   unknown = [t for t in v["lora_target_modules"] if t not in TARGETS]
   if unknown or not v["lora_target_modules"]:
     raise ConfigError(f"lora_target_modules: {unknown or '[]'} is not a list of {', '.join(TARGETS)}")
+  experts = [t for t in v["lora_target_modules"] if t in EXPERT_TARGETS]
+  if experts and v["num_experts"] <= 1:
+    raise ConfigError(f"lora_target_modules: {experts} adapt routed MoE experts; this model has none (num_experts <= 1)")
+  if v["lora_dropout"] >= 1.0:
+    raise ConfigError(f"lora_dropout: {v['lora_dropout']} would drop every adapter input; expected 0 <= rate < 1")
   dims = lora.target_dims(v)
   for name in v["lora_target_modules"]:
     if v["lora_rank"] > min(dims[name]):
@@ -344,6 +349,8 @@ def check_run(v: dict):
   if v["load_parameters_path"] and v["load_full_state_path"]:
     raise ConfigError("load_parameters_path: set either load_parameters_path or load_full_state_path, not both")
   for other in ("load_parameters_path", "load_full_state_path"):
+    if other == "load_parameters_path" and v["lora_rank"] > 0:
+      continue  # LoRA: the base from load_parameters_path, the adapters from checkpoint_path
     if v["checkpoint_path"] and v[other]:
       raise ConfigError(f"checkpoint_path: set either checkpoint_path or {other}, not both")
   if "/" in v["run_name"]:

@@ -3,8 +3,11 @@
 from MaxText.config.declare import Float, Key, LIST_OF_STR, NONNEG
 
 TITLE = "lora"
-# The projections an adapter can attach to: attention (query/key/value/out) and MLP (wi_0/wi_1 gated, wi plain, wo).
-TARGETS = ("query", "key", "value", "out", "wi_0", "wi_1", "wi", "wo")
+# The projections an adapter can attach to: attention (query/key/value/out), dense MLPs and shared experts (wi_0/wi_1
+# gated, wi plain, wo) and routed MoE experts (one adapter per expert).
+DENSE_TARGETS = ("query", "key", "value", "out", "wi_0", "wi_1", "wi", "wo")
+EXPERT_TARGETS = ("moe_wi_0", "moe_wi_1", "moe_wo")
+TARGETS = DENSE_TARGETS + EXPERT_TARGETS
 KEYS = (
     Key(
         "lora_rank",
@@ -15,10 +18,17 @@ KEYS = (
     ),
     Key("lora_alpha", 16.0, Float(0.0), "LoRA: adapter outputs are scaled by lora_alpha / lora_rank"),
     Key(
+        "lora_dropout",
+        0.0,
+        Float(0.0, 1.0),
+        "LoRA: dropout rate on each adapter's input during training (the frozen path and decoding never drop)",
+    ),
+    Key(
         "lora_target_modules",
-        list(TARGETS),
+        list(DENSE_TARGETS),
         LIST_OF_STR,
         "LoRA: projections that get adapters: query key value out (attention), wi_0 wi_1 wi wo (dense MLPs and shared"
-        " experts; routed MoE experts have none)",
+        " experts), moe_wi_0 moe_wi_1 moe_wo (routed MoE experts, one adapter per expert: opt-in, they multiply the"
+        " adapter size by num_experts)",
     ),
 )

@@ -41,7 +41,7 @@ KEYS = (
         "use_dpo: assumed probability that a preference label is flipped (conservative DPO; 0 = plain DPO)",
     ),
     Key("init_weights_seed", 0, NONNEG, "seed for parameter initialization"),
-    Key("enable_dropout", True, BOOL, "allow dropout (only matters when dropout_rate > 0)"),
+    Key("enable_dropout", True, BOOL, "allow dropout (dropout_rate, lora_dropout)"),
     Key("abort_on_nan_loss", True, BOOL, "stop the run at the first NaN/Inf loss"),
     Key("eval_interval", -1, Int(-1), "run eval every N steps (-1 = never)"),
     Key("eval_steps", 1, POS, "batches per eval"),

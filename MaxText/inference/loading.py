@@ -63,6 +63,12 @@ def _shapes(tree) -> dict[str, tuple]:
   return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
+def _as_shapes(tree):
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree, is_leaf=lambda m: hasattr(m, "shape")
+  )
+
+
 def shape_mismatches(path: str, abstract_params, param_scan_axis: int) -> list[str]:
   """Differences between a checkpoint's parameter tree and the config's (compared in the checkpoint's layout)."""
   stored = checkpointing.stored_params_tree(path)
@@ -71,7 +77,11 @@ def shape_mismatches(path: str, abstract_params, param_scan_axis: int) -> list[s
   if stored_unscanned and not want_unscanned:
     want = scan_layout.scanned_to_unscanned(want, param_scan_axis)
   elif want_unscanned and not stored_unscanned:
-    want = scan_layout.unscanned_to_scanned(want, param_scan_axis)
+    stacked = scan_layout.unscanned_to_scanned(want, param_scan_axis)
+    if scan_layout.stacks_disagree(stored, stacked):
+      stored = scan_layout.scanned_to_unscanned(_as_shapes(stored), param_scan_axis)
+    else:
+      want = stacked
   have, need = _shapes(stored), _shapes(want)
   # A pipelined run stores a stacked layer axis split as [R, S, Lps]: a reshape, not a mismatch.
   problems = [
@@ -120,10 +130,15 @@ def _load_lora(config, abstract_params, param_shardings):
         "load_parameters_path: a LoRA config (lora_rank > 0) loads its frozen base from load_parameters_path and its"
         " adapters from checkpoint_path or the newest checkpoint of run_name"
     )
-  base_abstract, adapter_abstract = lora.split(abstract_params)
-  base_shardings, adapter_shardings = lora.split(param_shardings)
+  base_abstract, _ = lora.split(abstract_params)
+  base_shardings, _ = lora.split(param_shardings)
   base_path = _readable("load_parameters_path", config.load_parameters_path)
   base = _load_checked(config, "load_parameters_path", base_path, base_abstract, base_shardings)
+  return lora.combine(base, load_adapters(config, abstract_params, param_shardings))
+
+
+def load_adapters(config, abstract_params, param_shardings):
+  """A LoRA config's adapters alone (pure dict) from checkpoint_path or the newest checkpoint of run_name."""
   if config.checkpoint_path:
     key, path = "checkpoint_path", checkpoint_path_source(config.checkpoint_path)
   else:
@@ -133,8 +148,9 @@ def _load_lora(config, abstract_params, param_shardings):
           f"run_name: no LoRA adapters found for run {config.run_name!r} in {config.checkpoint_dir} (set"
           " checkpoint_path to a checkpoint of the LoRA run)"
       )
-  adapters = _load_checked(config, key, path, adapter_abstract, adapter_shardings)
-  return lora.combine(base, adapters)
+  _, adapter_abstract = lora.split(abstract_params)
+  _, adapter_shardings = lora.split(param_shardings)
+  return _load_checked(config, key, path, adapter_abstract, adapter_shardings)
 
 
 def _load(config, abstract_params, param_shardings):

@@ -159,12 +159,13 @@ class Attention(nnx.Module):
         paged=paged,
     )
 
-  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def project_qkv(self, x: jax.Array, lora_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     q_names = _BATCH_LEN + ("activation_heads", "activation_kv")
     kv_names = _BATCH_LEN + ("activation_kv_heads", "activation_kv")
-    query = sharding.with_logical_constraint(checkpoint_name(self.query(x), "query_proj"), q_names)
-    key = sharding.with_logical_constraint(checkpoint_name(self.key(x), "key_proj"), kv_names)
-    value = sharding.with_logical_constraint(checkpoint_name(self.value(x), "value_proj"), kv_names)
+    q, k, v = (proj(x, lora_rng=lora.subkey(lora_rng, i)) for i, proj in enumerate((self.query, self.key, self.value)))
+    query = sharding.with_logical_constraint(checkpoint_name(q, "query_proj"), q_names)
+    key = sharding.with_logical_constraint(checkpoint_name(k, "key_proj"), kv_names)
+    value = sharding.with_logical_constraint(checkpoint_name(v, "value_proj"), kv_names)
     return query, key, value
 
   def is_local(self, layer_index: int | jax.Array) -> bool | jax.Array:
@@ -307,9 +308,9 @@ class Attention(nnx.Module):
         key_window=self.sliding_window_size if local is True else 0,
     )
 
-  def out_projection(self, context: jax.Array) -> jax.Array:
+  def out_projection(self, context: jax.Array, lora_rng: jax.Array | None = None) -> jax.Array:
     context = sharding.with_logical_constraint(context, _BATCH_LEN + ("activation_heads", "activation_kv"))
-    out = checkpoint_name(self.out(context.astype(self.dtype)), "out_proj")
+    out = checkpoint_name(self.out(context.astype(self.dtype), lora_rng=lora.subkey(lora_rng, 3)), "out_proj")
     return sharding.with_logical_constraint(out, _BATCH_LEN + ("activation_embed",))
 
   def __call__(
@@ -321,13 +322,17 @@ class Attention(nnx.Module):
       model_mode: str = "train",
       deterministic: bool = True,  # pylint: disable=unused-argument
       layer_index: int | jax.Array = 0,
+      lora_rng: jax.Array | None = None,
   ) -> jax.Array:
-    """`layer_index` (this layer's place in the stack) picks local or global attention under sliding_window_pattern."""
+    """`layer_index` (this layer's place in the stack) picks local or global attention under sliding_window_pattern.
+
+    `lora_rng`: the adapters' dropout key (training with lora_dropout), else None.
+    """
     if model_mode not in MODEL_MODES:
       raise ValueError(f"model_mode {model_mode!r} is not one of {MODEL_MODES}")
     if model_mode != "train" and self.kv_cache is None:
       raise ValueError(f"model_mode {model_mode!r} needs a KV cache: call the model's init_cache first")
-    query, key, value = self.project_qkv(x)
+    query, key, value = self.project_qkv(x, lora_rng)
     local, chunked = self.is_local(layer_index), self.is_chunked(layer_index)
     query, key = self.position_qk(query, key, positions, local, self.is_nope(layer_index))
     if model_mode == "autoregressive":
@@ -353,7 +358,7 @@ class Attention(nnx.Module):
         kv_position=positions,
         context_shards=shards,
     )
-    return self.out_projection(checkpoint_name(context, "context"))
+    return self.out_projection(checkpoint_name(context, "context"), lora_rng)
 
   def _attend_cached(
       self,

@@ -70,6 +70,7 @@ class DecoderBlock(nnx.Module):
           lora=lora.dense_kwargs(config),
       )
     self.dropout = nnx.Dropout(config.dropout_rate if config.enable_dropout else 0.0)
+    self.lora_dropout = config.lora_dropout if config.lora_rank > 0 else 0.0
 
   def _norm(self, name: Optional[str], x: jax.Array) -> jax.Array:
     return x if name is None else getattr(self, name)(x)
@@ -85,9 +86,11 @@ class DecoderBlock(nnx.Module):
       dropout_rng: jax.Array | None = None,
       layer_index: int | jax.Array = 0,
   ) -> tuple[jax.Array, dict]:
-    attn_rng = mlp_rng = None
+    attn_rng = mlp_rng = attn_lora_rng = mlp_lora_rng = None
     if dropout_rng is not None:
       attn_rng, mlp_rng = jax.random.split(dropout_rng)
+      if self.lora_dropout > 0:
+        attn_lora_rng, mlp_lora_rng = lora.subkey(attn_rng, 1), lora.subkey(mlp_rng, 1)
     spec = self.spec
     h = self.self_attention(
         self._norm(spec.pre_attention_norm, x),
@@ -96,6 +99,7 @@ class DecoderBlock(nnx.Module):
         model_mode=model_mode,
         deterministic=deterministic,
         layer_index=layer_index,
+        lora_rng=attn_lora_rng,
     )
     h = self._norm(spec.post_attention_norm, h)
     x = x + self.dropout(h, deterministic=deterministic, rngs=attn_rng)
@@ -103,9 +107,10 @@ class DecoderBlock(nnx.Module):
     h = self._norm(spec.pre_ffw_norm, x)
     aux = {}
     if self.use_moe:
-      h, aux["mlp"] = self.mlp(h, segment_ids=segment_ids)  # padding is not counted in the loads or the aux loss
+      # Padding is not counted in the loads or the aux loss.
+      h, aux["mlp"] = self.mlp(h, segment_ids=segment_ids, lora_rng=mlp_lora_rng)
     else:
-      h = self.mlp(h)
+      h = self.mlp(h, lora_rng=mlp_lora_rng)
     h = self._norm(spec.post_ffw_norm, h)
     x = x + self.dropout(h, deterministic=deterministic, rngs=mlp_rng)
     return sharding.with_logical_constraint(x, sharding.EMBED_ACTIVATION), aux

@@ -40,6 +40,12 @@ REMAT_POLICIES = {
 }
 
 
+def uses_dropout(config) -> bool:
+  """Whether training draws dropout keys: residual dropout (dropout_rate) or LoRA adapter dropout (lora_dropout)."""
+  lora_dropout = config.lora_rank > 0 and config.lora_dropout > 0
+  return config.enable_dropout and (config.dropout_rate > 0 or lora_dropout)
+
+
 def scan_axes(param_scan_axis: int) -> nnx.StateAxes:
   """Stacked-layer axis per variable kind: params at `param_scan_axis`, anything else (e.g. caches) at 0."""
   return nnx.StateAxes({nnx.Param: param_scan_axis, ...: 0})
@@ -393,7 +399,7 @@ class Transformer(nnx.Module):
       )
     else:
       self.position_embedder = None
-    self.uses_dropout = config.dropout_rate > 0 and config.enable_dropout
+    self.uses_dropout = uses_dropout(config)
     # A stream of its own, so training can reseed it (nnx.reseed) or pass `rngs=` per step.
     self.dropout_rngs = nnx.Rngs(dropout=rngs.dropout()) if self.uses_dropout else None
 

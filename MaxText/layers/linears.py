@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from MaxText import sharding
+from MaxText import lora, sharding
 from MaxText.layers import quantization
 from MaxText.layers import ops
 from MaxText.layers.ops import matmul
@@ -54,6 +54,7 @@ class DenseGeneral(nnx.Module):
   `dense_matmul_backward` (ops/matmul.py: "autodiff" | "explicit"; "auto" picks by the running backend).
   With `lora_rank` > 0 it also holds a LoRA adapter, y += lora_scale * (x . lora_a) . lora_b: lora_a [in..., rank]
   starts random, lora_b [rank, out...] at zero (so a fresh adapter changes nothing); MaxText/lora.py trains only them.
+  Given a `lora_rng`, the adapter's input goes through dropout at `lora_dropout` (training only).
   """
 
   def __init__(
@@ -71,6 +72,7 @@ class DenseGeneral(nnx.Module):
       matmul_backward: str = "auto",
       lora_rank: int = 0,
       lora_scale: float = 1.0,
+      lora_dropout: float = 0.0,
   ):
     self.in_features = _as_tuple(in_features)
     self.out_features = _as_tuple(out_features)
@@ -102,6 +104,7 @@ class DenseGeneral(nnx.Module):
     else:
       self.bias = None
     self.lora_scale = lora_scale
+    self.lora_dropout = lora_dropout
     if lora_rank > 0:
       # The rank dimension is small and unnamed (replicated); in/out dimensions shard like the kernel's.
       a_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=tuple(range(n_in)), out_axis=n_in)
@@ -118,7 +121,9 @@ class DenseGeneral(nnx.Module):
     else:
       self.lora_a = self.lora_b = None
 
-  def __call__(self, x: jax.Array, *, compute_dtype: jnp.dtype | None = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, *, compute_dtype: jnp.dtype | None = None, lora_rng: jax.Array | None = None
+  ) -> jax.Array:
     dtype = compute_dtype or self.dtype
     n_in = len(self.in_features)
     if self.quant is not None and self.quant.stored:
@@ -129,7 +134,8 @@ class DenseGeneral(nnx.Module):
       y = matmul.dense_matmul(x.astype(dtype), self.kernel[...].astype(dtype), n_in, self.matmul_backward)
       y = checkpoint_name(y, DENSE_OUTPUT_NAME)
     if self.lora_a is not None:
-      h = jnp.tensordot(x.astype(dtype), self.lora_a[...].astype(dtype), axes=n_in)
+      x_lora = lora.dropout(x.astype(dtype), self.lora_dropout, lora_rng)
+      h = jnp.tensordot(x_lora, self.lora_a[...].astype(dtype), axes=n_in)
       y = y + self.lora_scale * jnp.tensordot(h, self.lora_b[...].astype(dtype), axes=1)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
@@ -173,13 +179,14 @@ class MlpBlock(nnx.Module):
   def _input_projection(self, i: int) -> DenseGeneral:
     return self.wi if len(self.activation_names) == 1 else getattr(self, f"wi_{i}")
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, lora_rng: jax.Array | None = None) -> jax.Array:
+    """`lora_rng`: the adapters' dropout key (training with lora_dropout), else None."""
     hidden = None
     for i, name in enumerate(self.activation_names):
-      h = checkpoint_name(self._input_projection(i)(x), f"mlpwi_{i}")
+      h = checkpoint_name(self._input_projection(i)(x, lora_rng=lora.subkey(lora_rng, i)), f"mlpwi_{i}")
       h = activation(name)(h)
       hidden = h if hidden is None else hidden * h
     hidden = sharding.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
     hidden = checkpoint_name(hidden, "mlp_hidden")
-    out = checkpoint_name(self.wo(hidden), "mlpwo")
+    out = checkpoint_name(self.wo(hidden, lora_rng=lora.subkey(lora_rng, len(self.activation_names))), "mlpwo")
     return sharding.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_embed"))

@@ -120,6 +120,7 @@ class MLA(nnx.Module):
       model_mode: str = "train",
       deterministic: bool = True,  # pylint: disable=unused-argument
       layer_index: int | jax.Array = 0,  # pylint: disable=unused-argument
+      lora_rng: jax.Array | None = None,  # pylint: disable=unused-argument  # MLA takes no adapters (check_lora)
   ) -> jax.Array:
     if model_mode not in MODEL_MODES:
       raise ValueError(f"model_mode {model_mode!r} is not one of {MODEL_MODES}")

@@ -172,6 +172,22 @@ def capacity(seq_len: int, config) -> int:
   return max(1, math.ceil(config.capacity_factor * seq_len * config.num_experts_per_tok / config.num_experts))
 
 
+class ExpertLora(nnx.Module):
+  """One LoRA adapter per routed expert of a MoeBlock kernel [E, in, out]: lora_a [E, in, rank] (random), lora_b
+  [E, rank, out] (zero, so a fresh adapter changes nothing); the rank dimension is replicated."""
+
+  def __init__(self, experts: int, n_in: int, n_out: int, rank: int, axes: tuple, config, *, rngs: nnx.Rngs):
+    a_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2, batch_axis=0)
+    self.lora_a = nnx.Param(
+        a_init(rngs.params(), (experts, n_in, rank), config.weight_dtype),
+        out_sharding=("exp", axes[0], None),
+        eager_sharding=False,
+    )
+    self.lora_b = nnx.Param(
+        jnp.zeros((experts, rank, n_out), config.weight_dtype), out_sharding=("exp", None, axes[1]), eager_sharding=False
+    )
+
+
 class MoeBlock(nnx.Module):
   """Routed experts (+ shared experts) replacing a layer's dense MLP: `y = moe(x [batch, seq, embed])`."""
 
@@ -190,6 +206,17 @@ class MoeBlock(nnx.Module):
     self.wi_0 = expert_weights((num_experts, emb, mlp), ("exp", "embed_no_exp", "mlp"))
     self.wi_1 = expert_weights((num_experts, emb, mlp), ("exp", "embed_no_exp", "mlp"))
     self.wo = expert_weights((num_experts, mlp, emb), ("exp", "mlp", "embed_no_exp"))
+    self.lora_scale = lora.scale(config) if config.lora_rank > 0 else 0.0
+    self.lora_dropout = config.lora_dropout
+    for name, (n_in, n_out), (in_axis, out_axis) in (
+        ("wi_0", (emb, mlp), ("embed_no_exp", "mlp")),
+        ("wi_1", (emb, mlp), ("embed_no_exp", "mlp")),
+        ("wo", (mlp, emb), ("mlp", "embed_no_exp")),
+    ):
+      adapter = None
+      if config.lora_rank > 0 and f"moe_{name}" in config.lora_target_modules:
+        adapter = ExpertLora(num_experts, n_in, n_out, config.lora_rank, (in_axis, out_axis), config, rngs=rngs)
+      setattr(self, name + lora.EXPERT_SUFFIX, adapter)
     if config.shared_experts > 0:
       self.shared_experts = MlpBlock(
           emb,
@@ -223,27 +250,31 @@ class MoeBlock(nnx.Module):
         routed_scaling_factor=c.routed_scaling_factor,
     )
 
-  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  def __call__(
+      self, x: jax.Array, *, segment_ids: jax.Array | None = None, lora_rng: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
     """(output, aux) for x [B, S, embed]; aux = {"lb_loss": scalar, "expert_load": [num_experts]}.
 
     `segment_ids` [B, S] (0 = padding; None = no padding): padding is still computed but not counted.
+    `lora_rng`: the adapters' dropout key (training with lora_dropout), else None.
     """
     c = self.config
     x = jnp.asarray(x)
     batch, seq, emb = x.shape
     tokens = x.reshape(batch * seq, emb)
     weights, experts, scores = self.route(tokens)
+    routed_rng = lora.subkey(lora_rng, 1) if self.lora_dropout > 0 else None
     mask = None if segment_ids is None else (jnp.asarray(segment_ids) != 0).reshape(batch * seq)
     aux = {
         "lb_loss": load_balance_loss(scores, experts, c.num_experts, c.routed_score_func, mask),
         "expert_load": expert_counts(experts, c.num_experts, mask),
     }
     if c.capacity_factor > 0:
-      out = self._capacity(x, weights.reshape(batch, seq, -1), experts.reshape(batch, seq, -1))
+      out = self._capacity(x, weights.reshape(batch, seq, -1), experts.reshape(batch, seq, -1), routed_rng)
     else:
-      out = self._dropless(tokens, weights, experts).reshape(batch, seq, emb)
+      out = self._dropless(tokens, weights, experts, routed_rng).reshape(batch, seq, emb)
     if self.shared_experts is not None:
-      out = out + self.shared_experts(x)
+      out = out + self.shared_experts(x, lora_rng=lora.subkey(lora_rng, 0))
     return sharding.with_logical_constraint(out.astype(x.dtype), sharding.EMBED_ACTIVATION), aux
 
   def post_update(self, stats: dict):
@@ -262,7 +293,16 @@ class MoeBlock(nnx.Module):
   def _kernels(self):
     return tuple(w[...].astype(self.dtype) for w in (self.wi_0, self.wi_1, self.wo))
 
-  def _dropless(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
+  def _adapters(self) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{kernel name: (lora_a, lora_b)} of the kernels with routed-expert adapters."""
+    out = {}
+    for name in ("wi_0", "wi_1", "wo"):
+      adapter = getattr(self, name + lora.EXPERT_SUFFIX)
+      if adapter is not None:
+        out[name] = (adapter.lora_a[...].astype(self.dtype), adapter.lora_b[...].astype(self.dtype))
+    return out
+
+  def _dropless(self, tokens: jax.Array, weights: jax.Array, experts: jax.Array, rng: jax.Array | None) -> jax.Array:
     """Token copies sorted by expert through grouped matmuls, weighted, and summed back per token.
 
     Under a mesh each shard of the token batch sorts and multiplies its own tokens (shard_map): a global sort
@@ -274,8 +314,9 @@ class MoeBlock(nnx.Module):
     """
     mesh = jax.sharding.get_abstract_mesh()
     wi_0, wi_1, wo = self._kernels()
+    adapters = self._adapters()
     if mesh.empty or mesh.size == 1:
-      return self._dropless_local(tokens, weights, experts, wi_0, wi_1, wo, (), ())
+      return self._dropless_local(tokens, weights, experts, (wi_0, wi_1, wo), adapters, rng, (), ())
     c = self.config
     rules = c.logical_axis_rules
     token_spec = sharding.logical_to_mesh_spec(("activation_batch",), rules, mesh, experts.shape[:1])
@@ -290,21 +331,37 @@ class MoeBlock(nnx.Module):
     mlp = mlp_axes[0] if len(mlp_axes) == 1 else (mlp_axes or None)
     rows = P(token_entry, None)
     w_in, w_out = P(exp, None, mlp), P(exp, mlp, None)
+    # Adapters: lora_a splits like its kernel's input side, lora_b like its output side; the rank is whole.
+    adapter_specs = {
+        name: (P(exp, None, None), P(exp, None, mlp)) if name != "wo" else (P(exp, mlp, None), P(exp, None, None))
+        for name in adapters
+    }
 
-    def body(tokens, weights, experts, wi_0, wi_1, wo):
-      return self._dropless_local(tokens, weights, experts, wi_0, wi_1, wo, exp_axes, mlp_axes, token_axes)
+    def body(tokens, weights, experts, kernels, adapters, rng):
+      return self._dropless_local(tokens, weights, experts, kernels, adapters, rng, exp_axes, mlp_axes, token_axes)
 
-    return jax.shard_map(
-        body, mesh=mesh, in_specs=(rows, rows, rows, w_in, w_in, w_out), out_specs=rows, check_vma=False
-    )(tokens, weights, experts, wi_0, wi_1, wo)
+    in_specs = (rows, rows, rows, (w_in, w_in, w_out), adapter_specs, P())
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=rows, check_vma=False)(
+        tokens, weights, experts, (wi_0, wi_1, wo), adapters, rng
+    )
 
   def _dropless_local(
-      self, tokens, weights, experts, wi_0, wi_1, wo, exp_axes: tuple, mlp_axes: tuple, token_axes: tuple = ()
+      self,
+      tokens,
+      weights,
+      experts,
+      kernels,
+      adapters,
+      rng,
+      exp_axes: tuple,
+      mlp_axes: tuple,
+      token_axes: tuple = (),
   ) -> jax.Array:
     """_dropless on one shard: `exp_axes` split the experts (this device holds wi_0.shape[0] of them; the tokens
     of the group along those axes are gathered, the outputs reduce-scattered back), `mlp_axes` split the MLP dim
-    (outputs summed)."""
+    (outputs summed). `adapters` {kernel name: (lora_a, lora_b)} add each expert's LoRA term; `rng` their dropout."""
     c = self.config
+    wi_0, wi_1, wo = kernels
     gather = tuple(a for a in exp_axes if a in token_axes)  # expert axes the tokens are split over
     replicated = tuple(a for a in exp_axes if a not in token_axes)  # expert axes every token shard sees whole
     if gather:
@@ -327,10 +384,25 @@ class MoeBlock(nnx.Module):
     if c.moe_input_scaled_by_router:
       xs = (xs.astype(jnp.float32) * w_sorted).astype(self.dtype)
     matmul = functools.partial(grouped_matmul, impl=self.grouped_matmul, interpret=self.interpret)
-    h0 = checkpoint_name(matmul(xs, wi_0, sizes), "mlpwi_0")
-    h1 = checkpoint_name(matmul(xs, wi_1, sizes), "mlpwi_1")
+    # Dropout keys differ where the inputs do: per token shard (and per MLP shard for wo's input columns).
+    token_rng = rng if rng is None or not token_axes else jax.random.fold_in(rng, jax.lax.axis_index(token_axes))
+    column_rng = (
+        token_rng if token_rng is None or not mlp_axes else jax.random.fold_in(token_rng, jax.lax.axis_index(mlp_axes))
+    )
+
+    def project(name, x, kernel, index, key):
+      y = matmul(x, kernel, sizes)
+      if name not in adapters:
+        return y
+      a, b = adapters[name]
+      # The rank is far below a Pallas tile, so the adapter products stay ragged_dot on every backend.
+      h = jax.lax.ragged_dot(lora.dropout(x, self.lora_dropout, lora.subkey(key, index)), a, sizes)
+      return y + self.lora_scale * jax.lax.ragged_dot(h, b, sizes)
+
+    h0 = checkpoint_name(project("wi_0", xs, wi_0, 0, token_rng), "mlpwi_0")
+    h1 = checkpoint_name(project("wi_1", xs, wi_1, 1, token_rng), "mlpwi_1")
     hidden = checkpoint_name(self.activation(h0) * h1, "mlp_hidden")
-    ys = checkpoint_name(matmul(hidden, wo, sizes), "mlpwo").astype(jnp.float32)
+    ys = checkpoint_name(project("wo", hidden, wo, 2, column_rng), "mlpwo").astype(jnp.float32)
     if mlp_axes:
       ys = jax.lax.psum(ys, mlp_axes)
     if not c.moe_input_scaled_by_router:
@@ -343,7 +415,7 @@ class MoeBlock(nnx.Module):
       out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)
     return out
 
-  def _capacity(self, x: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
+  def _capacity(self, x: jax.Array, weights: jax.Array, experts: jax.Array, rng: jax.Array | None) -> jax.Array:
     """GShard-style dispatch per batch row: first choices take expert slots before second choices, then by position."""
     c = self.config
     batch, seq, k = experts.shape
@@ -363,10 +435,20 @@ class MoeBlock(nnx.Module):
     xe = jnp.einsum("bsd,bsec->becd", x.astype(jnp.float32), dispatch).astype(self.dtype)
     xe = sharding.with_logical_constraint(xe, names)
     wi_0, wi_1, wo = self._kernels()
-    h0 = checkpoint_name(jnp.einsum("becd,edm->becm", xe, wi_0), "mlpwi_0")
-    h1 = checkpoint_name(jnp.einsum("becd,edm->becm", xe, wi_1), "mlpwi_1")
+    adapters = self._adapters()
+
+    def project(name, inputs, kernel, index):
+      y = jnp.einsum("beci,eio->beco", inputs, kernel)
+      if name not in adapters:
+        return y
+      a, b = adapters[name]
+      h = jnp.einsum("beci,eir->becr", lora.dropout(inputs, self.lora_dropout, lora.subkey(rng, index)), a)
+      return y + self.lora_scale * jnp.einsum("becr,ero->beco", h, b)
+
+    h0 = checkpoint_name(project("wi_0", xe, wi_0, 0), "mlpwi_0")
+    h1 = checkpoint_name(project("wi_1", xe, wi_1, 1), "mlpwi_1")
     hidden = checkpoint_name(self.activation(h0) * h1, "mlp_hidden")
-    ye = checkpoint_name(jnp.einsum("becm,emd->becd", hidden, wo), "mlpwo")
+    ye = checkpoint_name(project("wo", hidden, wo, 2), "mlpwo")
     ye = sharding.with_logical_constraint(ye, names)
     return jnp.einsum("becd,bsec->bsd", ye.astype(jnp.float32), combine)
 

@@ -90,6 +90,14 @@ def _groups_of(flat: dict) -> set[str] | None:
   return None
 
 
+def stacks_disagree(stored, stacked) -> bool:
+  """Whether a stored scanned tree stacks its layers by kind (prefix / block_<r>) while `stacked` (a config's tree
+  through unscanned_to_scanned) does not group them the same way. Kinds are told apart by parameter names, which a
+  partial tree (say LoRA adapters on attention alone) lacks: then only the stored group names place the layers."""
+  groups = _groups_of(_flatten(stored)[0])
+  return groups is not None and groups != _groups_of(_flatten(stacked)[0])
+
+
 def scanned_to_unscanned(tree, param_scan_axis: int):
   """Splits each stacked decoder-layer array into per-layer entries decoder/layers/<i>/...."""
   flat, is_state = _flatten(tree)

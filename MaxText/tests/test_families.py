@@ -12,14 +12,15 @@ spec or its converted config.
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import yaml
 
-from MaxText import models, train
+from MaxText import api, checkpointing, lora, models, sharding, train
 from MaxText.tests import forward_pass_logit_checker as checker
 from MaxText.tests import model_test_utils as mtu
-from MaxText.utils.ckpt_conversion import to_huggingface, to_maxtext
+from MaxText.utils.ckpt_conversion import peft_export, to_huggingface, to_maxtext
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -164,3 +165,56 @@ def test_fine_tunes_from_converted_params(variant, converted, tmp_path):
   losses = [h["learning/loss"] for h in train.train(config)]
   assert len(losses) == config.steps and np.all(np.isfinite(losses))
   assert losses[-1] < losses[0], losses
+
+
+# LoRA applies to every family but MLA attention (DeepSeek); one variant per family.
+LORA = [v for v in FINE_TUNED if mtu.model_keys_of(v).get("attention_type") != "mla"]
+
+
+@pytest.mark.parametrize("variant", LORA, ids=str)
+def test_peft_adapter_loaded_by_peft_matches_maxtext_lora(variant, converted, tmp_path):
+  """Random rank-4 adapters on every dense projection the family has, exported in PEFT format from either layer
+  layout: `peft` loads them onto the transformers model, whose logits then equal MaxText's base + adapters through
+  api.load (and differ from the base's)."""
+  peft = pytest.importorskip("peft")
+  c = converted(variant)
+  keys = dict(lora_rank=4, lora_alpha=8.0, base_output_directory=str(tmp_path))
+  if variant.name == "qwen3-moe":  # its dense layer 0 has an MLP that peft would misplace (see the test below)
+    keys["lora_target_modules"] = ["query", "key", "value", "out"]
+  config = c.config(True, **keys)
+  _, _, abstract, _ = train.build_model_skeleton(config, sharding.create_mesh(config))
+  rng = np.random.default_rng(0)
+  adapters = jax.tree.map(lambda x: 0.2 * rng.standard_normal(x.shape).astype(np.float32), lora.split(abstract)[1])
+  adapters_dir = str(tmp_path / "adapters")
+  checkpointing.save_params(adapters_dir, adapters)
+  maxtext = api.load(
+      str(c.dir(True) / "model.yml"),
+      load_parameters_path=str(c.dir(True) / "params"),
+      checkpoint_path=adapters_dir,
+      **keys,
+  ).logits(c.tokens)
+  assert np.abs(maxtext - c.hf_logits).max() > 1e-2  # the adapters matter
+  for scanned in (True, False):
+    out = str(tmp_path / f"peft-{scanned}")
+    peft_export.export(c.config(scanned, checkpoint_path=adapters_dir, **keys), out)
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        str(c.hf_dir), dtype=torch.float32, attn_implementation="eager"
+    )
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+      got = model(torch.from_numpy(c.tokens.astype(np.int64))).logits.numpy()
+    assert_logits_match(maxtext, got)
+
+
+def test_peft_export_refuses_dense_mlp_adapters_peft_would_move_onto_experts(converted, tmp_path):
+  """Qwen3-MoE with a dense layer (mlp_only_layers): peft reads any gate_proj/up_proj/down_proj adapter of a
+  qwen3_moe model as a routed-expert one, so the export says so instead of writing an adapter that loads wrongly."""
+  c = converted(next(v for v in VARIANTS if v.name == "qwen3-moe"))
+  keys = dict(lora_rank=4, base_output_directory=str(tmp_path))
+  config = c.config(True, **keys)
+  _, _, abstract, _ = train.build_model_skeleton(config, sharding.create_mesh(config))
+  checkpointing.save_params(
+      str(tmp_path / "adapters"), jax.tree.map(lambda x: np.zeros(x.shape, np.float32), lora.split(abstract)[1])
+  )
+  with pytest.raises(ValueError, match=r"dense MLP adapters of model\.layers\.0\.mlp\.gate_proj"):
+    peft_export.export(c.config(True, checkpoint_path=str(tmp_path / "adapters"), **keys), str(tmp_path / "peft"))

@@ -1,6 +1,9 @@
 """LoRA: fresh adapters change nothing, the trainable count is the formula, the base stays frozen with no optimizer
-state, checkpoints hold only adapters, merged weights equal base + adapter, sharded equals unsharded, decode loads
-base + adapters, and bad settings are config errors."""
+state, checkpoints hold only adapters, merged weights equal base + adapter (dense projections and routed experts),
+sharded equals unsharded, adapter dropout acts in training only, decode loads base + adapters, the PEFT export loads
+in `peft` to the same logits, and bad settings are config errors."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ from flax import nnx, traverse_util
 from MaxText import api, checkpointing, generate_param_only_checkpoint, lora, pyconfig, sharding, train
 from MaxText.config_schema import ConfigError
 from MaxText.inference import loading
-from MaxText.layers import model_creation, quantization
+from MaxText.layers import linears, model_creation, quantization
 from MaxText.tests import model_test_utils as mtu
 from MaxText.tests.test_train import TINY, losses
 from MaxText.utils.ckpt_conversion import to_huggingface
@@ -112,6 +115,18 @@ def test_training_freezes_the_base_and_merged_weights_equal_base_plus_adapters(t
     hf_logits = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(hf_logits, model.logits(tokens), rtol=1e-4, atol=1e-4)
 
+  # The trained adapters alone as a PEFT adapter (the command line), loaded by peft onto the converted base.
+  peft = pytest.importorskip("peft")
+  to_huggingface.convert(make_config(tmp_path, f"load_parameters_path={base_path}"), str(tmp_path / "hf_base"))
+  cli = [f"base_output_directory={tmp_path}", *TINY, *decode_args, f"peft_output_path={tmp_path / 'peft'}"]
+  to_huggingface.main(["to_huggingface", "base.yml", *cli])
+  written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert written["r"] == RANK and written["peft_type"] == "LORA" and len(written["target_modules"]) == 2 * 7
+  base_hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_base"), dtype=torch.float32)
+  with torch.no_grad():
+    peft_logits = peft.PeftModel.from_pretrained(base_hf, str(tmp_path / "peft"))(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(peft_logits, model.logits(tokens), rtol=1e-4, atol=1e-4)
+
 
 def _plain_logits(config, params, tokens):
   model = model_creation.abstract_model(config)
@@ -193,6 +208,9 @@ def test_lora_gradient_accumulation_equals_the_large_batch_unscanned(tmp_path):
         (["lora_rank=4", "lora_target_modules=[q_proj]"], r"lora_target_modules: \['q_proj'\] is not a list of"),
         (["lora_rank=4", "ici_stage_parallelism=2"], "LoRA with pipeline stages"),
         (["lora_rank=4", "load_full_state_path=/x"], "load_full_state_path: with lora_rank"),
+        (["lora_rank=4", "lora_dropout=1.0"], "lora_dropout: 1.0 would drop every adapter input"),
+        (["lora_rank=4", "lora_target_modules=[query,moe_wo]"], r"\['moe_wo'\] adapt routed MoE experts; this model"),
+        (["lora_rank=97", "model_name=tests/tiny-mixtral", "lora_target_modules=[moe_wi_0]"], "moe_wi_0 projection"),
     ],
 )
 def test_bad_lora_settings_are_config_errors(tmp_path, args, message):
@@ -213,3 +231,70 @@ def test_decoding_a_lora_config_needs_its_base(tmp_path):
         run_name="none",
         load_parameters_path=base_path,
     )
+
+
+# ---------------------------------------------------------------- adapter dropout
+
+
+def test_adapter_dropout_keeps_its_mean_and_never_touches_the_base_path():
+  rngs = nnx.Rngs(params=0)
+  layer = linears.DenseGeneral(8, 6, kernel_axes=(None, None), rngs=rngs, lora_rank=2, lora_scale=1.0, lora_dropout=0.5)
+  x = jax.random.normal(jax.random.key(1), (4, 8))
+  base = np.asarray(x @ layer.kernel[...])
+  keys = jax.random.split(jax.random.key(2), 4000)
+  # Fresh adapters (B = 0): dropout on the adapter's input changes nothing at all.
+  np.testing.assert_array_equal(np.asarray(layer(x, lora_rng=keys[0])), base)
+  layer.lora_b[...] = jax.random.normal(jax.random.key(3), layer.lora_b.shape)
+  full = np.asarray(layer(x))  # no key: no dropout (evaluation and decoding)
+  np.testing.assert_allclose(full, base + np.asarray(x @ layer.lora_a[...] @ layer.lora_b[...]), rtol=1e-5, atol=1e-5)
+  dropped = np.stack([np.asarray(layer(x, lora_rng=k)) for k in keys[:8]])
+  assert not np.allclose(dropped[0], dropped[1])  # a different mask per key
+  # Inverted dropout: over many keys the adapter's output averages to the undropped one.
+  mean = np.asarray(jax.vmap(lambda k: layer(x, lora_rng=k))(keys).mean(0))
+  np.testing.assert_allclose(mean, full, atol=0.15 * np.abs(full - base).max())
+
+
+def test_adapter_dropout_acts_in_training_only(tmp_path):
+  common = [f"lora_rank={RANK}", "steps=3", "per_device_batch_size=1", "enable_checkpointing=false"]
+  plain = losses(train.train(make_config(tmp_path, *common)))
+  dropped = losses(train.train(make_config(tmp_path, *common, "lora_dropout=0.5")))
+  assert dropped[0] == plain[0]  # step 0: B = 0, so the adapters contribute nothing either way
+  assert not np.allclose(dropped[1:], plain[1:])  # the updates saw dropped adapter inputs
+  # Evaluation never drops: a model with lora_dropout gives the same logits as without.
+  model = model_creation.get_model(make_config(tmp_path, f"lora_rank={RANK}", "lora_dropout=0.5"))  # holds its rngs
+  params = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.05 if str(p[-1].key) == "lora_b" else x, params_of(model))
+  nnx.update(model, nnx.State(params))
+  tokens, positions, segments = mtu.inputs(packed=True)
+  got = np.asarray(mtu.forward(model, tokens, positions, segments), np.float64)
+  np.testing.assert_array_equal(got, logits_of(make_config(tmp_path, f"lora_rank={RANK}"), params))
+
+
+# ---------------------------------------------------------------- routed experts
+
+EXPERT_TARGETS = "lora_target_modules=[query,moe_wi_0,moe_wi_1,moe_wo]"
+
+
+@pytest.mark.parametrize("path", ["dropless", "capacity", "unscanned"])
+def test_routed_expert_adapters_merge_to_the_same_logits(tmp_path, path):
+  keys = {"dropless": [], "capacity": ["capacity_factor=4.0"], "unscanned": ["scan_layers=false"]}[path]
+  config = make_config(tmp_path, "model_name=tests/tiny-mixtral", f"lora_rank={RANK}", EXPERT_TARGETS, *keys)
+  params = params_of(model_creation.get_model(config))
+  _, adapters = lora.split(params)
+  # tiny-mixtral: 2 layers, 4 experts, emb 64, expert MLP 96; query 64 -> 64.
+  assert lora.count(adapters) == 2 * RANK * ((64 + 64) + 4 * 3 * (64 + 96))
+  experts = [k for k in traverse_util.flatten_dict(adapters) if k[-2] == "wi_0_lora"]
+  assert experts and all(k[-1] in lora.ADAPTER_NAMES for k in experts)
+  params = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.05 if str(p[-1].key) == "lora_b" else x, params)
+  merged = lora.merge(params, lora.scale(config), config.param_scan_axis)
+  plain = make_config(tmp_path, "model_name=tests/tiny-mixtral", *keys)
+  want = logits_of(plain, merged)
+  assert np.abs(want - logits_of(plain, lora.split(params)[0])).max() > 1e-3  # the expert adapters matter
+  np.testing.assert_allclose(logits_of(config, params), want, rtol=1e-5, atol=1e-5)
+
+
+def test_routed_expert_lora_expert_parallel_equals_unsharded(tmp_path):
+  common = ["model_name=tests/tiny-mixtral", f"lora_rank={RANK}", EXPERT_TARGETS, "steps=3"]
+  common += ["per_device_batch_size=1", "enable_checkpointing=false"]
+  replicated = losses(train.train(make_config(tmp_path, *common, "ici_data_parallelism=8")))
+  sharded = losses(train.train(make_config(tmp_path, *common, "ici_expert_parallelism=4", "ici_tensor_parallelism=2")))
+  np.testing.assert_allclose(sharded, replicated, rtol=1e-5)

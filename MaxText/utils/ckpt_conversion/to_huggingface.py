@@ -6,11 +6,12 @@
 P is a params-only checkpoint (to_maxtext, generate_param_only_checkpoint) or a step directory of a training run,
 scanned or unscanned. With `lora_rank` > 0, P is the base and the adapters of `run_name` (or `checkpoint_path`) are
 merged into it first (generate_param_only_checkpoint's merge, through a local temporary checkpoint: the whole model
-is loaded once for it). Tensors are written in `weight_dtype`, one rule at a time: host memory stays near one
-parameter (stacked over layers when the checkpoint is scanned), plus Orbax's transient copy while reading it.
-A config whose settings the family's Hugging Face model cannot express (say, a soft cap on a Llama) is refused
-rather than exported as a different model. P and DIR may be buckets (gs://...): each safetensors shard is written
-locally and uploaded as soon as it is complete.
+is loaded once for it); `peft_output_path=DIR2` (with or instead of hf_output_path) also writes the adapters alone as
+a PEFT adapter that `peft.PeftModel.from_pretrained` loads onto the Hugging Face base model (peft_export.py).
+Tensors are written in `weight_dtype`, one rule at a time: host memory stays near one parameter (stacked over layers
+when the checkpoint is scanned), plus Orbax's transient copy while reading it. A config whose settings the family's
+Hugging Face model cannot express (say, a soft cap on a Llama) is refused rather than exported as a different model.
+P and DIR may be buckets (gs://...): each safetensors shard is written locally and uploaded as soon as it is complete.
 """
 
 import json
@@ -30,8 +31,11 @@ from MaxText.utils.ckpt_conversion.safetensors_io import SafetensorsWriter
 
 logger = logging.getLogger("MaxText")
 
-TOOL_KEYS = ("hf_output_path",)
-USAGE = "python3 -m MaxText.utils.ckpt_conversion.to_huggingface CONFIG load_parameters_path=P hf_output_path=DIR"
+TOOL_KEYS = ("hf_output_path", "peft_output_path")
+USAGE = (
+    "python3 -m MaxText.utils.ckpt_conversion.to_huggingface CONFIG load_parameters_path=P hf_output_path=DIR"
+    " [peft_output_path=DIR2 (a LoRA run's adapters in PEFT format)]"
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
@@ -146,9 +150,15 @@ def main(argv: Sequence[str]):
     if len(argv) < 2 or "=" in argv[1]:
       raise ConfigError(f"no config file given; usage: {USAGE}")
     own, overrides = cli.split_args(argv[2:], TOOL_KEYS)
-    hf_output_path = cli.require(own, "hf_output_path", USAGE)
+    peft_output_path = own.get("peft_output_path")
+    hf_output_path = own.get("hf_output_path") if peft_output_path else cli.require(own, "hf_output_path", USAGE)
     config = pyconfig.initialize(["", argv[1], *overrides], log_config=False)
-    convert(config, hf_output_path)
+    if peft_output_path:
+      from MaxText.utils.ckpt_conversion import peft_export  # pylint: disable=import-outside-toplevel
+
+      peft_export.export(config, peft_output_path)
+    if hf_output_path:
+      convert(config, hf_output_path)
 
   cli.run(run)
 
