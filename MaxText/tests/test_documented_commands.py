@@ -90,7 +90,7 @@ def test_documented_command_validates(module, args):
     pyconfig.initialize(["", BASE, *overrides])
   elif module == "MaxText.utils.ckpt_conversion.to_huggingface":
     own, overrides = cli.split_args(args[1:], to_huggingface.TOOL_KEYS)
-    assert set(own) == set(to_huggingface.TOOL_KEYS), own
+    assert own.keys() & {"hf_output_path", "peft_output_path"}, own  # at least one output
     pyconfig.initialize(["", _config_file(args[0]), *overrides])
   elif module in _ERROR_EXAMPLES:
     assert _ERROR_EXAMPLES[module] in args

@@ -298,3 +298,11 @@ def test_routed_expert_lora_expert_parallel_equals_unsharded(tmp_path):
   replicated = losses(train.train(make_config(tmp_path, *common, "ici_data_parallelism=8")))
   sharded = losses(train.train(make_config(tmp_path, *common, "ici_expert_parallelism=4", "ici_tensor_parallelism=2")))
   np.testing.assert_allclose(sharded, replicated, rtol=1e-5)
+
+
+def test_peft_export_of_a_run_without_lora_is_a_config_error(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    to_huggingface.main(["to_huggingface", "base.yml", *TINY, f"peft_output_path={tmp_path / 'peft'}"])
+  assert exit_info.value.code == 2
+  assert "peft_output_path: a PEFT adapter comes from a LoRA run; set lora_rank" in capsys.readouterr().err
+  assert not (tmp_path / "peft").exists()
