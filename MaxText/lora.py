@@ -125,19 +125,19 @@ def merge(params: dict, lora_scale: float, param_scan_axis: int) -> dict:
 
 
 def target_dims(v: dict[str, Any]) -> dict[str, tuple[int, int]]:
-  """(in, out) sizes of each targetable projection of a resolved config dict `v`."""
-  q, kv = v["num_query_heads"] * v["head_dim"], v["num_kv_heads"] * v["head_dim"]
+  """(in, out) sizes of each targetable projection a resolved config dict `v` builds."""
   emb, mlp, moe_mlp = v["emb_dim"], v["mlp_dim"], v["moe_mlp_dim"]
-  return {
-      "moe_wi_0": (emb, moe_mlp),
-      "moe_wi_1": (emb, moe_mlp),
-      "moe_wo": (moe_mlp, emb),
-      "query": (emb, q),
-      "key": (emb, kv),
-      "value": (emb, kv),
-      "out": (q, emb),
-      "wi_0": (emb, mlp),
-      "wi_1": (emb, mlp),
-      "wi": (emb, mlp),
-      "wo": (mlp, emb),
-  }
+  dims = {"wi_0": (emb, mlp), "wi_1": (emb, mlp), "wi": (emb, mlp), "wo": (mlp, emb)}
+  if v["num_experts"] > 1:
+    dims.update(moe_wi_0=(emb, moe_mlp), moe_wi_1=(emb, moe_mlp), moe_wo=(moe_mlp, emb))
+  if v["attention_type"] != "mla":
+    q, kv = v["num_query_heads"] * v["head_dim"], v["num_kv_heads"] * v["head_dim"]
+    return dims | {"query": (emb, q), "key": (emb, kv), "value": (emb, kv), "out": (q, emb)}
+  heads, rope, q_rank, kv_rank = v["num_query_heads"], v["qk_rope_head_dim"], v["q_lora_rank"], v["kv_lora_rank"]
+  qk = v["qk_nope_head_dim"] + rope
+  if q_rank > 0:
+    dims.update(wq_a=(emb, q_rank), wq_b=(q_rank, heads * qk))
+  else:
+    dims["query"] = (emb, heads * qk)
+  dims.update(wkv_a=(emb, kv_rank + rope), wkv_b=(kv_rank, heads * (v["qk_nope_head_dim"] + v["v_head_dim"])))
+  return dims | {"out": (heads * v["v_head_dim"], emb)}

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from MaxText.config import mesh, model, numerics
 from MaxText.config.declare import ConfigError
-from MaxText.config.lora import EXPERT_TARGETS, TARGETS
+from MaxText.config.lora import EXPERT_TARGETS, MLA_TARGETS, TARGETS
 
 # Entry points whose start-up passes `program`; each may add its own refusals.
 PROGRAMS = ("train", "train_compile", "decode", "decode_compile", "serve", "generate_param_only_checkpoint")
@@ -320,20 +320,25 @@ def check_lora(v: dict):
   unknown = [t for t in v["lora_target_modules"] if t not in TARGETS]
   if unknown or not v["lora_target_modules"]:
     raise ConfigError(f"lora_target_modules: {unknown or '[]'} is not a list of {', '.join(TARGETS)}")
+  dims = lora.target_dims(v)
   experts = [t for t in v["lora_target_modules"] if t in EXPERT_TARGETS]
   if experts and v["num_experts"] <= 1:
     raise ConfigError(f"lora_target_modules: {experts} adapt routed MoE experts; this model has none (num_experts <= 1)")
+  absent = [t for t in v["lora_target_modules"] if t in MLA_TARGETS and t not in dims]
+  if absent:
+    has = sorted(t for t in MLA_TARGETS if t in dims)
+    raise ConfigError(
+        f"lora_target_modules: this model has no {absent} projection (attention_type={v['attention_type']!r},"
+        f" q_lora_rank={v['q_lora_rank']}); its MLA projections: {has or 'none'}"
+    )
   if v["lora_dropout"] >= 1.0:
     raise ConfigError(f"lora_dropout: {v['lora_dropout']} would drop every adapter input; expected 0 <= rate < 1")
-  dims = lora.target_dims(v)
-  for name in v["lora_target_modules"]:
+  for name in [t for t in v["lora_target_modules"] if t in dims]:
     if v["lora_rank"] > min(dims[name]):
       raise ConfigError(
           f"lora_rank: {v['lora_rank']} is larger than the {name} projection's smaller dimension ({dims[name][0]} ->"
           f" {dims[name][1]}); a rank at most {min(dims[name])} can change it"
       )
-  if v["attention_type"] == "mla":
-    raise ConfigError("lora_rank: LoRA adapters on MLA attention (DeepSeek) are not supported yet")
   if v["ici_stage_parallelism"] * v["dcn_stage_parallelism"] > 1:
     raise ConfigError("lora_rank: LoRA with pipeline stages (ici/dcn_stage_parallelism > 1) is not supported yet")
   if v["save_quantized_params_path"]:

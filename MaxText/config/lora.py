@@ -7,7 +7,10 @@ TITLE = "lora"
 # gated, wi plain, wo) and routed MoE experts (one adapter per expert).
 DENSE_TARGETS = ("query", "key", "value", "out", "wi_0", "wi_1", "wi", "wo")
 EXPERT_TARGETS = ("moe_wi_0", "moe_wi_1", "moe_wo")
-TARGETS = DENSE_TARGETS + EXPERT_TARGETS
+# MLA (DeepSeek): query compression (wq_a -> wq_b, or `query` without it), the key/value latent (wkv_a) and its
+# expansion (wkv_b); `out` as above.
+MLA_TARGETS = ("wq_a", "wq_b", "wkv_a", "wkv_b")
+TARGETS = DENSE_TARGETS + EXPERT_TARGETS + MLA_TARGETS
 KEYS = (
     Key(
         "lora_rank",
@@ -29,6 +32,6 @@ KEYS = (
         LIST_OF_STR,
         "LoRA: projections that get adapters: query key value out (attention), wi_0 wi_1 wi wo (dense MLPs and shared"
         " experts), moe_wi_0 moe_wi_1 moe_wo (routed MoE experts, one adapter per expert: opt-in, they multiply the"
-        " adapter size by num_experts)",
+        " adapter size by num_experts), wq_a wq_b wkv_a wkv_b (MLA attention's own projections)",
     ),
 )

@@ -121,6 +121,14 @@ class DenseGeneral(nnx.Module):
     else:
       self.lora_a = self.lora_b = None
 
+  def merged_kernel(self, dtype: jnp.dtype) -> jax.Array:
+    """The float kernel with the adapter folded in (W + s A.B), for callers that use the kernel itself."""
+    kernel = self.kernel[...].astype(dtype)
+    if self.lora_a is None:
+      return kernel
+    delta = jnp.tensordot(self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype), axes=1)
+    return kernel + self.lora_scale * delta
+
   def __call__(
       self, x: jax.Array, *, compute_dtype: jnp.dtype | None = None, lora_rng: jax.Array | None = None
   ) -> jax.Array:

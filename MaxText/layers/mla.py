@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from MaxText import context_parallel, sharding
+from MaxText import context_parallel, lora, sharding
 from MaxText.layers.cache import PageSpec, new_cache
 from MaxText.layers.attentions import MODEL_MODES, attention_mask
 from MaxText.layers.embeddings import RotaryEmbedding
@@ -55,22 +55,31 @@ class MLA(nnx.Module):
     self.scale = (self.nope_dim + self.rope_dim) ** -0.5 * self.rope.softmax_scale_multiplier()
     kw = dict(rngs=rngs, dtype=config.dtype, weight_dtype=config.weight_dtype)
     kw["matmul_backward"] = config.dense_matmul_backward
+    adapter = lora.dense_kwargs(config)
     norm_kw = dict(epsilon=config.normalization_layer_epsilon, dtype=config.dtype, weight_dtype=config.weight_dtype)
     qk_dim = self.nope_dim + self.rope_dim
     if self.q_lora_rank > 0:
-      self.wq_a = DenseGeneral(emb, self.q_lora_rank, kernel_axes=("embed", None), **kw)
+      self.wq_a = DenseGeneral(emb, self.q_lora_rank, kernel_axes=("embed", None), **kw, **adapter("wq_a"))
       self.q_norm = RMSNorm(self.q_lora_rank, **norm_kw)
-      self.wq_b = DenseGeneral(self.q_lora_rank, (heads, qk_dim), kernel_axes=(None, "q_heads", "kv"), **kw)
+      self.wq_b = DenseGeneral(
+          self.q_lora_rank, (heads, qk_dim), kernel_axes=(None, "q_heads", "kv"), **kw, **adapter("wq_b")
+      )
       self.query = None
     else:
       self.wq_a = self.q_norm = self.wq_b = None
-      self.query = DenseGeneral(emb, (heads, qk_dim), kernel_axes=("embed", "q_heads", "kv"), **kw)
-    self.wkv_a = DenseGeneral(emb, self.kv_lora_rank + self.rope_dim, kernel_axes=("embed", None), **kw)
+      self.query = DenseGeneral(emb, (heads, qk_dim), kernel_axes=("embed", "q_heads", "kv"), **kw, **adapter("query"))
+    self.wkv_a = DenseGeneral(
+        emb, self.kv_lora_rank + self.rope_dim, kernel_axes=("embed", None), **kw, **adapter("wkv_a")
+    )
     self.kv_norm = RMSNorm(self.kv_lora_rank, **norm_kw)
     self.wkv_b = DenseGeneral(
-        self.kv_lora_rank, (heads, self.nope_dim + self.v_dim), kernel_axes=(None, "kv_heads", "kv"), **kw
+        self.kv_lora_rank,
+        (heads, self.nope_dim + self.v_dim),
+        kernel_axes=(None, "kv_heads", "kv"),
+        **kw,
+        **adapter("wkv_b"),
     )
-    self.out = DenseGeneral((heads, self.v_dim), emb, kernel_axes=("heads", "kv", "embed"), **kw)
+    self.out = DenseGeneral((heads, self.v_dim), emb, kernel_axes=("heads", "kv", "embed"), **kw, **adapter("out"))
     self.kv_cache = nnx.data(None)  # a keys-only layers.cache.Cache of [latent, rope key] once init_cache runs
 
   def init_cache(self, batch: int, length: int, stack: tuple[int, ...] = (), paged: PageSpec | None = None):
@@ -87,25 +96,28 @@ class MLA(nnx.Module):
         paged=paged,
     )
 
-  def project_query(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def project_query(
+      self, x: jax.Array, positions: jax.Array, lora_rng: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     """(no-rope part [B, S, H, nope], rotated part [B, S, H, rope]) of the queries."""
     if self.query is not None:
-      q = self.query(x)
+      q = self.query(x, lora_rng=lora.subkey(lora_rng, 0))
     else:
-      q = self.wq_b(self.q_norm(self.wq_a(x)))
+      latent = self.q_norm(self.wq_a(x, lora_rng=lora.subkey(lora_rng, 1)))
+      q = self.wq_b(latent, lora_rng=lora.subkey(lora_rng, 2))
     q = sharding.with_logical_constraint(checkpoint_name(q, "query_proj"), _HEAD_NAMES)
     return q[..., : self.nope_dim], self.rope(q[..., self.nope_dim :], positions)
 
-  def project_latent(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def project_latent(self, x: jax.Array, positions: jax.Array, lora_rng: jax.Array | None = None) -> jax.Array:
     """The cached row per token [B, S, 1, kv_lora_rank + rope]: normed latent, then the rotated shared rope key."""
-    kv = checkpoint_name(self.wkv_a(x), "key_proj")
+    kv = checkpoint_name(self.wkv_a(x, lora_rng=lora.subkey(lora_rng, 3)), "key_proj")
     latent = self.kv_norm(kv[..., : self.kv_lora_rank])
     rope_key = self.rope(kv[..., None, self.kv_lora_rank :], positions)
     return jnp.concatenate([latent[:, :, None, :], rope_key.astype(latent.dtype)], axis=-1)
 
-  def expand(self, latent_rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def expand(self, latent_rows: jax.Array, lora_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Per-head keys [B, T, H, nope + rope] and values [B, T, H, v] from cached rows [B, T, 1, lora + rope]."""
-    kv = self.wkv_b(latent_rows[:, :, 0, : self.kv_lora_rank])
+    kv = self.wkv_b(latent_rows[:, :, 0, : self.kv_lora_rank], lora_rng=lora.subkey(lora_rng, 4))
     kv = sharding.with_logical_constraint(checkpoint_name(kv, "value_proj"), _HEAD_NAMES)
     rope_key = jnp.broadcast_to(latent_rows[:, :, :, self.kv_lora_rank :], kv.shape[:3] + (self.rope_dim,))
     key = jnp.concatenate([kv[..., : self.nope_dim], rope_key.astype(kv.dtype)], axis=-1)
@@ -120,25 +132,26 @@ class MLA(nnx.Module):
       model_mode: str = "train",
       deterministic: bool = True,  # pylint: disable=unused-argument
       layer_index: int | jax.Array = 0,  # pylint: disable=unused-argument
-      lora_rng: jax.Array | None = None,  # pylint: disable=unused-argument  # MLA takes no adapters (check_lora)
+      lora_rng: jax.Array | None = None,
   ) -> jax.Array:
+    """`lora_rng`: the adapters' dropout key (training with lora_dropout), else None."""
     if model_mode not in MODEL_MODES:
       raise ValueError(f"model_mode {model_mode!r} is not one of {MODEL_MODES}")
     if model_mode != "train" and self.kv_cache is None:
       raise ValueError(f"model_mode {model_mode!r} needs a KV cache: call the model's init_cache first")
-    q_nope, q_rope = self.project_query(x, positions)
-    rows = self.project_latent(x, positions)
+    q_nope, q_rope = self.project_query(x, positions, lora_rng)
+    rows = self.project_latent(x, positions, lora_rng)
     if model_mode == "autoregressive":
       context = self._attend_latent_cache(q_nope, q_rope, rows)
     else:
       if model_mode == "prefill":
         lengths = x.shape[1] if segment_ids is None else jnp.sum(segment_ids != 0, axis=1)
         self.kv_cache.prefill(rows, None, jnp.broadcast_to(lengths, x.shape[:1]))
-      key, value = self.expand(rows)
+      key, value = self.expand(rows, lora_rng)
       query = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)
       shards = self.context_shards if model_mode == "train" else 1
       context = self._attend_expanded(query, key, value, segment_ids, shards)
-    return self.out_projection(checkpoint_name(context, "context"))
+    return self.out_projection(checkpoint_name(context, "context"), lora_rng)
 
   def _attend_expanded(self, query, key, value, segment_ids, context_shards: int = 1) -> jax.Array:
     """Causal self-attention of the aligned sequence (train/prefill) with per-head keys and values.
@@ -169,7 +182,7 @@ class MLA(nnx.Module):
 
   def _attend_latent_cache(self, q_nope: jax.Array, q_rope: jax.Array, rows: jax.Array) -> jax.Array:
     """New tokens attend over their row's latent cache and themselves in latent space, then join the cache."""
-    w_b = self.wkv_b.kernel[...].astype(self.dtype)  # [lora, H, nope + v]
+    w_b = self.wkv_b.merged_kernel(self.dtype)  # [lora, H, nope + v], absorbed into the query and the output
     w_uk, w_uv = w_b[..., : self.nope_dim], w_b[..., self.nope_dim :]
     q_latent = jnp.einsum("bshn,rhn->bshr", q_nope.astype(self.dtype), w_uk)
     query = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
@@ -189,7 +202,7 @@ class MLA(nnx.Module):
     self.kv_cache.append(rows, None, after=context)
     return context
 
-  def out_projection(self, context: jax.Array) -> jax.Array:
+  def out_projection(self, context: jax.Array, lora_rng: jax.Array | None = None) -> jax.Array:
     context = sharding.with_logical_constraint(context, _HEAD_NAMES)
-    out = checkpoint_name(self.out(context.astype(self.dtype)), "out_proj")
+    out = checkpoint_name(self.out(context.astype(self.dtype), lora_rng=lora.subkey(lora_rng, 5)), "out_proj")
     return sharding.with_logical_constraint(out, _BATCH_LEN + ("activation_embed",))

@@ -211,6 +211,8 @@ def test_lora_gradient_accumulation_equals_the_large_batch_unscanned(tmp_path):
         (["lora_rank=4", "lora_dropout=1.0"], "lora_dropout: 1.0 would drop every adapter input"),
         (["lora_rank=4", "lora_target_modules=[query,moe_wo]"], r"\['moe_wo'\] adapt routed MoE experts; this model"),
         (["lora_rank=97", "model_name=tests/tiny-mixtral", "lora_target_modules=[moe_wi_0]"], "moe_wi_0 projection"),
+        (["lora_rank=4", "lora_target_modules=[wkv_a]"], r"no \['wkv_a'\] projection \(attention_type='mha'"),
+        (["lora_rank=4", "model_name=tests/tiny-deepseek2", "lora_target_modules=[wq_a]"], "q_lora_rank=0"),
     ],
 )
 def test_bad_lora_settings_are_config_errors(tmp_path, args, message):
@@ -306,3 +308,31 @@ def test_peft_export_of_a_run_without_lora_is_a_config_error(tmp_path, capsys):
   assert exit_info.value.code == 2
   assert "peft_output_path: a PEFT adapter comes from a LoRA run; set lora_rank" in capsys.readouterr().err
   assert not (tmp_path / "peft").exists()
+
+
+# ---------------------------------------------------------------- MLA (DeepSeek)
+
+
+@pytest.mark.parametrize(
+    "model,targets",
+    [
+        ("tests/tiny-deepseek2", "[query,out,wkv_a,wkv_b,wi_0,moe_wo]"),  # plain query projection
+        ("tests/tiny-deepseek3", "[wq_a,wq_b,wkv_a,wkv_b,out]"),  # low-rank query
+    ],
+)
+def test_mla_adapters_merge_and_decode_like_the_merged_model(tmp_path, model, targets):
+  """Training's expanded keys/values and decoding's latent cache (which absorbs wkv_b into the query and output)
+  both see base + adapters: logits and greedy ids equal the merged model's."""
+  keys = [f"model_name={model}", "scan_layers=false"]
+  config = make_config(tmp_path, *keys, f"lora_rank={RANK}", f"lora_target_modules={targets}")
+  params = params_of(model_creation.get_model(config))
+  assert any(k[-2] == "wkv_b" for k in traverse_util.flatten_dict(lora.split(params)[1]))
+  params = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.05 if str(p[-1].key) == "lora_b" else x, params)
+  merged = lora.merge(params, lora.scale(config), config.param_scan_axis)
+  plain = make_config(tmp_path, *keys)
+  want = logits_of(plain, merged)
+  assert np.abs(want - logits_of(plain, lora.split(params)[0])).max() > 1e-3  # the adapters matter
+  np.testing.assert_allclose(logits_of(config, params), want, rtol=1e-5, atol=1e-5)
+  prompts = [[3, 17, 42, 9, 100], [7, 7, 1]]
+  got = api.Model(config, params).generate(prompts, max_new_tokens=8, stop_on_eos=False)
+  assert got == api.Model(plain, merged).generate(prompts, max_new_tokens=8, stop_on_eos=False)

@@ -32,10 +32,13 @@ logger = logging.getLogger("MaxText")
 PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM's modules
 # Under transformers 5, peft reads adapters on these module names of these model types as adapters of the routed
 # experts (transformers 4's per-expert modules, since fused) and moves them there, whichever layer they sit in.
+# (peft's own table keyed by transformers' conversion patterns; these are the model types the families export.)
 PEFT_EXPERT_NAMES = {
     "mixtral": ("w1", "w2", "w3"),
     "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+    "deepseek_v2": ("gate_proj", "up_proj", "down_proj"),
+    "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
 }
 
 
