@@ -90,9 +90,9 @@ class Model:
     """New token ids for each prompt (a list of token ids; no bos is added).
 
     Decodes up to `max_new_tokens` per prompt; with `stop_on_eos` a prompt stops at the tokenizer's eos, which
-    ends its list. Prompts longer than max_prefill_predict_length, or that would outgrow max_target_length, get a
-    larger prefill/cache (one compile per size). Same arguments and seed: same ids (prompt i draws with seed + i,
-    whatever else is decoded beside it).
+    ends its list. Prompts longer than max_prefill_predict_length are prefilled in chunks of that length; prompts
+    that would outgrow max_target_length get a larger cache (one compile per size). Same arguments and seed: same
+    ids (prompt i draws with seed + i, whatever else is decoded beside it).
     """
     if isinstance(prompts, (str, bytes)) or not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
       raise TypeError("prompts must be a list of token-id lists, e.g. [[2, 17, 9]]")
@@ -108,10 +108,8 @@ class Model:
         raise ValueError(f"prompt {i} has ids outside [0, vocab_size={self.config.vocab_size})")
     settings = sampling.SamplingParams.from_strategy(strategy, temperature, top_k, top_p, seed)
     longest = max(len(ids) for ids in prompts)
-    prefill_length = self.config.max_prefill_predict_length
-    if longest > prefill_length:
-      prefill_length = _round_up(longest, 64)
-    cache_length = max(self.config.max_target_length, prefill_length, _round_up(longest + max_new_tokens, 64))
+    prefill_length = self.config.max_prefill_predict_length  # longer prompts are prefilled in chunks of it
+    cache_length = max(self.config.max_target_length, _round_up(longest + max_new_tokens, 64))
     num_slots = min(len(prompts), self.config.micro_batch_size_to_train_on)
     stop_id = None
     if stop_on_eos:

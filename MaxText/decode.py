@@ -41,7 +41,7 @@ def read_prompts(config) -> tuple[str, list[str]]:
 
 
 def encode_prompts(config, tokenizer: Tokenizer, key: str, prompts: Sequence[str]) -> list[list[int]]:
-  """Token ids per prompt (bos first when add_bos); ConfigError for a prompt longer than the prefill allows."""
+  """Token ids per prompt (bos first when add_bos); ConfigError for a prompt that leaves no room in the context."""
   bos = [tokenizer.bos_id] if config.add_bos and tokenizer.bos_id is not None else []
   encoded = []
   for n, text in enumerate(prompts):
@@ -49,10 +49,10 @@ def encode_prompts(config, tokenizer: Tokenizer, key: str, prompts: Sequence[str
     where = f"line {n + 1}" if key == "prompts_file" else "the prompt"
     if len(ids) == len(bos):
       raise ConfigError(f"{key}: {where} encodes to no tokens")
-    if len(ids) > config.max_prefill_predict_length:
+    if len(ids) >= config.max_target_length:  # longer than max_prefill_predict_length: prefilled in chunks
       raise ConfigError(
-          f"{key}: {where} is {len(ids)} tokens, longer than max_prefill_predict_length"
-          f" {config.max_prefill_predict_length} ({text[:40]!r}...)"
+          f"{key}: {where} is {len(ids)} tokens, leaving no room to generate within max_target_length"
+          f" {config.max_target_length} ({text[:40]!r}...)"
       )
     encoded.append(ids)
   return encoded

@@ -55,7 +55,7 @@ MAX_CHOICES = 16  # n and best_of
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_SAMPLES = 256  # prompts x best_of of one request
 MAX_STOP = 16  # stop strings (OpenAI allows 4)
-CHARS_PER_TOKEN_BOUND = 64  # a prompt string longer than this x max_prefill_length is refused untokenized
+CHARS_PER_TOKEN_BOUND = 64  # a prompt string longer than this x the context is refused untokenized
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the sampler's filters removed reports this
 
 
@@ -144,7 +144,7 @@ class Server:
     return list(ids)
 
   def _encode_text(self, text: str, param: str) -> list[int]:
-    bound = CHARS_PER_TOKEN_BOUND * self.scheduler.engine.dims.max_prefill_length
+    bound = CHARS_PER_TOKEN_BOUND * self.scheduler.engine.dims.max_cache_length
     if len(text) > bound:  # refused before the tokenizer spends time on it
       raise RequestError(
           f"{param} is {len(text)} characters, more than this server tokenizes ({bound})",
@@ -189,10 +189,13 @@ class Server:
     dims = self.scheduler.engine.dims
     if not prompt:
       raise RequestError("the prompt encodes to no tokens", "prompt")
-    if len(prompt) > dims.max_prefill_length:
+    # Longer prompts than a prefill chunk (max_prefill_predict_length) are prefilled chunk by chunk; echo's prompt
+    # logprobs come from a single prefill.
+    limit = dims.max_prefill_length if echo else dims.max_cache_length - (0 if echo else 1)
+    if len(prompt) > limit:
+      what = "with echo (max_prefill_predict_length)" if echo else "leaving room for one new token (max_target_length)"
       raise RequestError(
-          f"the prompt is {len(prompt)} tokens, more than the {dims.max_prefill_length} this server accepts"
-          " (max_prefill_predict_length)",
+          f"the prompt is {len(prompt)} tokens, more than the {limit} this server accepts {what}",
           "prompt",
           "context_length_exceeded",
       )

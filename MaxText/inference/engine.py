@@ -177,7 +177,8 @@ class Engine:
             (cache_lib.BATCH_AXIS_NAME, None), self.rules, self.mesh, (self.dims.num_slots, self.dims.max_cache_length)
         ),
     }
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=("prompt_logprobs",))
+    self._prefill = jax.jit(self._prefill_impl, static_argnames=("prompt_logprobs", "cache_length"))
+    self._extend = jax.jit(self._extend_impl, donate_argnums=(1,))
     self._insert = jax.jit(self._insert_impl, donate_argnums=(1,), out_shardings=self.state_shardings)
     self._generate = jax.jit(
         self._generate_impl,
@@ -217,9 +218,9 @@ class Engine:
 
   # ------------------------------------------------------------------ jitted bodies
 
-  def _prefill_impl(self, params, tokens, true_lengths, settings, prompt_logprobs=False):
+  def _prefill_impl(self, params, tokens, true_lengths, settings, prompt_logprobs=False, cache_length=None):
     batch, length = tokens.shape
-    model = self._model(params, batch, length)
+    model = self._model(params, batch, cache_length or length)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
     segment_ids = (positions < true_lengths[:, None]).astype(jnp.int32)
     prompt_stats = None
@@ -241,7 +242,26 @@ class Engine:
         sampling={**settings, "step": settings["step"] + 1},
         logprobs=first_logprobs,
         prompt_logprobs=prompt_stats,
-        length=length,
+        length=cache_length or length,
+    )
+
+  def _extend_impl(self, params, prefix: Prefix, tokens, settings):
+    batch, chunk = tokens.shape
+    model = self._load_cache(self._model(params, batch, prefix.length), prefix.cache)
+    positions = prefix.lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)
+    # The chunk attends over the prefix's cache and itself, causally, and joins the cache (as decode tokens do).
+    last = jnp.full((batch,), chunk - 1, jnp.int32)
+    logits = model(tokens, positions, None, model_mode="autoregressive", logits_at=last)[:, 0]
+    settings = {**settings, "step": jnp.zeros((batch,), jnp.int32)}
+    first, first_logprobs = sampling.sample(logits, settings, logprobs=True)
+    return Prefix(
+        cache=_pure(self._cache_state(model).to_pure_dict()),
+        tokens=first,
+        lengths=prefix.lengths + chunk,
+        logits=logits.astype(jnp.float32),
+        sampling={**settings, "step": settings["step"] + 1},
+        logprobs=first_logprobs,
+        length=prefix.length,
     )
 
   def _insert_impl(self, prefix: Prefix, state, slots):
@@ -344,6 +364,7 @@ class Engine:
       *,
       sampling_params: sampling.SamplingParams | Sequence[sampling.SamplingParams] | None = None,
       prompt_logprobs: bool = False,
+      cache_length: Optional[int] = None,
   ) -> Prefix:
     """Runs padded prompt(s) through the model, filling a fresh KV cache, and samples each first new token.
 
@@ -351,7 +372,8 @@ class Engine:
     (length <= max_prefill_length). The prefix's cache has `length` tokens per row; logits are those the first
     token was sampled from. `sampling_params`: one for every row, one per row, or None (decode_sampling_* keys);
     insert carries them into the slot, so generate samples each slot its own way. `prompt_logprobs`: fill the
-    prefix's prompt_logprobs too (logits at every position; compiled apart).
+    prefix's prompt_logprobs too (logits at every position; compiled apart). `cache_length` (<= max_cache_length):
+    a cache longer than the prompt, which `extend` then grows chunk by chunk (chunked prefill).
     """
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim == 1:
@@ -361,9 +383,37 @@ class Engine:
       raise ValueError(f"prefill of {tokens.shape[1]} tokens exceeds max_prefill_length {self.dims.max_prefill_length}")
     if np.any(true_lengths < 1) or np.any(true_lengths > tokens.shape[1]):
       raise ValueError(f"true lengths {true_lengths.tolist()} must be in [1, {tokens.shape[1]}]")
+    if cache_length is not None and not tokens.shape[1] <= cache_length <= self.dims.max_cache_length:
+      raise ValueError(f"cache_length {cache_length} must be in [{tokens.shape[1]}, {self.dims.max_cache_length}]")
     settings = _settings(sampling_params, tokens.shape[0], self.default_sampling)
     with sharding.use_mesh(self.mesh, self.rules):
-      return self._prefill(params, tokens, true_lengths, settings, prompt_logprobs=prompt_logprobs)
+      return self._prefill(
+          params, tokens, true_lengths, settings, prompt_logprobs=prompt_logprobs, cache_length=cache_length
+      )
+
+  def extend(
+      self,
+      params: Params,
+      prefix: Prefix,
+      tokens,
+      *,
+      sampling_params: sampling.SamplingParams | Sequence[sampling.SamplingParams] | None = None,
+  ) -> Prefix:
+    """The next chunk of the prompt(s) of a prefix (a prefill with `cache_length`): tokens int [chunk] or
+    [rows, chunk], every one real (no padding), attending over the prefix and themselves. Returns the grown prefix,
+    with each first new token sampled from its chunk's last logits (a prefix can be inserted after any chunk).
+    Donates `prefix`; compiled once per chunk length."""
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim == 1:
+      tokens = tokens[None]
+    if tokens.shape[0] != prefix.tokens.shape[0]:
+      raise ValueError(f"{tokens.shape[0]} chunk rows for a prefix of {prefix.tokens.shape[0]}")
+    if int(np.max(np.asarray(prefix.lengths))) + tokens.shape[1] > prefix.length:
+      raise ValueError(f"a chunk of {tokens.shape[1]} tokens overflows the prefix cache of {prefix.length}")
+    settings = _settings(sampling_params, tokens.shape[0], self.default_sampling)
+    prefix = prefix.replace(logprobs=None, prompt_logprobs=None)
+    with sharding.use_mesh(self.mesh, self.rules):
+      return self._extend(params, prefix, tokens, settings)
 
   def init_decode_state(self) -> DecodeState:
     """Empty slots (greedy until a prompt is inserted)."""

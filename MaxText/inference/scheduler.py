@@ -13,6 +13,12 @@ Each request has its own sampling settings, token budget, stop token ids and sto
 asks for logprobs gets each new token's logprob and top alternatives (the engine's logprob variants run only while
 such a request is in the batch); `echo` adds the prompt tokens' logprobs, and with max_tokens 0 the request is
 scored (prefilled) without taking a slot.
+
+Chunked prefill: a prompt longer than the prefill length (max_prefill_predict_length, C) takes its slot and books
+its pages at once, then is prefilled in pieces, one per scheduler round between generate steps, so a long prompt
+does not stall the running requests' next tokens: first its remainder (1..C tokens, a padded prefill into a
+context-long cache), then whole C-token chunks, each attending over the cache so far (Engine.extend). After the last
+chunk it is inserted into its slot and decodes like any other. Prompt logprobs (`echo`) cover prompts up to C tokens.
 """
 
 import collections
@@ -89,6 +95,7 @@ class Request:
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   _emitted: int = 0
   _cached: int = 0  # tokens in the KV cache
+  _prefix: Optional[engine_lib.Prefix] = None  # a chunked prefill in progress
 
   def emit(self, event: Event):
     (self.on_event or self.events.put)(event)
@@ -172,8 +179,11 @@ class Scheduler:
     dims = self.engine.dims
     if not request.prompt:
       raise ValueError("the prompt is empty")
-    if len(request.prompt) > dims.max_prefill_length:
-      raise ValueError(f"the prompt is {len(request.prompt)} tokens, more than the {dims.max_prefill_length} allowed")
+    if request.echo and len(request.prompt) > dims.max_prefill_length:
+      raise ValueError(
+          f"echo: prompt logprobs cover prompts of up to {dims.max_prefill_length} tokens (max_prefill_predict_length);"
+          f" this one has {len(request.prompt)}"
+      )
     if request.logprobs is not None and not 0 <= request.logprobs <= sampling_lib.MAX_TOP_LOGPROBS:
       raise ValueError(f"logprobs {request.logprobs} must be in [0, {sampling_lib.MAX_TOP_LOGPROBS}]")
     least = 0 if request.echo else 1  # echo with max_tokens 0 scores the prompt only
@@ -198,27 +208,40 @@ class Scheduler:
 
   @property
   def running(self) -> int:
+    """Occupied slots: requests decoding or still being prefilled in chunks."""
     return sum(r is not None for r in self._slots)
+
+  @property
+  def decoding(self) -> int:
+    return sum(r is not None and r._prefix is None for r in self._slots)  # pylint: disable=protected-access
 
   def warmup(self, logprobs: bool = False):
     """Compiles what requests will run, so none compiles at serving time: a generate step for every row bucket,
-    prefill and insert for every prefill bucket, and a page-table update (a request that grows past a page).
+    prefill and insert for every prefill bucket, the chunked prefill of longer prompts (their first piece per
+    bucket, and a chunk), and a page-table update (a request that grows past a page).
     `logprobs`: the logprob variants of generate and prefill too (requests that ask for logprobs or echo)."""
-    self.warmup_for(engine_lib.prefill_buckets(self.engine.dims.max_prefill_length), logprobs)
+    buckets = engine_lib.prefill_buckets(self.engine.dims.max_prefill_length)
+    self.warmup_for(buckets + [b + self.engine.dims.max_prefill_length for b in buckets], logprobs)
 
   def warmup_for(self, prompt_lengths: Sequence[int], logprobs: bool = False):
-    """warmup with the prefill buckets of these prompt lengths only (the decode CLI knows its prompts)."""
+    """warmup for prompts of these lengths only (the decode CLI knows its prompts)."""
     for rows in self.row_buckets:  # empty slots step harmlessly (at stale or scratch cache entries)
       self._step_rows(rows)
       if logprobs:
         self._step_rows(rows, logprobs=True)
+    dims = self.engine.dims
+    chunk = dims.max_prefill_length
     if self.pages is not None:  # grows past a page: the page-table update
-      self.submit(Request([1], min(self.pages.tokens_per_page + 1, self.engine.dims.max_cache_length - 1)))
-    buckets = {engine_lib.bucket_length(n, self.engine.dims.max_prefill_length) for n in prompt_lengths}
-    for bucket in sorted(buckets):
+      self.submit(Request([1], min(self.pages.tokens_per_page + 1, dims.max_cache_length - 1)))
+    for bucket in sorted({engine_lib.bucket_length(n, chunk) for n in prompt_lengths if n <= chunk}):
       self.submit(Request([1] * bucket, 1))
       if logprobs:
         self.submit(Request([1] * bucket, 0, echo=True))
+    # Chunked prefill: the first piece (a prefill into a context-long cache) per bucket, then one chunk.
+    room = dims.max_cache_length - 1 - chunk  # the longest first piece that leaves room for a chunk and a token
+    long = [n for n in prompt_lengths if n > chunk] if room > 0 else []
+    for bucket in sorted({engine_lib.bucket_length(min(n - (n - 1) // chunk * chunk, room), chunk) for n in long}):
+      self.submit(Request([1] * (min(bucket, room) + chunk), 1))
     self.run_until_idle()
     self.stats = SchedulerStats()  # the warm-up's compile time is no one's throughput
 
@@ -256,9 +279,10 @@ class Scheduler:
     for slot, request in enumerate(self._slots):
       if request is not None and request.cancelled.is_set():
         self._finish(slot, request, "cancelled")
+    chunked = self._prefill_chunk()  # before admitting: a prompt admitted now had its first piece this round
     admitted = self._admit()
-    if self.running == 0:
-      return admitted
+    if self.decoding == 0:
+      return admitted or chunked
     try:
       self._generate()
     except Exception as e:  # pylint: disable=broad-exception-caught
@@ -293,12 +317,70 @@ class Scheduler:
       self._waiting.popleft()
       slot = self._slots.index(None)
       try:
-        self._prefill_into(slot, request, total)
+        if len(request.prompt) > self.engine.dims.max_prefill_length:
+          self._start_chunked(slot, request, total)
+        else:
+          self._prefill_into(slot, request, total)
       except Exception as e:  # pylint: disable=broad-exception-caught
         logger.exception("prefill failed")
         self._finish(slot, request, "error", error=str(e))
       admitted += 1
     return admitted > 0
+
+  def _start_chunked(self, slot: int, request: Request, total: int):
+    """Takes the slot and books the pages of a long prompt, and prefills its first piece: the remainder that leaves
+    whole chunks after it (pages are taken only at insert, so until then the slot steps into the scratch page)."""
+    start = time.perf_counter()
+    chunk = self.engine.dims.max_prefill_length
+    self._slots[slot] = request
+    if self.pages is not None:
+      self.pages.reserve(slot, total)
+    n = len(request.prompt)
+    first = n - (n - 1) // chunk * chunk
+    tokens = np.zeros((engine_lib.bucket_length(first, chunk),), np.int32)
+    tokens[:first] = request.prompt[:first]
+    request._prefix = self.engine.prefill(  # pylint: disable=protected-access
+        self.params, tokens, first, sampling_params=request.sampling, cache_length=self.engine.dims.max_cache_length
+    )
+    request._cached = first  # pylint: disable=protected-access
+    self.stats.prefill_calls += 1
+    self.stats.prompt_tokens += first
+    self.stats.prefill_seconds += time.perf_counter() - start
+
+  def _prefill_chunk(self) -> bool:
+    """One chunk of the oldest chunked prefill (slot order); inserts the request once its prompt is in."""
+    for slot, request in enumerate(self._slots):
+      if request is None or request._prefix is None:  # pylint: disable=protected-access
+        continue
+      try:
+        self._extend(slot, request)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        logger.exception("chunked prefill failed")
+        request._prefix = None  # pylint: disable=protected-access
+        self._finish(slot, request, "error", error=str(e))
+      return True
+    return False
+
+  def _extend(self, slot: int, request: Request):
+    start = time.perf_counter()
+    chunk, done = self.engine.dims.max_prefill_length, request._cached  # pylint: disable=protected-access
+    prefix = self.engine.extend(
+        self.params, request._prefix, request.prompt[done : done + chunk], sampling_params=request.sampling  # pylint: disable=protected-access
+    )
+    request._cached = done + chunk  # pylint: disable=protected-access
+    self.stats.prefill_calls += 1
+    self.stats.prompt_tokens += chunk
+    if request._cached < len(request.prompt):  # pylint: disable=protected-access
+      request._prefix = prefix  # pylint: disable=protected-access
+      self.stats.prefill_seconds += time.perf_counter() - start
+      return
+    request._prefix = None  # pylint: disable=protected-access
+    if self.pages is not None:
+      self.pages.ensure(slot, len(request.prompt))
+      self._push_table()
+    self._state = self.engine.insert(prefix, self._state, slot)
+    self.stats.prefill_seconds += time.perf_counter() - start
+    self._accept_first(slot, request, prefix)
 
   def _push_table(self):
     if self.pages is not None and self.pages.version != self._table_version:
@@ -335,29 +417,34 @@ class Scheduler:
     prefix = self._prefill(request)
     self._state = self.engine.insert(prefix, self._state, slot)
     request._cached = n  # pylint: disable=protected-access
-    first = int(np.asarray(prefix["tokens"])[0])
+    self.stats.prefill_seconds += time.perf_counter() - start
+    self._accept_first(slot, request, prefix)
+
+  def _accept_first(self, slot: int, request: Request, prefix: engine_lib.Prefix):
+    """The token the prefill sampled (with its logprob when the request asked)."""
     logprob = None
     if request.logprobs is not None:
       logprob = _token_logprob(jax.tree.map(np.asarray, prefix.logprobs), (0,), request.logprobs)
-    self.stats.prefill_seconds += time.perf_counter() - start
-    self._accept(slot, request, first, logprob)
+    self._accept(slot, request, int(np.asarray(prefix["tokens"])[0]), logprob)
 
   def _generate(self):
     start = time.perf_counter()
+    # Slots still prefilling in chunks step too (their rows are stale, their pages not yet taken: the writes land in
+    # the scratch page or the stale row, both rewritten by insert), but their tokens are dropped.
+    active = {i: r for i, r in enumerate(self._slots) if r is not None and r._prefix is None}  # pylint: disable=protected-access
     if self.pages is not None:
-      for slot, request in enumerate(self._slots):
-        if request is not None:  # the step writes the fed-back token at position _cached
-          self.pages.ensure(slot, request._cached + 1)  # pylint: disable=protected-access
+      for slot, request in active.items():  # the step writes the fed-back token at position _cached
+        self.pages.ensure(slot, request._cached + 1)  # pylint: disable=protected-access
       self._push_table()
-    highest = max(i for i, r in enumerate(self._slots) if r is not None)
-    with_logprobs = any(r is not None and r.logprobs is not None for r in self._slots)
+    highest = max(active)
+    with_logprobs = any(r.logprobs is not None for r in active.values())
     host, stats = self._step_rows(next(b for b in self.row_buckets if b > highest), with_logprobs)
     self.stats.generate_seconds += time.perf_counter() - start
     self.stats.generate_steps += 1
-    self.stats.step_tokens += self.running
-    self.stats.recent_tokens.append((time.monotonic(), self.running))
-    for slot, request in enumerate(self._slots):
-      if request is not None:
+    self.stats.step_tokens += len(active)
+    self.stats.recent_tokens.append((time.monotonic(), len(active)))
+    for slot, request in active.items():
+      if self._slots[slot] is request:
         request._cached += 1  # pylint: disable=protected-access
         logprob = None if request.logprobs is None else _token_logprob(stats, (slot,), request.logprobs)
         self._accept(slot, request, int(host[slot]), logprob)
@@ -413,6 +500,7 @@ class Scheduler:
     self._release(slot, request, reason)
 
   def _release(self, slot: int, request: Request, reason: str):
+    request._prefix = None  # pylint: disable=protected-access
     self._slots[slot] = None
     if self.pages is not None:
       self.pages.release(slot)
@@ -457,7 +545,6 @@ def decode_prompts(
   for i, ids in enumerate(prompts):
     if not ids:
       raise ValueError(f"prompt {i} is empty")
-    engine_lib.bucket_length(len(ids), dims.max_prefill_length)  # raises for a prompt that is too long
     budget = dims.max_cache_length - len(ids)
     budget = budget if max_new_tokens is None else min(budget, max_new_tokens)
     request = Request(list(ids), budget, sampling_params[i], stop_ids=tuple(stop_ids))

@@ -313,8 +313,9 @@ def cli_error(capsys, *args):
 def test_bad_inputs(trained_run, tmp_path, capsys):
   out_dir, run_name = trained_run
   run = [f"base_output_directory={out_dir}", f"run_name={run_name}"]
-  code, err = cli_error(capsys, *run, "max_prefill_predict_length=4", "prompt=a much longer prompt than four tokens")
-  assert code == 2 and "CONFIG ERROR: prompt:" in err and "longer than max_prefill_predict_length 4" in err
+  long_prompt = "prompt=" + " ".join(["a much longer prompt than the context"] * 20)
+  code, err = cli_error(capsys, *run, long_prompt)
+  assert code == 2 and "CONFIG ERROR: prompt:" in err and "leaving no room to generate within max_target_length" in err
   code, err = cli_error(capsys, *run, "prompt=   ")
   assert code == 2 and "CONFIG ERROR: prompt: the prompt is empty" in err
   code, err = cli_error(capsys, *run, f"prompts_file={tmp_path / 'missing.txt'}")

@@ -690,7 +690,7 @@ def test_short_soak_with_bad_clients_leaves_the_server_clean(live):
     if kind == "malformed":
       return (kind, *raw(b'{"prompt": [1, 2, '))
     if kind == "oversize":
-      return (kind, *raw(json.dumps({**body, "prompt": [5] * 40}).encode()))
+      return (kind, *raw(json.dumps({**body, "prompt": [5] * 60}).encode()))
     return (kind, *raw(json.dumps({**body, "temperature": 7, "top_p": 0}).encode()))
 
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
