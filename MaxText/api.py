@@ -73,7 +73,9 @@ class Model:
           max_prefill_length=max_prefill_length,
           max_cache_length=max_cache_length,
       )
-      self._schedulers[dims] = scheduler_lib.Scheduler(engine, self.params, max_prefills_per_step=num_slots)
+      self._schedulers[dims] = scheduler_lib.Scheduler(
+          engine, self.params, max_prefills_per_step=num_slots, prefix_caching=self.config.enable_prefix_caching
+      )
     return self._schedulers[dims]
 
   def generate(

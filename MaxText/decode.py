@@ -77,7 +77,9 @@ def run(config) -> scheduler_lib.SchedulerStats:
     stored = config.checkpoint_is_quantized or config.save_quantized_params_path
     stored = "int8 kernels + scales" if stored else "weights quantized at each call"
     logger.info("Matmuls quantized: %s (%s)", config.quantization, stored)
-  scheduler = scheduler_lib.Scheduler(engine, params, max_prefills_per_step=engine.dims.num_slots)
+  scheduler = scheduler_lib.Scheduler(
+      engine, params, max_prefills_per_step=engine.dims.num_slots, prefix_caching=config.enable_prefix_caching
+  )
   scheduler.warmup_for([len(ids) for ids in encoded])
   outputs = scheduler_lib.decode_prompts(
       scheduler,

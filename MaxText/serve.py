@@ -584,7 +584,9 @@ def build_server(config, params=None, decode=None) -> Server:
     params = loading.load_params(config, engine.abstract_params, engine.param_shardings)
   else:
     params = engine.place_params(params)
-  scheduler = scheduler_lib.Scheduler(engine, params, decode or tokenizer.decode)
+  scheduler = scheduler_lib.Scheduler(
+      engine, params, decode or tokenizer.decode, prefix_caching=config.enable_prefix_caching
+  )
   logger.info("MaxText.serve: compiling (%d slots, %d KV pages)...", engine.dims.num_slots, scheduler.pages.capacity)
   scheduler.warmup(logprobs=True)
   return Server(scheduler.start(), tokenizer, config, config.model_name or config.run_name or "maxtext")

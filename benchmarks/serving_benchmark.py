@@ -2,6 +2,7 @@
 
     python3 benchmarks/serving_benchmark.py [--model llama-small] [--requests 32] [--duration 60] [--prompt 24]
         [--max-tokens 32] [--slots 32]
+    python3 benchmarks/serving_benchmark.py --system-prompt 256 [--requests 16]
 
 Starts MaxText.serve's app in-process (random weights, attention=paged, continuous batching) on a free port and runs
 closed-loop clients (each sends its next streaming /v1/completions request when the previous one ends) until
@@ -10,6 +11,10 @@ through the same Scheduler (scheduler.decode_prompts, contiguous cache): the sam
 each wave decoded to the end before the next starts, so a request's first token waits for its wave's prefill and
 its latency for the wave's longest request. Prints a table of medians. Greedy decoding with max_tokens fixed and EOS
 ignored (token ids prompts), so both sides generate the same token counts.
+
+`--system-prompt N`: prefix caching instead. One client sends `--requests` requests one after another, each a shared
+N-token system prompt followed by its own `--prompt` tokens, to a server with enable_prefix_caching on and to one
+with it off; prints the median time to first token of each (the first request, which fills the cache, excluded).
 """
 
 import argparse
@@ -113,6 +118,49 @@ def run_static(scheduler, prompts, concurrency: int, max_tokens: int, requests: 
   }
 
 
+def _serve(config, params):
+  """MaxText.serve's app for `config` on a free loopback port: (server, uvicorn server, completions url)."""
+  server = serve.build_server(config, params, decode=lambda ids: " ".join(map(str, ids)))  # ids past the tokenizer
+  server.tokenizer.eos_id = None  # random weights: ignore EOS so every request generates max_tokens
+  sock = socket.socket()
+  sock.bind(("127.0.0.1", 0))
+  http = uvicorn.Server(uvicorn.Config(serve.create_app(server), log_level="warning"))
+  threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True).start()
+  while not http.started:
+    time.sleep(0.05)
+  return server, http, f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+
+
+def prefix_caching_rows(args, params) -> list[tuple[str, dict]]:
+  """Median TTFT of requests sharing an N-token system prompt, prefix caching off and on (one client)."""
+  rng = np.random.default_rng(2)
+  length = args.system_prompt + args.prompt
+  system = rng.integers(3, 256, args.system_prompt).tolist()
+  prompts = [system + rng.integers(3, 256, args.prompt).tolist() for _ in range(args.requests)]
+  pages = -(-(length + args.max_tokens + 16) // 16) * args.slots + 1
+  rows = []
+  for caching in (False, True):
+    config = _config(
+        args.model,
+        args.slots,
+        length,
+        args.max_tokens,
+        attention="paged",
+        pagedattn_num_pages=pages,
+        enable_prefix_caching=caching,
+    )
+    server, http, url = _serve(config, params)
+    outcomes = [_stream_one(url, p, args.max_tokens) for p in prompts]
+    http.should_exit = True
+    server.scheduler.stop()
+    hits = server.scheduler.pages.hit_tokens
+    ttft = [o[0] for o in outcomes[1:]]
+    rows.append(
+        (f"prefix caching {'on' if caching else 'off'}", {"ttft_ms": 1000 * statistics.median(ttft), "hits": hits})
+    )
+  return rows
+
+
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--model", default="llama-small")
@@ -122,8 +170,27 @@ def main(argv):
   parser.add_argument("--max-tokens", type=int, default=32)
   parser.add_argument("--slots", type=int, default=32)
   parser.add_argument("--levels", default="1,8,32")
+  parser.add_argument("--system-prompt", type=int, default=0, help="measure prefix caching with this shared prefix")
   args = parser.parse_args(argv)
   levels = [int(c) for c in args.levels.split(",")]
+  if args.system_prompt:
+    length = args.system_prompt + args.prompt
+    config = _config(args.model, args.slots, length, args.max_tokens)
+    model = model_creation.abstract_model(config)
+    params = jax.tree.map(
+        lambda a: np.random.default_rng(0).standard_normal(a.shape).astype(a.dtype) * 0.02,
+        nnx.state(model, nnx.Param).to_pure_dict(),
+    )
+    rows = prefix_caching_rows(args, params)
+    print(
+        f"\n{args.model}, random weights, float32, {jax.device_count()} {jax.default_backend()} device(s), one client,"
+        f" {args.system_prompt}-token shared system prompt + {args.prompt} own tokens, {args.max_tokens} new tokens"
+    )
+    print(f"{'mode':<18} {'median TTFT ms':>14} {'cached tokens':>13}")
+    for mode, r in rows:
+      print(f"{mode:<18} {r['ttft_ms']:>14.1f} {r['hits']:>13}")
+    print(f"TTFT ratio off/on: {rows[0][1]['ttft_ms'] / rows[1][1]['ttft_ms']:.2f}x")
+    return
 
   pages = -(-(args.prompt + args.max_tokens + 16) // 16) * args.slots + 1
   config = _config(args.model, args.slots, args.prompt, args.max_tokens)
@@ -136,15 +203,7 @@ def main(argv):
   rng = np.random.default_rng(1)
   prompts = [rng.integers(3, config.vocab_size, args.prompt).tolist() for _ in range(args.requests)]
 
-  server = serve.build_server(paged, params, decode=lambda ids: " ".join(map(str, ids)))  # ids past the tokenizer
-  server.tokenizer.eos_id = None  # random weights: ignore EOS so every request generates max_tokens
-  sock = socket.socket()
-  sock.bind(("127.0.0.1", 0))
-  http = uvicorn.Server(uvicorn.Config(serve.create_app(server), log_level="warning"))
-  threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True).start()
-  while not http.started:
-    time.sleep(0.05)
-  url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+  server, http, url = _serve(paged, params)
 
   rows = []
   for concurrency in levels:

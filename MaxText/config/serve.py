@@ -1,6 +1,6 @@
 """Config keys: serving (attention: paged; MaxText.serve)."""
 
-from MaxText.config.declare import Int, Key, NONNEG, POS, STR, Str
+from MaxText.config.declare import BOOL, Int, Key, NONNEG, POS, STR, Str
 
 TITLE = "serving (attention: paged; MaxText.serve)"
 API_KEY_ENV = "MAXTEXT_SERVE_API_KEY"
@@ -17,6 +17,13 @@ KEYS = (
         0,
         NONNEG,
         "page table width per slot (0 = enough pages for max_target_length tokens)",
+    ),
+    Key(
+        "enable_prefix_caching",
+        True,
+        BOOL,
+        "attention: paged: prompts that start with the same full pages of tokens share their KV pages (cached,"
+        " evicted least recently used) and compute only the rest (the contiguous cache has no pages to share)",
     ),
     Key(
         "paged_attention_kernel",

@@ -179,6 +179,7 @@ class Engine:
     }
     self._prefill = jax.jit(self._prefill_impl, static_argnames=("prompt_logprobs", "cache_length"))
     self._extend = jax.jit(self._extend_impl, donate_argnums=(1,))
+    self._gather = jax.jit(self._gather_impl, static_argnames=("cache_length",))
     self._insert = jax.jit(self._insert_impl, donate_argnums=(1,), out_shardings=self.state_shardings)
     self._generate = jax.jit(
         self._generate_impl,
@@ -245,19 +246,21 @@ class Engine:
         length=cache_length or length,
     )
 
-  def _extend_impl(self, params, prefix: Prefix, tokens, settings):
+  def _extend_impl(self, params, prefix: Prefix, tokens, true_lengths, settings):
     batch, chunk = tokens.shape
     model = self._load_cache(self._model(params, batch, prefix.length), prefix.cache)
     positions = prefix.lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)
-    # The chunk attends over the prefix's cache and itself, causally, and joins the cache (as decode tokens do).
-    last = jnp.full((batch,), chunk - 1, jnp.int32)
-    logits = model(tokens, positions, None, model_mode="autoregressive", logits_at=last)[:, 0]
+    # The chunk attends over the prefix's cache and itself, causally, and joins the cache (as decode tokens do);
+    # padding after a row's true length is written past it, masked (lengths exclude it) and overwritten later.
+    logits = model(tokens, positions, None, model_mode="autoregressive", logits_at=true_lengths - 1)[:, 0]
+    for cache in cache_lib.caches(model).values():
+      cache.lengths[...] = prefix.lengths + true_lengths
     settings = {**settings, "step": jnp.zeros((batch,), jnp.int32)}
     first, first_logprobs = sampling.sample(logits, settings, logprobs=True)
     return Prefix(
         cache=_pure(self._cache_state(model).to_pure_dict()),
         tokens=first,
-        lengths=prefix.lengths + chunk,
+        lengths=prefix.lengths + true_lengths,
         logits=logits.astype(jnp.float32),
         sampling={**settings, "step": settings["step"] + 1},
         logprobs=first_logprobs,
@@ -277,6 +280,22 @@ class Engine:
         "sampling": jax.tree.map(lambda a, b: a.at[slots].set(b), state["sampling"], prefix.sampling),
         "history": state["history"],  # rows are rewritten before they are read (see _generate_impl)
     }
+
+  def _gather_impl(self, state, table, cached, settings, cache_length):
+    zeros = self._zero_params()
+    pages = cache_lib.caches(self._load_cache(self._slots_model(zeros), state["cache"]))
+    model = self._model(zeros, table.shape[0], cache_length)
+    for path, cache in cache_lib.caches(model).items():
+      cache.load_stored(pages[path].stored_rows(table), cached)
+    rows = table.shape[0]
+    return Prefix(
+        cache=_pure(self._cache_state(model).to_pure_dict()),
+        tokens=jnp.zeros((rows,), jnp.int32),
+        lengths=cached,
+        logits=jnp.zeros((rows, self.config.vocab_size), jnp.float32),
+        sampling={**settings, "step": jnp.zeros((rows,), jnp.int32)},
+        length=cache_length,
+    )
 
   def _set_page_table_impl(self, state, table):
     model = self._load_cache(self._slots_model(self._zero_params()), state["cache"])
@@ -396,24 +415,43 @@ class Engine:
       params: Params,
       prefix: Prefix,
       tokens,
+      true_length=None,
       *,
       sampling_params: sampling.SamplingParams | Sequence[sampling.SamplingParams] | None = None,
   ) -> Prefix:
-    """The next chunk of the prompt(s) of a prefix (a prefill with `cache_length`): tokens int [chunk] or
-    [rows, chunk], every one real (no padding), attending over the prefix and themselves. Returns the grown prefix,
-    with each first new token sampled from its chunk's last logits (a prefix can be inserted after any chunk).
-    Donates `prefix`; compiled once per chunk length."""
+    """The next chunk of the prompt(s) of a prefix (a prefill with `cache_length`, or `gather`): tokens int [chunk]
+    or [rows, chunk], padded after each row's `true_length` real tokens (default: all real), attending over the
+    prefix and themselves. Returns the grown prefix, with each first new token sampled from its chunk's last real
+    logits (a prefix can be inserted after any chunk). Donates `prefix`; compiled once per chunk length."""
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim == 1:
       tokens = tokens[None]
+    true_lengths = np.broadcast_to(np.asarray(true_length or tokens.shape[1], np.int32), tokens.shape[:1])
     if tokens.shape[0] != prefix.tokens.shape[0]:
       raise ValueError(f"{tokens.shape[0]} chunk rows for a prefix of {prefix.tokens.shape[0]}")
+    if np.any(true_lengths < 1) or np.any(true_lengths > tokens.shape[1]):
+      raise ValueError(f"true lengths {true_lengths.tolist()} must be in [1, {tokens.shape[1]}]")
     if int(np.max(np.asarray(prefix.lengths))) + tokens.shape[1] > prefix.length:
       raise ValueError(f"a chunk of {tokens.shape[1]} tokens overflows the prefix cache of {prefix.length}")
     settings = _settings(sampling_params, tokens.shape[0], self.default_sampling)
     prefix = prefix.replace(logprobs=None, prompt_logprobs=None)
     with sharding.use_mesh(self.mesh, self.rules):
-      return self._extend(params, prefix, tokens, settings)
+      return self._extend(params, prefix, tokens, true_lengths, settings)
+
+  def gather(self, state: DecodeState, table, cached: int, *, cache_length: Optional[int] = None) -> Prefix:
+    """attention=paged: a prefix holding the first `cached` tokens stored in the pages of one page-table row
+    (int [max_pages_per_slot]: prefix caching's shared pages), in a contiguous cache of `cache_length` tokens
+    (default max_cache_length; longer leaves room for a padded last chunk, which insert sends past the page table to
+    the scratch page) for `extend` to continue. The state is only read."""
+    if self.page_spec is None:
+      raise ValueError("gather reads KV pages: it needs attention=paged")
+    cache_length = cache_length or self.dims.max_cache_length
+    table = np.asarray(table, np.int32).reshape(1, -1)
+    if not 0 < cached < min(cache_length, self.dims.max_cache_length):
+      raise ValueError(f"cached tokens {cached} must be in [1, {cache_length})")
+    settings = _settings(None, 1, self.default_sampling)
+    with sharding.use_mesh(self.mesh, self.rules):
+      return self._gather(state, table, np.asarray([cached], np.int32), settings, cache_length=cache_length)
 
   def init_decode_state(self) -> DecodeState:
     """Empty slots (greedy until a prompt is inserted)."""

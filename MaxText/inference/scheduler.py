@@ -19,6 +19,10 @@ its pages at once, then is prefilled in pieces, one per scheduler round between 
 does not stall the running requests' next tokens: first its remainder (1..C tokens, a padded prefill into a
 context-long cache), then whole C-token chunks, each attending over the cache so far (Engine.extend). After the last
 chunk it is inserted into its slot and decodes like any other. Prompt logprobs (`echo`) cover prompts up to C tokens.
+
+Prefix caching (`prefix_caching`, paged cache only): the full KV pages of every prefilled prompt stay registered
+under their tokens (page_manager); a new prompt that starts with registered blocks shares those pages, gathers them
+into its prefix (Engine.gather) and computes only the rest (Engine.extend, in chunks of at most C).
 """
 
 import collections
@@ -152,6 +156,7 @@ class Scheduler:
       decode: Optional[Callable[[Sequence[int]], str]] = None,
       *,
       max_prefills_per_step: int = 4,
+      prefix_caching: bool = False,
   ):
     self.engine, self.params, self.decode = engine, params, decode
     spec, slots = engine.page_spec, engine.dims.num_slots
@@ -159,6 +164,7 @@ class Scheduler:
     if spec is not None:
       self.pages = page_manager.PageManager(spec.num_pages, spec.tokens_per_page, spec.max_pages_per_slot, slots)
     self.max_prefills_per_step = max_prefills_per_step
+    self.prefix_caching = prefix_caching and self.pages is not None
     self.stats = SchedulerStats()
     self._inbox: "queue.Queue[Request]" = queue.Queue()
     self._wake = threading.Event()
@@ -243,6 +249,12 @@ class Scheduler:
     for bucket in sorted({engine_lib.bucket_length(min(n - (n - 1) // chunk * chunk, room), chunk) for n in long}):
       self.submit(Request([1] * (min(bucket, room) + chunk), 1))
     self.run_until_idle()
+    if self.prefix_caching:  # a cache hit: gather, then a padded piece of every bucket
+      for bucket in engine_lib.prefill_buckets(chunk):
+        cached = min(self.pages.tokens_per_page, dims.max_cache_length - bucket)
+        if cached > 0:
+          prefix = self.engine.gather(self._state, self.pages.table[0], cached, cache_length=self._gather_length)
+          self.engine.extend(self.params, prefix, np.ones((bucket,), np.int32), 1)
     self.stats = SchedulerStats()  # the warm-up's compile time is no one's throughput
 
   # ------------------------------------------------------------------ engine thread
@@ -312,12 +324,16 @@ class Scheduler:
         admitted += 1
         continue
       total = len(request.prompt) + request.max_tokens
-      if self.pages is not None and not self.pages.can_reserve(total):
+      # Echo needs every prompt position's logits: a full prefill, never a cached start.
+      shared = self.pages.match(request.prompt) if self.prefix_caching and not request.echo else []
+      if self.pages is not None and not self._fits(total, shared):
         break  # backpressure: wait (in order) until running requests release pages
       self._waiting.popleft()
       slot = self._slots.index(None)
       try:
-        if len(request.prompt) > self.engine.dims.max_prefill_length:
+        if shared:
+          self._start_cached(slot, request, total, shared)
+        elif len(request.prompt) > self.engine.dims.max_prefill_length:
           self._start_chunked(slot, request, total)
         else:
           self._prefill_into(slot, request, total)
@@ -326,6 +342,33 @@ class Scheduler:
         self._finish(slot, request, "error", error=str(e))
       admitted += 1
     return admitted > 0
+
+  @property
+  def _gather_length(self) -> int:
+    # A chunk longer than the context: the last piece is padded to its bucket, and the padding must not wrap.
+    # Insert sends tokens past the page table's capacity to the scratch page.
+    return self.engine.dims.max_cache_length + self.engine.dims.max_prefill_length
+
+  def _fits(self, total: int, shared: list[int]) -> bool:
+    pages = self.pages
+    need = pages.new_pages_for(total, shared)
+    return pages.pages_for(total) <= pages.max_pages_per_slot and need <= pages.available
+
+  def _start_cached(self, slot: int, request: Request, total: int, shared: list[int]):
+    """Shares the cached pages of the prompt's leading blocks, gathers them into a prefix and computes the first
+    piece of the rest (the rest of it, chunk by chunk, in the next rounds)."""
+    start = time.perf_counter()
+    self._slots[slot] = request
+    self.pages.share(slot, shared)
+    self.pages.reserve(slot, total)
+    self._push_table()
+    cached = len(shared) * self.pages.tokens_per_page
+    request._prefix = self.engine.gather(  # pylint: disable=protected-access
+        self._state, self.pages.table[slot], cached, cache_length=self._gather_length
+    )
+    request._cached = cached  # pylint: disable=protected-access
+    self.stats.prefill_seconds += time.perf_counter() - start
+    self._extend(slot, request)
 
   def _start_chunked(self, slot: int, request: Request, total: int):
     """Takes the slot and books the pages of a long prompt, and prefills its first piece: the remainder that leaves
@@ -362,14 +405,18 @@ class Scheduler:
     return False
 
   def _extend(self, slot: int, request: Request):
+    """The next piece (at most a chunk, the last one padded to its bucket) of a prompt whose prefix is cached."""
     start = time.perf_counter()
     chunk, done = self.engine.dims.max_prefill_length, request._cached  # pylint: disable=protected-access
+    piece = request.prompt[done : done + chunk]
+    tokens = np.zeros((engine_lib.bucket_length(len(piece), chunk),), np.int32)
+    tokens[: len(piece)] = piece
     prefix = self.engine.extend(
-        self.params, request._prefix, request.prompt[done : done + chunk], sampling_params=request.sampling  # pylint: disable=protected-access
+        self.params, request._prefix, tokens, len(piece), sampling_params=request.sampling  # pylint: disable=protected-access
     )
-    request._cached = done + chunk  # pylint: disable=protected-access
+    request._cached = done + len(piece)  # pylint: disable=protected-access
     self.stats.prefill_calls += 1
-    self.stats.prompt_tokens += chunk
+    self.stats.prompt_tokens += len(piece)
     if request._cached < len(request.prompt):  # pylint: disable=protected-access
       request._prefix = prefix  # pylint: disable=protected-access
       self.stats.prefill_seconds += time.perf_counter() - start
@@ -379,6 +426,8 @@ class Scheduler:
       self.pages.ensure(slot, len(request.prompt))
       self._push_table()
     self._state = self.engine.insert(prefix, self._state, slot)
+    if self.prefix_caching:
+      self.pages.register(slot, request.prompt)
     self.stats.prefill_seconds += time.perf_counter() - start
     self._accept_first(slot, request, prefix)
 
@@ -416,6 +465,8 @@ class Scheduler:
       self._push_table()
     prefix = self._prefill(request)
     self._state = self.engine.insert(prefix, self._state, slot)
+    if self.prefix_caching:
+      self.pages.register(slot, request.prompt)
     request._cached = n  # pylint: disable=protected-access
     self.stats.prefill_seconds += time.perf_counter() - start
     self._accept_first(slot, request, prefix)

@@ -491,7 +491,10 @@ def test_streamed_logprobs_equal_the_whole_response(live):
       streamed[c.index] += [(i.token, i.logprob) for i in (c.logprobs.content if c.logprobs else [])]
   for choice in reply.choices:
     assert texts[choice.index] == choice.message.content
-    assert streamed[choice.index] == [(i.token, i.logprob) for i in choice.logprobs.content]
+    # The repeated prompt's pages come from the prefix cache the first request filled: equal up to float rounding.
+    want = [(i.token, i.logprob) for i in choice.logprobs.content]
+    assert [t for t, _ in streamed[choice.index]] == [t for t, _ in want]
+    np.testing.assert_allclose([lp for _, lp in streamed[choice.index]], [lp for _, lp in want], atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- access control

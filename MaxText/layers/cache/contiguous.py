@@ -91,6 +91,15 @@ class KVCache(Cache):
     cached_keys, cached_values = self.keys_values()
     return self._view(cached_keys, cached_values, key, value)
 
+  def load_stored(self, rows: dict[str, jax.Array], lengths: jax.Array):
+    """Rows [B, H, tokens, ...] of stored arrays (a paged cache's stored_rows: same dtypes) as the start of this
+    cache's contents, `lengths` [B] of them filled."""
+    for name, value in rows.items():
+      var = getattr(self, name)
+      n = min(value.shape[2], var.shape[2])
+      var[...] = var[...].at[:, :, :n].set(value[:, :, :n].astype(var.dtype))
+    self.lengths[...] = lengths.astype(jnp.int32)
+
   def insert(self, prefix: Cache, slots: jax.Array):
     """The prefix's rows (as stored: int8 stays int8) go to `slots`, from token 0; the rest of a row is stale."""
     self._insert_rows(prefix, slots, tuple(self._row_vars()))

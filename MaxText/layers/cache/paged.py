@@ -179,6 +179,16 @@ class PagedKVCache(Cache):
     self._write(heads_second(keys), heads_second(values), self.page_table[...][slots], zeros)
     self._insert_rows(prefix, slots, ("lengths",))
 
+  def stored_rows(self, table: jax.Array) -> dict[str, jax.Array]:
+    """The pages of table rows [B, pages] in token order, as stored (int8 and scales stay so): {"key": [B, H,
+    pages x tokens_per_page, D], "value", "key_scale", "value_scale" as the cache holds them} (prefix caching)."""
+    out = {}
+    for name in ("key", "value", "key_scale", "value_scale"):
+      pages = getattr(self, f"{name}_pages", None)
+      if pages is not None:
+        out[name] = gather_pages(pages[...], table)
+    return out
+
   def set_page_table(self, table: jax.Array):
     self.page_table[...] = jnp.broadcast_to(jnp.asarray(table, jnp.int32), self.page_table.shape)
 
