@@ -255,6 +255,7 @@ class Scheduler:
         if cached > 0:
           prefix = self.engine.gather(self._state, self.pages.table[0], cached, cache_length=self._gather_length)
           self.engine.extend(self.params, prefix, np.ones((bucket,), np.int32), 1)
+      self.pages.hit_tokens = 0
     self.stats = SchedulerStats()  # the warm-up's compile time is no one's throughput
 
   # ------------------------------------------------------------------ engine thread
