@@ -438,12 +438,14 @@ class _MetricsCollector:
         "maxtext_kv_pages_used": ("KV cache pages held by requests", pages.used),
         "maxtext_kv_pages_total": ("KV cache pages that can be allocated", pages.capacity),
         "maxtext_kv_page_usage_ratio": ("Fraction of KV pages in use", pages.used / pages.capacity),
+        "maxtext_kv_pages_cached": ("KV pages holding cached prompt blocks (prefix caching)", pages.cached),
         "maxtext_generation_tokens_per_second": ("Generated tokens per second over 10 s", s.stats.tokens_per_second()),
     }
     for name, (doc, value) in gauges.items():
       yield GaugeMetricFamily(name, doc, value=value)
     counters = {
         "maxtext_prompt_tokens": ("Prompt tokens prefilled", s.stats.prompt_tokens),
+        "maxtext_prefix_cache_hit_tokens": ("Prompt tokens served from cached KV pages", pages.hit_tokens),
         "maxtext_generation_tokens": ("Tokens generated", s.stats.generated_tokens),
         "maxtext_requests_finished": ("Requests finished (any reason)", s.stats.finished_requests),
     }

@@ -4,6 +4,7 @@ the official `openai` client on loopback (streaming and not), chat templates, ba
 import concurrent.futures
 import http.client
 import json
+import re
 import os
 import socket
 import subprocess
@@ -263,9 +264,25 @@ def test_health_and_metrics(live):
       'maxtext_time_to_first_token_seconds{quantile="0.5"}',
       "maxtext_kv_pages_used",
       "maxtext_kv_page_usage_ratio",
+      "maxtext_kv_pages_cached",
       "maxtext_generation_tokens_total",
+      "maxtext_prefix_cache_hit_tokens_total",
   ):
     assert name in text, name
+
+
+def test_a_repeated_prompt_reuses_its_cached_pages(live):
+  """The same 40-token prompt twice (longer than a prefill chunk): the second starts from the first's cached pages
+  (the hit counter on /metrics grows) and answers the same greedy text."""
+  server, url = live
+  body = {"prompt": list(range(100, 140)), "max_tokens": 4, "temperature": 0}
+  before = server.scheduler.pages.hit_tokens
+  replies = [post(f"{url}/v1/completions", body)[1]["choices"][0]["text"] for _ in range(2)]
+  assert replies[0] == replies[1]
+  with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+    text = response.read().decode()
+  hits = float(re.search(r"^maxtext_prefix_cache_hit_tokens_total (\S+)$", text, re.M).group(1))
+  assert hits - before >= server.scheduler.pages.tokens_per_page
 
 
 def test_client_disconnect_frees_pages(live, monkeypatch):
