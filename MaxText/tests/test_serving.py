@@ -4,8 +4,8 @@ the official `openai` client on loopback (streaming and not), chat templates, ba
 import concurrent.futures
 import http.client
 import json
-import re
 import os
+import re
 import socket
 import subprocess
 import sys
