@@ -3,6 +3,7 @@
     python3 benchmarks/serving_benchmark.py [--model llama-small] [--requests 32] [--duration 60] [--prompt 24]
         [--max-tokens 32] [--slots 32]
     python3 benchmarks/serving_benchmark.py --system-prompt 256 [--requests 16]
+    python3 benchmarks/serving_benchmark.py --mixed [--rates 0.5,2] [--requests 32] [--clients 32]
 
 Starts MaxText.serve's app in-process (random weights, attention=paged, continuous batching) on a free port and runs
 closed-loop clients (each sends its next streaming /v1/completions request when the previous one ends) until
@@ -15,6 +16,13 @@ ignored (token ids prompts), so both sides generate the same token counts.
 `--system-prompt N`: prefix caching instead. One client sends `--requests` requests one after another, each a shared
 N-token system prompt followed by its own `--prompt` tokens, to a server with enable_prefix_caching on and to one
 with it off; prints the median time to first token of each (the first request, which fills the cache, excluded).
+
+`--mixed`: a mixed workload instead. `--requests` requests with prompt lengths drawn in 16..512 and output lengths in
+8..256 (fixed seed) arrive as a Poisson process at each of `--rates` requests/s; at most `--clients` are in flight
+(later arrivals wait for a client). Continuous batching: the server (chunked prefill, prefix caching) gets each
+request at its arrival. Static batching: the offline engine decodes waves of `--clients` requests in arrival order,
+a wave starting when its last request has arrived and the previous wave is done. Prints tokens/s over the whole run
+and the median and p99 time to first token (from arrival) of each.
 """
 
 import argparse
@@ -39,8 +47,7 @@ from MaxText.layers import model_creation
 
 
 def _config(model: str, slots: int, prompt: int, max_tokens: int, **kw):
-  return pyconfig.initialize(
-      ["", str(pyconfig.CONFIGS_DIR / "base.yml")],
+  keys = dict(
       model_name=model,
       run_name="serving_benchmark",
       per_device_batch_size=slots / jax.device_count(),
@@ -49,8 +56,8 @@ def _config(model: str, slots: int, prompt: int, max_tokens: int, **kw):
       decode_sampling_strategy="greedy",
       dtype="float32",
       log_config=False,
-      **kw,
   )
+  return pyconfig.initialize(["", str(pyconfig.CONFIGS_DIR / "base.yml")], **{**keys, **kw})
 
 
 def _stream_one(url: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
@@ -161,6 +168,87 @@ def prefix_caching_rows(args, params) -> list[tuple[str, dict]]:
   return rows
 
 
+def _mixed_workload(args, rate: float, rng) -> list[tuple[float, list[int], int]]:
+  """(arrival time s, prompt ids, max_tokens) per request: Poisson arrivals, lengths drawn uniformly."""
+  gaps = rng.exponential(1.0 / rate, args.requests)
+  return [
+      (float(t), rng.integers(3, 256, int(rng.integers(16, 513))).tolist(), int(rng.integers(8, 257)))
+      for t in np.cumsum(gaps) - gaps[0]
+  ]
+
+
+def _percentile(values, q: float) -> float:
+  return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def run_mixed_server(url: str, workload, clients: int, duration: float) -> dict:
+  results, lock = [], threading.Lock()
+  start = time.perf_counter()
+  deadline = start + duration
+
+  def one(item):
+    arrival, prompt, max_tokens = item
+    time.sleep(max(0.0, start + arrival - time.perf_counter()))
+    if time.perf_counter() > deadline:
+      return
+    sent = time.perf_counter()
+    ttft, _, tokens = _stream_one(url, prompt, max_tokens)
+    with lock:  # TTFT from arrival: waiting for a free client counts
+      results.append((sent - start - arrival + ttft, tokens))
+
+  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+    list(pool.map(one, workload))
+  elapsed = time.perf_counter() - start
+  ttft = [r[0] for r in results]
+  return {
+      "requests": len(results),
+      "tokens/s": sum(r[1] for r in results) / elapsed,
+      "ttft_ms": 1000 * _percentile(ttft, 50),
+      "p99_ttft_ms": 1000 * _percentile(ttft, 99),
+  }
+
+
+def run_mixed_static(scheduler, workload, clients: int, duration: float) -> dict:
+  ttft, tokens, start = [], 0, time.perf_counter()
+  for wave_start in range(0, len(workload), clients):
+    wave = workload[wave_start : wave_start + clients]
+    time.sleep(max(0.0, start + wave[-1][0] - time.perf_counter()))  # the wave is complete when its last arrives
+    if time.perf_counter() - start > duration:
+      break
+    requests = [scheduler_lib.Request(p, m) for _, p, m in wave]
+    for r in requests:
+      scheduler.submit(r)
+    # Static batching: every prompt of the wave is prefilled before the first decode step.
+    while any(not r.output_ids for r in requests):
+      scheduler.step()
+    first = time.perf_counter() - start
+    scheduler.run_until_idle()
+    ttft += [first - arrival for arrival, _, _ in wave]
+    tokens += sum(len(r.output_ids) for r in requests)
+  elapsed = time.perf_counter() - start
+  return {
+      "requests": len(ttft),
+      "tokens/s": tokens / elapsed,
+      "ttft_ms": 1000 * _percentile(ttft, 50),
+      "p99_ttft_ms": 1000 * _percentile(ttft, 99),
+  }
+
+
+def mixed_rows(args, params, config, paged) -> list[tuple[str, float, dict]]:
+  server, http, url = _serve(paged, params)
+  static_engine = engine_lib.Engine(config, num_slots=args.clients)
+  static = scheduler_lib.Scheduler(static_engine, static_engine.place_params(params), max_prefills_per_step=args.clients)
+  static.warmup_for(list(range(16, 513, 16)))
+  rows = []
+  for rate in [float(r) for r in args.rates.split(",")]:
+    workload = _mixed_workload(args, rate, np.random.default_rng(3))
+    rows.append(("static", rate, run_mixed_static(static, workload, args.clients, args.duration)))
+    rows.append(("continuous", rate, run_mixed_server(url, workload, args.clients, args.duration)))
+  http.should_exit = True
+  server.scheduler.stop()
+  return rows
+
+
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--model", default="llama-small")
@@ -171,8 +259,42 @@ def main(argv):
   parser.add_argument("--slots", type=int, default=32)
   parser.add_argument("--levels", default="1,8,32")
   parser.add_argument("--system-prompt", type=int, default=0, help="measure prefix caching with this shared prefix")
+  parser.add_argument("--mixed", action="store_true", help="the mixed workload with Poisson arrivals")
+  parser.add_argument("--rates", default="0.5,2", help="--mixed: arrival rates, requests/s")
+  parser.add_argument("--clients", type=int, default=32, help="--mixed: requests in flight at most")
   args = parser.parse_args(argv)
   levels = [int(c) for c in args.levels.split(",")]
+  if args.mixed:
+    context = 512 + 256 + 16
+    config = _config(args.model, args.clients, 512, 256 + 16)  # static: whole prompts in one prefill
+    pages = -(-context // 16) * args.clients + 1
+    paged = _config(
+        args.model,
+        args.clients,
+        512,
+        256 + 16,
+        max_prefill_predict_length=128,
+        attention="paged",
+        pagedattn_num_pages=pages,
+    )
+    model = model_creation.abstract_model(config)
+    params = jax.tree.map(
+        lambda a: np.random.default_rng(0).standard_normal(a.shape).astype(a.dtype) * 0.02,
+        nnx.state(model, nnx.Param).to_pure_dict(),
+    )
+    rows = mixed_rows(args, params, config, paged)
+    print(
+        f"\n{args.model}, random weights, float32, {jax.device_count()} {jax.default_backend()} device(s), mixed"
+        f" workload: {args.requests} requests, prompts 16..512, outputs 8..256 tokens, Poisson arrivals,"
+        f" {args.clients} clients"
+    )
+    print(f"{'mode':<11} {'rate/s':>6} {'requests':>8} {'tokens/s':>9} {'TTFT ms':>9} {'p99 TTFT ms':>11}")
+    for mode, rate, r in rows:
+      print(
+          f"{mode:<11} {rate:>6} {r['requests']:>8} {r['tokens/s']:>9.1f} {r['ttft_ms']:>9.1f}"
+          f" {r['p99_ttft_ms']:>11.1f}"
+      )
+    return
   if args.system_prompt:
     length = args.system_prompt + args.prompt
     config = _config(args.model, args.slots, length, args.max_tokens)

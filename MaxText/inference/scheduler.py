@@ -237,6 +237,9 @@ class Scheduler:
         self._step_rows(rows, logprobs=True)
     dims = self.engine.dims
     chunk = dims.max_prefill_length
+    # The warm-up prompts repeat one token: with prefix caching on they would hit each other's pages and take the
+    # cached path instead of the prefills being compiled; that path is compiled on its own below.
+    caching, self.prefix_caching = self.prefix_caching, False
     if self.pages is not None:  # grows past a page: the page-table update
       self.submit(Request([1], min(self.pages.tokens_per_page + 1, dims.max_cache_length - 1)))
     for bucket in sorted({engine_lib.bucket_length(n, chunk) for n in prompt_lengths if n <= chunk}):
@@ -249,12 +252,16 @@ class Scheduler:
     for bucket in sorted({engine_lib.bucket_length(min(n - (n - 1) // chunk * chunk, room), chunk) for n in long}):
       self.submit(Request([1] * (min(bucket, room) + chunk), 1))
     self.run_until_idle()
+    self.prefix_caching = caching
     if self.prefix_caching:  # a cache hit: gather, then a padded piece of every bucket
+      prefix = None
       for bucket in engine_lib.prefill_buckets(chunk):
         cached = min(self.pages.tokens_per_page, dims.max_cache_length - bucket)
         if cached > 0:
           prefix = self.engine.gather(self._state, self.pages.table[0], cached, cache_length=self._gather_length)
-          self.engine.extend(self.params, prefix, np.ones((bucket,), np.int32), 1)
+          prefix = self.engine.extend(self.params, prefix, np.ones((bucket,), np.int32), 1)
+      if prefix is not None:  # insert from a prefix that long (slot 0 is empty: its writes go to the scratch page)
+        self._state = self.engine.insert(prefix, self._state, 0)
       self.pages.hit_tokens = 0
     self.stats = SchedulerStats()  # the warm-up's compile time is no one's throughput
 

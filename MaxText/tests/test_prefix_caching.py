@@ -120,3 +120,19 @@ def test_decoding_with_prefix_caching_equals_without(num_pages, extra):
       assert scheduler.pages.hit_tokens == hit, (len(prompt), scheduler.pages.hit_tokens)
       scheduler.pages.hit_tokens = 0
     assert expected == [runs[0][i] for i in (0, 2, 1, 1, 6)]
+
+
+def test_after_warmup_nothing_compiles_with_chunks_and_cache_hits():
+  """Warm-up compiles every path a request can take (short prefills, chunked prefills, cached starts): a mix of
+  short, long and repeated prompts then runs without a single compile."""
+  kw, _, params = _setup(pagedattn_num_pages=200)
+  engine = engine_lib.Engine(mtu.config_of(**kw), num_slots=3, max_prefill_length=CHUNK, max_cache_length=CONTEXT)
+  scheduler = scheduler_lib.Scheduler(engine, engine.place_params(params), prefix_caching=True)
+  scheduler.warmup()
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(1, 256, n).tolist() for n in (3, 30, 17, 8, 44)]
+  prompts += [prompts[1], prompts[4][:21] + [7], prompts[2] + [9, 9]]
+  with scheduler_lib.CompileCounter() as serving:
+    outputs = scheduler_lib.decode_prompts(scheduler, prompts, max_new_tokens=3)
+  assert serving.count == 0
+  assert scheduler.pages.hit_tokens > 0 and all(len(o) == 3 for o in outputs)
