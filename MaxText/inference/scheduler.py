@@ -172,7 +172,7 @@ class Scheduler:
     self._waiting: collections.deque[Request] = collections.deque()
     self._slots: list[Optional[Request]] = [None] * slots
     self._state = engine.init_decode_state()
-    self._table_version = -1
+    self._table_version = None  # (pages.version, slots still prefilling) of the table on the device
     # Generate steps only slots [0, rows) for the smallest of these covering every occupied slot (slots are filled
     # lowest first), so a few requests do not pay for a full batch; each size compiles once, in warmup.
     self.row_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
@@ -369,7 +369,6 @@ class Scheduler:
     self._slots[slot] = request
     self.pages.share(slot, shared)
     self.pages.reserve(slot, total)
-    self._push_table()
     cached = len(shared) * self.pages.tokens_per_page
     request._prefix = self.engine.gather(  # pylint: disable=protected-access
         self._state, self.pages.table[slot], cached, cache_length=self._gather_length
@@ -440,9 +439,17 @@ class Scheduler:
     self._accept_first(slot, request, prefix)
 
   def _push_table(self):
-    if self.pages is not None and self.pages.version != self._table_version:
-      self._state = self.engine.set_page_table(self._state, self.pages.table)
-      self._table_version = self.pages.version
+    """The host page table to the device, where it changed. Rows of slots still prefilling (chunked or from cached
+    pages) go as the scratch page: generate steps every slot, and such a slot writes at its previous occupant's
+    position, which may fall in a shared cached page."""
+    if self.pages is None:
+      return
+    prefilling = tuple(i for i, r in enumerate(self._slots) if r is not None and r._prefix is not None)  # pylint: disable=protected-access
+    if (self.pages.version, prefilling) != self._table_version:
+      table = self.pages.table.copy()
+      table[list(prefilling)] = page_manager.NULL_PAGE
+      self._state = self.engine.set_page_table(self._state, table)
+      self._table_version = (self.pages.version, prefilling)
 
   def _prefill(self, request: Request) -> engine_lib.Prefix:
     """The request's prompt prefilled (with the logprobs it asks for); prompt_logprobs recorded for echo."""

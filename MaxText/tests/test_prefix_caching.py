@@ -136,3 +136,31 @@ def test_after_warmup_nothing_compiles_with_chunks_and_cache_hits():
     outputs = scheduler_lib.decode_prompts(scheduler, prompts, max_new_tokens=3)
   assert serving.count == 0
   assert scheduler.pages.hit_tokens > 0 and all(len(o) == 3 for o in outputs)
+
+
+def test_a_slot_prefilling_over_shared_pages_never_writes_them():
+  """A slot whose last occupant stopped at token 4 takes a prompt sharing 16 cached tokens and needs three rounds
+  for the rest, while another request on the same pages decodes: the generate steps of those rounds step every
+  slot, and must not write the shared pages at the stale position (the other request reads them). Every token and
+  its logprob equal decoding without the cache."""
+  kw, _, params = _setup(pagedattn_num_pages=100)
+  engine = engine_lib.Engine(mtu.config_of(**kw), num_slots=2, max_prefill_length=CHUNK, max_cache_length=CONTEXT)
+  params = engine.place_params(params)
+  rng = np.random.default_rng(6)
+  system = rng.integers(1, 256, 16).tolist()
+  long_prompt = system + rng.integers(1, 256, 20).tolist()
+  rounds = [[system + [5]], [[7, 8, 9]], [long_prompt, system + [3, 4]], [system + [6, 1]]]
+  runs = []
+  for caching in (False, True):
+    scheduler = scheduler_lib.Scheduler(engine, params, prefix_caching=caching)
+    outputs = []
+    for prompts in rounds:  # slot 0: the cache's first request, then one ending at token 4, then the long prompt
+      requests = [scheduler.submit(scheduler_lib.Request(p, 6, logprobs=0)) for p in prompts]
+      scheduler.run_until_idle()
+      outputs += [(r.output_ids, [lp.logprob for lp in r.output_logprobs]) for r in requests]
+    runs.append(outputs)
+    if caching:
+      assert scheduler.pages.hit_tokens == 3 * 16
+  for (ids, logprobs), (want_ids, want_logprobs) in zip(runs[1], runs[0]):
+    assert ids == want_ids
+    np.testing.assert_allclose(logprobs, want_logprobs, atol=1e-4)
