@@ -387,8 +387,7 @@ class Scheduler:
       self.pages.reserve(slot, total)
     n = len(request.prompt)
     first = n - (n - 1) // chunk * chunk
-    tokens = np.zeros((engine_lib.bucket_length(first, chunk),), np.int32)
-    tokens[:first] = request.prompt[:first]
+    tokens = self._bucketed(request.prompt[:first])
     request._prefix = self.engine.prefill(  # pylint: disable=protected-access
         self.params, tokens, first, sampling_params=request.sampling, cache_length=self.engine.dims.max_cache_length
     )
@@ -416,10 +415,8 @@ class Scheduler:
     start = time.perf_counter()
     chunk, done = self.engine.dims.max_prefill_length, request._cached  # pylint: disable=protected-access
     piece = request.prompt[done : done + chunk]
-    tokens = np.zeros((engine_lib.bucket_length(len(piece), chunk),), np.int32)
-    tokens[: len(piece)] = piece
     prefix = self.engine.extend(
-        self.params, request._prefix, tokens, len(piece), sampling_params=request.sampling  # pylint: disable=protected-access
+        self.params, request._prefix, self._bucketed(piece), len(piece), sampling_params=request.sampling  # pylint: disable=protected-access
     )
     request._cached = done + len(piece)  # pylint: disable=protected-access
     self.stats.prefill_calls += 1
@@ -451,12 +448,18 @@ class Scheduler:
       self._state = self.engine.set_page_table(self._state, table)
       self._table_version = (self.pages.version, prefilling)
 
+  def _bucketed(self, ids) -> np.ndarray:
+    """Token ids zero-padded to their prefill bucket (prefill and extend compile once per bucket)."""
+    tokens = np.zeros((engine_lib.bucket_length(len(ids), self.engine.dims.max_prefill_length),), np.int32)
+    tokens[: len(ids)] = ids
+    return tokens
+
   def _prefill(self, request: Request) -> engine_lib.Prefix:
     """The request's prompt prefilled (with the logprobs it asks for); prompt_logprobs recorded for echo."""
     n = len(request.prompt)
-    tokens = np.zeros((engine_lib.bucket_length(n, self.engine.dims.max_prefill_length),), np.int32)
-    tokens[:n] = request.prompt
-    prefix = self.engine.prefill(self.params, tokens, n, sampling_params=request.sampling, prompt_logprobs=request.echo)
+    prefix = self.engine.prefill(
+        self.params, self._bucketed(request.prompt), n, sampling_params=request.sampling, prompt_logprobs=request.echo
+    )
     if request.echo:
       host = jax.tree.map(np.asarray, prefix.prompt_logprobs)
       request.prompt_logprobs = [_token_logprob(host, (0, i), request.logprobs or 0) for i in range(n - 1)]
