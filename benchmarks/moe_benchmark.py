@@ -4,7 +4,8 @@
                                       [--repeats 10] [--dtype float32]
 
 The dense baseline is the gated MLP of width top_k * expert_mlp, so every token does the same multiply-adds in
-both (the MoE adds its router). Variants: dropless (sorted tokens + jax.lax.ragged_dot) and capacity-limited
+both (the MoE adds its router). Variants: dropless (sorted tokens + jax.lax.ragged_dot, or the tiled loop of
+MaxText/layers/ops/grouped_matmul.py) and capacity-limited
 (one-hot dispatch/combine einsums) at capacity factors 1.0 and 2.0. Runs are interleaved round-robin and each
 row reports the median step time, tokens/s, and the ratio to the dense layer measured in the same process.
 """
@@ -70,7 +71,10 @@ def main():
           dtype=dense_cfg.dtype,
           weight_dtype=dense_cfg.weight_dtype,
       ),
-      "MoE dropless (ragged_dot)": MoeBlock(_config(args, capacity_factor=-1.0), rngs=nnx.Rngs(0)),
+      "MoE dropless (ragged_dot)": MoeBlock(
+          _config(args, capacity_factor=-1.0, moe_grouped_matmul="ragged_dot"), rngs=nnx.Rngs(0)
+      ),
+      "MoE dropless (tiled)": MoeBlock(_config(args, capacity_factor=-1.0, moe_grouped_matmul="tiled"), rngs=nnx.Rngs(0)),
       "MoE capacity 1.0 (einsum)": MoeBlock(_config(args, capacity_factor=1.0), rngs=nnx.Rngs(0)),
       "MoE capacity 2.0 (einsum)": MoeBlock(_config(args, capacity_factor=2.0), rngs=nnx.Rngs(0)),
   }

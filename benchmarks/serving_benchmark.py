@@ -10,8 +10,9 @@ closed-loop clients (each sends its next streaming /v1/completions request when 
 `--requests` requests finished or `--duration` seconds passed, per concurrency level. The baseline is static batching
 through the same Scheduler (scheduler.decode_prompts, contiguous cache): the same prompts in waves of `concurrency`,
 each wave decoded to the end before the next starts, so a request's first token waits for its wave's prefill and
-its latency for the wave's longest request. Prints a table of medians. Greedy decoding with max_tokens fixed and EOS
-ignored (token ids prompts), so both sides generate the same token counts.
+its latency for the wave's longest request. Prints a table of medians (ms/token: from a request's first token to its
+last, per token after the first). Greedy decoding with max_tokens fixed and EOS ignored (token ids prompts), so both
+sides generate the same token counts.
 
 `--system-prompt N`: prefix caching instead. One client sends `--requests` requests one after another, each a shared
 N-token system prompt followed by its own `--prompt` tokens, to a server with enable_prefix_caching on and to one
@@ -98,11 +99,12 @@ def run_server(url: str, prompts, concurrency: int, max_tokens: int, requests: i
       "tokens/s": sum(r[2] for r in results) / elapsed,
       "ttft_ms": 1000 * statistics.median(r[0] for r in results),
       "latency_ms": 1000 * statistics.median(r[1] for r in results),
+      "token_ms": 1000 * statistics.median((r[1] - r[0]) / max(1, r[2] - 1) for r in results),
   }
 
 
 def run_static(scheduler, prompts, concurrency: int, max_tokens: int, requests: int, duration: float) -> dict:
-  ttft, latency, tokens, start = [], [], 0, time.perf_counter()
+  ttft, latency, per_token, tokens, start = [], [], [], 0, time.perf_counter()
   for wave_start in range(0, requests, concurrency):
     if time.perf_counter() - start > duration:
       break
@@ -115,6 +117,7 @@ def run_static(scheduler, prompts, concurrency: int, max_tokens: int, requests: 
     # with its prefill; every request of the wave completes with the wave.
     ttft += [stats.prefill_seconds] * len(wave)
     latency += [time.perf_counter() - t0] * len(wave)
+    per_token += [(latency[-1] - ttft[-1]) / max(1, max_tokens - 1)] * len(wave)
     tokens += sum(len(o) for o in outputs)
   elapsed = time.perf_counter() - start
   return {
@@ -122,6 +125,7 @@ def run_static(scheduler, prompts, concurrency: int, max_tokens: int, requests: 
       "tokens/s": tokens / elapsed,
       "ttft_ms": 1000 * statistics.median(ttft),
       "latency_ms": 1000 * statistics.median(latency),
+      "token_ms": 1000 * statistics.median(per_token),
   }
 
 
@@ -242,8 +246,13 @@ def mixed_rows(args, params, config, paged) -> list[tuple[str, float, dict]]:
   rows = []
   for rate in [float(r) for r in args.rates.split(",")]:
     workload = _mixed_workload(args, rate, np.random.default_rng(3))
-    rows.append(("static", rate, run_mixed_static(static, workload, args.clients, args.duration)))
-    rows.append(("continuous", rate, run_mixed_server(url, workload, args.clients, args.duration)))
+    for mode, scheduler, run in (
+        ("static", static, lambda w: run_mixed_static(static, w, args.clients, args.duration)),
+        ("continuous", server.scheduler, lambda w: run_mixed_server(url, w, args.clients, args.duration)),
+    ):
+      scheduler.stats = scheduler_lib.SchedulerStats()
+      rows.append((mode, rate, run(workload)))
+      print(f"{mode} at {rate}/s: {scheduler.stats.summary()}", flush=True)
   http.should_exit = True
   server.scheduler.stop()
   return rows
@@ -262,27 +271,21 @@ def main(argv):
   parser.add_argument("--mixed", action="store_true", help="the mixed workload with Poisson arrivals")
   parser.add_argument("--rates", default="0.5,2", help="--mixed: arrival rates, requests/s")
   parser.add_argument("--clients", type=int, default=32, help="--mixed: requests in flight at most")
+  parser.add_argument("--cache", choices=("paged", "contiguous"), default="paged", help="--mixed: the server's KV cache")
   args = parser.parse_args(argv)
   levels = [int(c) for c in args.levels.split(",")]
   if args.mixed:
     context = 512 + 256 + 16
     config = _config(args.model, args.clients, 512, 256 + 16)  # static: whole prompts in one prefill
     pages = -(-context // 16) * args.clients + 1
-    paged = _config(
-        args.model,
-        args.clients,
-        512,
-        256 + 16,
-        max_prefill_predict_length=128,
-        attention="paged",
-        pagedattn_num_pages=pages,
-    )
+    cache = {"attention": "paged", "pagedattn_num_pages": pages} if args.cache == "paged" else {}
+    served = _config(args.model, args.clients, 512, 256 + 16, max_prefill_predict_length=128, **cache)
     model = model_creation.abstract_model(config)
     params = jax.tree.map(
         lambda a: np.random.default_rng(0).standard_normal(a.shape).astype(a.dtype) * 0.02,
         nnx.state(model, nnx.Param).to_pure_dict(),
     )
-    rows = mixed_rows(args, params, config, paged)
+    rows = mixed_rows(args, params, config, served)
     print(
         f"\n{args.model}, random weights, float32, {jax.device_count()} {jax.default_backend()} device(s), mixed"
         f" workload: {args.requests} requests, prompts 16..512, outputs 8..256 tokens, Poisson arrivals,"
@@ -350,11 +353,13 @@ def main(argv):
       f"\n{args.model}, random weights, float32, {jax.device_count()} {jax.default_backend()} device(s),"
       f" prompt {args.prompt} tokens, {args.max_tokens} new tokens, {args.slots} server slots (medians)"
   )
-  print(f"{'mode':<11} {'clients':>7} {'requests':>8} {'tokens/s':>9} {'TTFT ms':>9} {'latency ms':>10}")
+  print(
+      f"{'mode':<11} {'clients':>7} {'requests':>8} {'tokens/s':>9} {'TTFT ms':>9} {'latency ms':>10}" f" {'ms/token':>8}"
+  )
   for mode, concurrency, r in rows:
     print(
         f"{mode:<11} {concurrency:>7} {r['requests']:>8} {r['tokens/s']:>9.1f} {r['ttft_ms']:>9.1f}"
-        f" {r['latency_ms']:>10.1f}"
+        f" {r['latency_ms']:>10.1f} {r['token_ms']:>8.1f}"
     )
 
 

@@ -18,16 +18,18 @@ KEYS = (
         "capacity_factor",
         -1.0,
         Float(),
-        "<= 0: dropless (sorted tokens, ragged_dot); > 0: each expert takes at most capacity_factor * tokens * k / "
+        "<= 0: dropless (sorted tokens, grouped matmuls); > 0: each expert takes at most capacity_factor * tokens * k / "
         "num_experts tokens per batch row, the rest dropped",
     ),
     Key(
         "moe_grouped_matmul",
         "auto",
-        Str("auto", "ragged_dot", "megablox"),
+        Str("auto", "ragged_dot", "megablox", "tiled"),
         "dropless experts' grouped matmul: ragged_dot (jax.lax.ragged_dot, every backend) | megablox (the Pallas TPU "
         "gmm kernel, TPU only; its weight gradient skips other experts' rows, where TPU's ragged_dot transpose is a "
-        "masked dense matmul over all experts) | auto = megablox on TPU, ragged_dot elsewhere",
+        "masked dense matmul over all experts) | tiled (a loop of row-tile matmuls, each tile by its experts' "
+        "matrices: the active FLOPs on CPU, where ragged_dot multiplies by every expert) | auto = megablox on TPU, "
+        "tiled on CPU, ragged_dot on GPU",
     ),
     Key(
         "load_balance_loss_weight",

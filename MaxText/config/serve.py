@@ -28,9 +28,11 @@ KEYS = (
     Key(
         "paged_attention_kernel",
         "auto",
-        Str("auto", "jax", "pallas"),
-        "auto (pallas on GPU, and on TPU with dtype bfloat16, without sliding window; else jax) | jax (gather "
-        "pages; any backend) | pallas (the Pallas paged-attention kernel of GPU or TPU; TPU's reads K/V as bfloat16)",
+        Str("auto", "jax", "mirror", "pallas"),
+        "auto (pallas on GPU, and on TPU with dtype bfloat16, without sliding window; mirror on CPU; else jax) | jax"
+        " (gather pages; any backend) | mirror (decode reads a contiguous copy of each slot's tokens kept beside the"
+        " pages: contiguous-cache speed on CPU, where gathering pages is slow, for a contiguous cache's memory more) |"
+        " pallas (the Pallas paged-attention kernel of GPU or TPU; TPU's reads K/V as bfloat16)",
     ),
     Key("serve_host", "127.0.0.1", STR, "MaxText.serve: address the HTTP server binds (0.0.0.0 for all interfaces)"),
     Key("port", 8000, Int(0, 65535), "MaxText.serve: HTTP port"),

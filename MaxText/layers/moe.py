@@ -1,8 +1,8 @@
 """Mixture of experts: a router picks `num_experts_per_tok` of `num_experts` gated-MLP experts per token.
 
 Two ways to run the routed experts, equal up to float rounding when no token is dropped:
-  dropless (capacity_factor <= 0)  token copies sorted by expert, one grouped matmul (`jax.lax.ragged_dot`) per
-                                   projection; no token is ever dropped and no compute is spent on padding.
+  dropless (capacity_factor <= 0)  token copies sorted by expert, one grouped matmul per projection (megablox on
+                                   TPU, a tiled loop on CPU, `jax.lax.ragged_dot` elsewhere); no token is dropped.
   capacity (capacity_factor > 0)   each batch row sends at most C = ceil(capacity_factor * seq * k / num_experts)
                                    tokens to each expert through dense one-hot dispatch/combine einsums; the expert
                                    dimension of the dispatched activations is sharded over the `expert` mesh axis.
@@ -27,16 +27,18 @@ from jax.sharding import PartitionSpec as P
 from MaxText import lora, sharding
 from MaxText.layers import params
 from MaxText.layers.linears import MlpBlock, activation
+from MaxText.layers.ops.grouped_matmul import tiled_grouped_matmul
 
-GROUPED_MATMULS = ("ragged_dot", "megablox")
+GROUPED_MATMULS = ("ragged_dot", "megablox", "tiled")
 _MEGABLOX_TILE = 512  # the largest tile along each of m, k, n; 1024 overflows tgmm's VMEM on v5e
 
 
 def resolve_grouped_matmul(choice: str, hardware: str) -> str:
   """moe_grouped_matmul: auto -> megablox on TPU (its tgmm weight gradient skips the other experts' rows, where
-  ragged_dot's transpose on TPU is a dense masked matmul over every expert), ragged_dot elsewhere."""
+  ragged_dot's transpose on TPU is a dense masked matmul over every expert), tiled on CPU (XLA:CPU's ragged_dot
+  multiplies every row by every expert), ragged_dot elsewhere."""
   if choice == "auto":
-    return "megablox" if hardware == "tpu" else "ragged_dot"
+    return {"tpu": "megablox", "cpu": "tiled"}.get(hardware, "ragged_dot")
   return choice
 
 
@@ -51,10 +53,12 @@ def grouped_matmul(
     lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "ragged_dot", interpret: bool = False
 ) -> jax.Array:
   """lhs [m, k] rows sorted by group, rhs [groups, k, n], group_sizes [groups] (summing to at most m) -> [m, n]:
-  each group's rows times its matrix. `impl`: ragged_dot (jax.lax) or megablox (the Pallas TPU gmm kernel;
-  `interpret=True` runs it on CPU)."""
+  each group's rows times its matrix. `impl`: ragged_dot (jax.lax), tiled (ops/grouped_matmul.py, for CPU) or
+  megablox (the Pallas TPU gmm kernel; `interpret=True` runs it on CPU)."""
   if impl == "ragged_dot":
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+  if impl == "tiled":
+    return tiled_grouped_matmul(lhs, rhs, group_sizes)
   if impl != "megablox":
     raise ValueError(f"grouped matmul {impl!r} is not one of {GROUPED_MATMULS}")
   from jax.experimental.pallas.ops.tpu import megablox  # pylint: disable=import-outside-toplevel  # TPU-only op
@@ -390,8 +394,8 @@ class MoeBlock(nnx.Module):
         token_rng if token_rng is None or not mlp_axes else jax.random.fold_in(token_rng, jax.lax.axis_index(mlp_axes))
     )
 
-    def project(name, x, kernel, index, key):
-      y = matmul(x, kernel, sizes)
+    def project(name, x, kernel, index, key, y=None):
+      y = matmul(x, kernel, sizes) if y is None else y
       if name not in adapters:
         return y
       a, b = adapters[name]
@@ -399,8 +403,10 @@ class MoeBlock(nnx.Module):
       h = jax.lax.ragged_dot(lora.dropout(x, self.lora_dropout, lora.subkey(key, index)), a, sizes)
       return y + self.lora_scale * jax.lax.ragged_dot(h, b, sizes)
 
-    h0 = checkpoint_name(project("wi_0", xs, wi_0, 0, token_rng), "mlpwi_0")
-    h1 = checkpoint_name(project("wi_1", xs, wi_1, 1, token_rng), "mlpwi_1")
+    # Both input projections in one grouped matmul (one sort-order pass, twice the columns per tile).
+    both = matmul(xs, jnp.concatenate([wi_0, wi_1], axis=2), sizes)
+    h0 = checkpoint_name(project("wi_0", xs, wi_0, 0, token_rng, both[:, : wi_0.shape[2]]), "mlpwi_0")
+    h1 = checkpoint_name(project("wi_1", xs, wi_1, 1, token_rng, both[:, wi_0.shape[2] :]), "mlpwi_1")
     hidden = checkpoint_name(self.activation(h0) * h1, "mlp_hidden")
     ys = checkpoint_name(project("wo", hidden, wo, 2, column_rng), "mlpwo").astype(jnp.float32)
     if mlp_axes:

@@ -606,10 +606,10 @@ def test_bias_rule_evens_the_loads(bias_runs):
   assert on[-1] < 0.8 * on[0] and on[-1] < 0.8 * off[-1], (on, off)
 
 
-@pytest.mark.parametrize("rows", [200, 1024])
-def test_megablox_grouped_matmul_equals_ragged_dot(rows):
-  """moe_grouped_matmul=megablox (the Pallas TPU kernel, interpreted on CPU) gives ragged_dot's values and gradients,
-  an empty group and rows that are not a whole tile included."""
+@pytest.mark.parametrize("impl, rows", [("megablox", 200), ("megablox", 1024), ("tiled", 200), ("tiled", 1024)])
+def test_grouped_matmul_equals_ragged_dot(impl, rows):
+  """moe_grouped_matmul=megablox (the Pallas TPU kernel, interpreted on CPU) and tiled (the CPU loop) give
+  ragged_dot's values and gradients, an empty group and rows that are not a whole tile included."""
   keys = jax.random.split(jax.random.key(0), 2)
   x = jax.random.normal(keys[0], (rows, 64))
   w = jax.random.normal(keys[1], (4, 64, 96)) / 8
@@ -618,24 +618,25 @@ def test_megablox_grouped_matmul_equals_ragged_dot(rows):
   def loss(impl):
     return lambda x, w: jnp.sum(jnp.sin(moe.grouped_matmul(x, w, sizes, impl=impl, interpret=True)))
 
-  got = jax.value_and_grad(loss("megablox"), argnums=(0, 1))(x, w)
+  got = jax.value_and_grad(loss(impl), argnums=(0, 1))(x, w)
   want = jax.value_and_grad(loss("ragged_dot"), argnums=(0, 1))(x, w)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4), got, want)
 
 
-def test_megablox_moe_block_sharded_equals_ragged_dot_unsharded():
-  """The MoE block with megablox (interpreted) per shard under expert=2 x fsdp=2 x tensor=2 equals the unsharded
-  ragged_dot block, values and gradients."""
+@pytest.mark.parametrize("impl", ["megablox", "tiled"])
+def test_grouped_matmul_moe_block_sharded_equals_ragged_dot_unsharded(impl):
+  """The MoE block with megablox (interpreted) or tiled per shard under expert=2 x fsdp=2 x tensor=2 equals the
+  unsharded ragged_dot block, values and gradients."""
   x = inputs(shape=(8, S, 64))
 
   def loss_and_grads(block, x):
     return nnx.value_and_grad(lambda block: jnp.mean(block(x)[0] ** 2))(block)
 
-  want_loss, want_grads = nnx.jit(loss_and_grads)(make_block(moe_config()), x)
+  want_loss, want_grads = nnx.jit(loss_and_grads)(make_block(moe_config(moe_grouped_matmul="ragged_dot")), x)
   config = moe_config(ici_expert_parallelism=2, ici_fsdp_parallelism=2, ici_tensor_parallelism=2)
   mesh = sharding.create_mesh(config)
   block = make_block(config)
-  block.grouped_matmul, block.interpret = "megablox", True  # the config refuses megablox off TPU
+  block.grouped_matmul, block.interpret = impl, True  # the config refuses megablox off TPU
   state = nnx.state(block)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     nnx.update(block, jax.device_put(state, sharding.state_shardings(state, config.logical_axis_rules, mesh)))
@@ -647,4 +648,5 @@ def test_megablox_moe_block_sharded_equals_ragged_dot_unsharded():
 def test_megablox_off_tpu_is_a_config_error():
   with pytest.raises(ConfigError, match=r"^moe_grouped_matmul: megablox .* TPU only, but the backend is 'cpu'"):
     moe_config(moe_grouped_matmul="megablox")
-  assert moe.MoeBlock(moe_config(), rngs=nnx.Rngs(0)).grouped_matmul == "ragged_dot"  # auto off TPU
+  assert moe.MoeBlock(moe_config(), rngs=nnx.Rngs(0)).grouped_matmul == "tiled"  # auto on CPU
+  assert moe.resolve_grouped_matmul("auto", "gpu") == "ragged_dot"

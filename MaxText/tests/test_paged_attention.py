@@ -20,11 +20,11 @@ SEQ = 28
 PAGED = {"attention": "paged", "pagedattn_num_pages": 24, "pagedattn_tokens_per_page": 4}
 
 
-def engines(model_name):
+def engines(model_name, kernel="auto"):
   kw = {"model_name": model_name, "decode_sampling_strategy": "greedy"}
   model = mtu.build(**kw)
   contiguous = engine_lib.Engine(mtu.config_of(**kw), num_slots=3)
-  paged = engine_lib.Engine(mtu.config_of(**kw, **PAGED), num_slots=3)
+  paged = engine_lib.Engine(mtu.config_of(**kw, **PAGED, paged_attention_kernel=kernel), num_slots=3)
   return contiguous, paged, contiguous.place_params(nnx.state(model, nnx.Param).to_pure_dict()), model
 
 
@@ -33,13 +33,44 @@ def decode_prompts(engine, params, prompts, **kw):
   return scheduler_lib.decode_prompts(scheduler, prompts, **kw)
 
 
-@pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-gemma3", "tests/tiny-deepseek2"])
-def test_paged_logits_equal_contiguous(model_name):
+def assert_mirror_holds_the_pages(engine, state, lengths):
+  """kernel mirror: each layer's contiguous copy equals its pages gathered through the table, token for token over
+  every slot's filled part (the pages stay what prefix caching reads)."""
+  cache = jax.tree.map(np.asarray, state["cache"])
+  checked = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
+    name = jax.tree_util.keystr(path)
+    if not name.endswith("_rows']"):
+      continue
+    layer = cache
+    for entry in path[:-1]:
+      layer = layer[entry.key]
+    stored = name.split("'")[-2][: -len("_rows")]
+    gathered = np.asarray(paged_attention.gather_pages(layer[f"{stored}_pages"], layer["page_table"]))
+    for slot, n in lengths.items():
+      np.testing.assert_array_equal(leaf[slot, :, :n], gathered[slot, :, :n])
+      checked += 1
+  assert checked and engine.page_spec.kernel == "mirror"
+
+
+@pytest.mark.parametrize(
+    "model_name, kernel",
+    [
+        ("tests/tiny-llama", "jax"),
+        ("tests/tiny-gemma3", "jax"),
+        ("tests/tiny-deepseek2", "jax"),
+        ("tests/tiny-llama", "mirror"),
+        ("tests/tiny-gemma3", "mirror"),
+        ("tests/tiny-deepseek2", "mirror"),
+    ],
+)
+def test_paged_logits_equal_contiguous(model_name, kernel):
   """Three slots whose pages interleave (each grows a page at a time), teacher-forced; then slot 0 is released and
   refilled with a new prompt that reuses freed pages while the others go on. Both caches give the full forward's
   logits (f32). Gemma 3: sliding-window local layers (window 8 < sequence) and global layers; DeepSeek V2: MLA's
-  keys-only latent cache, contiguous and paged."""
-  contiguous, paged, params, model = engines(model_name)
+  keys-only latent cache, contiguous and paged. Both decode kernels: jax (gathers the pages) and mirror (reads a
+  contiguous copy kept beside them, which must equal the pages)."""
+  contiguous, paged, params, model = engines(model_name, kernel)
   toks = np.random.default_rng(0).integers(0, contiguous.config.vocab_size, (4, SEQ)).astype(np.int32)
   full = np.asarray(mtu.forward(model, toks, np.broadcast_to(np.arange(SEQ, dtype=np.int32), toks.shape), None))
   spec = paged.page_spec
@@ -77,6 +108,8 @@ def test_paged_logits_equal_contiguous(model_name):
     p_state, _, p_logits = paged.generate_with_logits(params, p_state)
     np.testing.assert_allclose(np.asarray(p_logits), np.asarray(c_logits), atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(c_logits), expected, atol=1e-4, rtol=0)
+  if kernel == "mirror":
+    assert_mirror_holds_the_pages(paged, p_state, {slot: n for slot, (_, n) in lengths.items()})
   held = pages.table[pages.table > 0]
   assert len(set(held.tolist())) == held.size  # no page is shared by two slots
   assert not np.all(np.diff(pages.table[1, : pages.held(1)]) == 1)  # slot 1's pages are not one contiguous run
@@ -87,13 +120,16 @@ def test_paged_logits_equal_contiguous(model_name):
   )
 
 
-@pytest.mark.parametrize("model_name", ["tests/tiny-llama", "tests/tiny-deepseek2"])
-def test_int8_pages_equal_the_int8_contiguous_cache(model_name):
+@pytest.mark.parametrize(
+    "model_name, kernel", [("tests/tiny-llama", "jax"), ("tests/tiny-deepseek2", "jax"), ("tests/tiny-llama", "mirror")]
+)
+def test_int8_pages_equal_the_int8_contiguous_cache(model_name, kernel):
   """quantize_kvcache with pages (MLA's latent pages included): int8 pages with float32 scale pages, quantized as
-  the contiguous int8 cache quantizes, so both give the same logits and greedy tokens (5 prompts, 3 slots)."""
+  the contiguous int8 cache quantizes, so both give the same logits and greedy tokens (5 prompts, 3 slots); with
+  the mirror kernel its int8 copy equals the pages."""
   kw = {"model_name": model_name, "decode_sampling_strategy": "greedy", "quantize_kvcache": True}
   contiguous = engine_lib.Engine(mtu.config_of(**kw), num_slots=3)
-  paged = engine_lib.Engine(mtu.config_of(**kw, **PAGED), num_slots=3)
+  paged = engine_lib.Engine(mtu.config_of(**kw, **PAGED, paged_attention_kernel=kernel), num_slots=3)
   params = contiguous.place_params(nnx.state(mtu.build(**kw), nnx.Param).to_pure_dict())
   stored = jax.tree.leaves_with_path(paged.init_decode_state()["cache"])
   pages = {jax.tree_util.keystr(path).split("'")[-2]: leaf.dtype for path, leaf in stored}
@@ -124,6 +160,8 @@ def test_int8_pages_equal_the_int8_contiguous_cache(model_name):
       state, _, step = engine.generate_with_logits(params, state)
       logits.append(np.asarray(step)[0])
     states[name] = np.stack(logits)
+    if manager and kernel == "mirror":
+      assert_mirror_holds_the_pages(engine, state, {0: 12})
   np.testing.assert_allclose(states["paged"], states["contiguous"], atol=1e-4, rtol=0)
 
 
@@ -218,9 +256,9 @@ def test_config_errors(overrides, match):
     paged_attention.page_spec_from_config(config, config.max_target_length)
 
 
-def test_auto_kernel_is_jax_on_cpu_and_without_window_on_gpu():
+def test_auto_kernel_is_mirror_on_cpu_and_pallas_without_window_on_gpu():
   config = mtu.config_of(model_name="tests/tiny-llama", **PAGED)
-  assert paged_attention.page_spec_from_config(config, 32).kernel == "jax"
+  assert paged_attention.page_spec_from_config(config, 32).kernel == "mirror"
   assert paged_attention.page_spec_from_config(config, 32, backend="gpu").kernel == "pallas"
   int8 = mtu.config_of(model_name="tests/tiny-llama", **PAGED, quantize_kvcache=True)
   assert paged_attention.page_spec_from_config(int8, 32, backend="gpu").kernel == "jax"  # the kernels read floats

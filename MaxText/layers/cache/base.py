@@ -41,7 +41,7 @@ def _batch_axis(var: KVCacheVar) -> int | None:
   return names.index(BATCH_AXIS_NAME) if BATCH_AXIS_NAME in names else None
 
 
-def _put_row(dst: jax.Array, src: jax.Array, axis: int, i: int, slot: jax.Array) -> jax.Array:
+def put_row(dst: jax.Array, src: jax.Array, axis: int, i: int, slot: jax.Array) -> jax.Array:
   """dst with row i of src (along `axis`) written at row `slot`, from index 0 of the other axes."""
   row = jax.lax.dynamic_slice_in_dim(src, i, 1, axis)
   start = [0] * dst.ndim
@@ -122,7 +122,7 @@ class Cache(nnx.Module):
       dst, src = getattr(self, name), getattr(prefix, name)
       axis, value = _batch_axis(dst), dst[...]
       for i in range(slots.shape[0]):
-        value = _put_row(value, src[...], axis, i, slots[i])
+        value = put_row(value, src[...], axis, i, slots[i])
       dst.set_value(value)
 
   def _view(self, cached_keys, cached_values, key: jax.Array, value: jax.Array | None) -> AttentionView:

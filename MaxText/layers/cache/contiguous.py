@@ -25,7 +25,7 @@ def dequantize_int8(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
   return (q.astype(jnp.float32) * scale).astype(dtype)
 
 
-def _write_rows(cache: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
+def write_rows(cache: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
   """cache [B, H, T, ...] with update [B, S, H, ...] written at tokens start[b] .. start[b] + S - 1 of row b."""
   update = jnp.swapaxes(update, 1, 2)
   return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=1))(cache, update, start)
@@ -69,7 +69,7 @@ class KVCache(Cache):
         updates[name], updates[f"{name}_scale"] = quantize_int8(updates[name])
     for name, update in updates.items():
       cache = getattr(self, name)
-      cache[...] = _write_rows(cache[...], update.astype(cache.dtype), start)
+      cache[...] = write_rows(cache[...], update.astype(cache.dtype), start)
 
   def keys_values(self) -> tuple[jax.Array, jax.Array | None]:
     """The whole cache [batch, kv_heads, length, head_dim] in the compute dtype (values None when keys-only)."""

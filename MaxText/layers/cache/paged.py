@@ -6,12 +6,17 @@ row's page table maps its token t to page `table[t // tokens_per_page]`, offset 
 host-side PageManager (MaxText.inference.page_manager) decides which pages a row holds; this module only reads and
 writes them. The keys-only variant (`store_values=False`) pages MLA's latent cache. With `quantize_kvcache` the pages
 hold int8 with float32 scale pages [kv_heads, num_pages, tokens_per_page, 1] beside them (as the contiguous cache
-quantizes: one scale per token and head); attention dequantizes the gathered pages, so only the jax path takes it.
+quantizes: one scale per token and head); attention dequantizes what it reads, so the jax and mirror paths take it.
 
-Decode attention has two implementations (`paged_attention_kernel`):
+Decode attention has three implementations (`paged_attention_kernel`):
 - jax: gathers each row's pages into a [batch, kv_heads, pages x tokens_per_page, head_dim] view and runs the
   same masked attention as the contiguous cache (any backend; sliding windows and soft caps included), so its logits
   equal the contiguous cache's.
+- mirror (the CPU default): every token is also written to a contiguous copy of each row, [batch, kv_heads,
+  pages x tokens_per_page, head_dim], which decode attention reads instead of gathering. XLA:CPU gathers pages
+  element by element (about 0.5 GB/s: 32 slots of 784 tokens took 8x the contiguous attention per layer), so the
+  copy buys contiguous-cache decode speed for a contiguous cache's memory beside the pages. The pages stay what
+  is shared and cached (prefix caching reads them); the copy only serves the row's own decode.
 - pallas: reads the pages in place with a Pallas kernel: `jax.experimental.pallas.ops.gpu.paged_attention` on GPU,
   `jax.experimental.pallas.ops.tpu.paged_attention` on TPU (which reads keys/values as bfloat16, so auto picks it
   only for dtype bfloat16). Neither has a sliding window, so configs with one are refused. Under a mesh the kernel
@@ -28,8 +33,8 @@ from jax.sharding import PartitionSpec as P
 from MaxText import sharding
 from MaxText.config import choices
 from MaxText.config_schema import ConfigError
-from MaxText.layers.cache.base import LENGTH_NAMES, AttentionView, Cache, cache_var
-from MaxText.layers.cache.contiguous import dequantize_int8, quantize_int8
+from MaxText.layers.cache.base import KV_NAMES, LENGTH_NAMES, AttentionView, Cache, cache_var, put_row
+from MaxText.layers.cache.contiguous import dequantize_int8, quantize_int8, write_rows
 
 KERNELS = choices("paged_attention_kernel")
 TPU_TOKENS_PER_BLOCK = 512  # tokens the TPU kernel reads per compute block (pages_per_compute_block x page size)
@@ -40,13 +45,13 @@ TABLE_NAMES = ("cache_batch", None)
 
 @dataclasses.dataclass(frozen=True)
 class PageSpec:
-  """Dimensions of the paged cache and the decode attention implementation ("jax" or "pallas" for `platform`)."""
+  """Dimensions of the paged cache and the decode attention implementation (jax, mirror, or pallas for `platform`)."""
 
   num_pages: int
   tokens_per_page: int
   max_pages_per_slot: int
-  kernel: str = "jax"
-  platform: str = "gpu"  # the Pallas kernel's platform (gpu | tpu); unused by "jax"
+  kernel: str = "jax"  # jax | mirror | pallas
+  platform: str = "gpu"  # the Pallas kernel's platform (gpu | tpu); unused by the others
 
   @property
   def max_tokens_per_slot(self) -> int:
@@ -85,7 +90,7 @@ def page_spec_from_config(config, max_cache_length: int, backend: str | None = N
     # The TPU kernel reads keys/values as bfloat16: auto takes it only for a bfloat16 cache, never rounding an f32 one.
     exact = backend == "gpu" or config.dtype == "bfloat16"
     usable = backend in PALLAS_PLATFORMS and not masked and not config.quantize_kvcache
-    kernel = "pallas" if usable and exact else "jax"
+    kernel = "pallas" if usable and exact else ("mirror" if backend == "cpu" else "jax")
   platform = backend if backend in PALLAS_PLATFORMS else "gpu"
   return PageSpec(config.pagedattn_num_pages, per_page, max_pages, kernel, platform)
 
@@ -129,7 +134,8 @@ class PagedKVCache(Cache):
     shape = tuple(stack) + (num_kv_heads, spec.num_pages, spec.tokens_per_page, head_dim)
     self.dtype = dtype
     self.quantized = quantize
-    self.kernel = spec.kernel if store_values and not quantize else "jax"  # the kernels need float values
+    self.kernel = spec.kernel if spec.kernel == "pallas" and store_values and not quantize else "jax"
+    self.mirrored = spec.kernel == "mirror"
     self.platform = spec.platform
     store = jnp.int8 if quantize else dtype
     self.key_pages = cache_var(jnp.zeros(shape, store), PAGE_NAMES, stack)
@@ -140,20 +146,38 @@ class PagedKVCache(Cache):
       self.value_scale_pages = scales() if store_values else None
     self.page_table = cache_var(jnp.zeros(tuple(stack) + (batch, spec.max_pages_per_slot), jnp.int32), TABLE_NAMES, stack)
     self.lengths = cache_var(jnp.zeros(tuple(stack) + (batch,), jnp.int32), LENGTH_NAMES, stack)
+    if self.mirrored:  # "<name>_rows" beside each "<name>_pages", as stored (int8 and scales stay so)
+      for name in self._stored_names():
+        pages = getattr(self, f"{name}_pages")
+        shape = tuple(stack) + (batch, num_kv_heads, spec.max_tokens_per_slot, pages.shape[-1])
+        setattr(self, f"{name}_rows", cache_var(jnp.zeros(shape, pages.dtype), KV_NAMES, stack))
 
-  def _write(self, key: jax.Array, value: jax.Array | None, table: jax.Array, start: jax.Array):
-    """key/value [B, S, H, D] written at tokens start[b].. of table row b."""
+  def _stored_names(self) -> list[str]:
+    """The stored arrays: key, value (unless keys-only), and their scales when quantized."""
+    names = ["key"] if self.value_pages is None else ["key", "value"]
+    return names + [f"{n}_scale" for n in names] if self.quantized else names
+
+  def _updates(self, key: jax.Array, value: jax.Array | None) -> dict[str, jax.Array]:
+    """key/value [B, S, H, D] as stored, by stored name."""
     updates = {"key": key} if self.value_pages is None else {"key": key, "value": value}
+    if self.quantized:
+      for name in list(updates):
+        updates[name], updates[f"{name}_scale"] = quantize_int8(updates[name])
+    return updates
+
+  def _write(self, updates: dict[str, jax.Array], table: jax.Array, start: jax.Array):
+    """Stored updates [B, S, H, D] written at tokens start[b].. of table row b."""
     for name, update in updates.items():
-      if self.quantized:
-        update, scale = quantize_int8(update)
-        pages = getattr(self, f"{name}_scale_pages")
-        pages[...] = write_tokens(pages[...], table, start, scale)
       pages = getattr(self, f"{name}_pages")
       pages[...] = write_tokens(pages[...], table, start, update)
 
   def _store(self, key: jax.Array, value: jax.Array | None, start: jax.Array):
-    self._write(key, value, self.page_table[...], start)
+    updates = self._updates(key, value)
+    self._write(updates, self.page_table[...], start)
+    if self.mirrored:
+      for name, update in updates.items():
+        rows = getattr(self, f"{name}_rows")
+        rows[...] = write_rows(rows[...], update.astype(rows.dtype), start)
 
   def prefill(self, key: jax.Array, value: jax.Array | None, lengths: jax.Array):
     self._store(key, value, jnp.zeros(key.shape[:1], jnp.int32))
@@ -162,22 +186,33 @@ class PagedKVCache(Cache):
   def attention_view(self, key: jax.Array, value: jax.Array | None) -> AttentionView:
     """Each row's pages gathered in token order (dequantized) as the cached part."""
     table = self.page_table[...]
+    stored = (
+        (lambda name: getattr(self, f"{name}_rows")[...])
+        if self.mirrored
+        else (lambda name: gather_pages(getattr(self, f"{name}_pages")[...], table))
+    )
 
     def read(name):
-      pages = gather_pages(getattr(self, f"{name}_pages")[...], table)
       if not self.quantized:
-        return pages
-      return dequantize_int8(pages, gather_pages(getattr(self, f"{name}_scale_pages")[...], table), self.dtype)
+        return stored(name)
+      return dequantize_int8(stored(name), stored(f"{name}_scale"), self.dtype)
 
     return self._view(read("key"), None if self.value_pages is None else read("value"), key, value)
 
   def insert(self, prefix: Cache, slots: jax.Array):
     """Scatters each prefix row into the pages its slot's page table row lists (set_page_table first)."""
-    keys, values = prefix.keys_values()  # [n, H, T, D]
-    heads_second = lambda x: None if x is None else jnp.swapaxes(x, 1, 2)
+    # The prefix's arrays as stored ([n, H, T, D]; int8 stays int8 with its scales), not requantized.
+    stored = {name: getattr(prefix, name)[...] for name in self._stored_names()}
     zeros = jnp.zeros(slots.shape, jnp.int32)
-    self._write(heads_second(keys), heads_second(values), self.page_table[...][slots], zeros)
+    self._write({k: jnp.swapaxes(v, 1, 2) for k, v in stored.items()}, self.page_table[...][slots], zeros)
     self._insert_rows(prefix, slots, ("lengths",))
+    if self.mirrored:  # cut to the rows' capacity (a gathered prefix can be longer)
+      for name, src in stored.items():
+        rows = getattr(self, f"{name}_rows")
+        value = rows[...]
+        for i in range(slots.shape[0]):
+          value = put_row(value, src[:, :, : rows.shape[2]], 0, i, slots[i])
+        rows.set_value(value)
 
   def stored_rows(self, table: jax.Array) -> dict[str, jax.Array]:
     """The pages of table rows [B, pages] in token order, as stored (int8 and scales stay so): {"key": [B, H,
