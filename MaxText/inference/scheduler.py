@@ -15,8 +15,8 @@ such a request is in the batch); `echo` adds the prompt tokens' logprobs, and wi
 scored (prefilled) without taking a slot.
 
 Chunked prefill: a prompt longer than the prefill length (max_prefill_predict_length, C) takes its slot and books
-its pages at once, then is prefilled in pieces, one per scheduler round between generate steps, so a long prompt
-does not stall the running requests' next tokens: first its remainder (1..C tokens, a padded prefill into a
+its pages at once, then is prefilled in pieces between generate steps (a few per round, see max_prefills_per_step),
+so a long prompt does not stall the running requests' next tokens: first its remainder (1..C tokens, a padded prefill into a
 context-long cache), then whole C-token chunks, each attending over the cache so far (Engine.extend). After the last
 chunk it is inserted into its slot and decodes like any other. Prompt logprobs (`echo`) cover prompts up to C tokens.
 
@@ -145,8 +145,9 @@ class Scheduler:
   """Continuous batching of Requests on an engine (paged or contiguous cache); see the module doc.
 
   `decode`: ids -> text (the tokenizer's), for stop strings and text deltas; None: token ids only (no text, no stop
-  strings). `max_prefills_per_step` bounds how many prompts are prefilled between two generate steps while others
-  decode, so running requests keep streaming.
+  strings). `max_prefills_per_step` bounds the prefill pieces (chunks of long prompts already in a slot, oldest
+  first, then newly admitted prompts) between two generate steps while others decode, so running requests keep
+  streaming.
   """
 
   def __init__(
@@ -299,10 +300,12 @@ class Scheduler:
     for slot, request in enumerate(self._slots):
       if request is not None and request.cancelled.is_set():
         self._finish(slot, request, "cancelled")
-    chunked = self._prefill_chunk()  # before admitting: a prompt admitted now had its first piece this round
-    admitted = self._admit()
+    # Prefill pieces share one budget per round: chunks of prompts that already hold a slot first (oldest slot
+    # first), then admissions; a prompt admitted now had its first piece this round.
+    chunks = self._prefill_chunks(self.max_prefills_per_step)
+    admitted = self._admit(self.max_prefills_per_step - chunks)
     if self.decoding == 0:
-      return admitted or chunked
+      return admitted or chunks > 0
     try:
       self._generate()
     except Exception as e:  # pylint: disable=broad-exception-caught
@@ -312,10 +315,11 @@ class Scheduler:
           self._finish(slot, request, "error", error=str(e))
     return True
 
-  def _admit(self) -> bool:
+  def _admit(self, budget: int) -> bool:
+    """Admits waiting requests in order while slots (and pages) allow: at most `budget` while others run."""
     admitted = 0
     while self._waiting and None in self._slots:
-      if self.running and admitted >= self.max_prefills_per_step:
+      if self.running and admitted >= budget:
         break
       request = self._waiting[0]
       if request.cancelled.is_set():
@@ -396,19 +400,24 @@ class Scheduler:
     self.stats.prompt_tokens += first
     self.stats.prefill_seconds += time.perf_counter() - start
 
-  def _prefill_chunk(self) -> bool:
-    """One chunk of the oldest chunked prefill (slot order); inserts the request once its prompt is in."""
-    for slot, request in enumerate(self._slots):
-      if request is None or request._prefix is None:  # pylint: disable=protected-access
-        continue
+  def _prefill_chunks(self, budget: int) -> int:
+    """Up to `budget` chunks of chunked prefills, the oldest request first (a request's pieces run in order); a
+    request is inserted once its prompt is in. Returns the chunks run."""
+    done = 0
+    while done < budget:
+      pending = [(r.submitted_at, slot) for slot, r in enumerate(self._slots) if r is not None and r._prefix is not None]  # pylint: disable=protected-access
+      if not pending:
+        break
+      slot = min(pending)[1]
+      request = self._slots[slot]
       try:
         self._extend(slot, request)
       except Exception as e:  # pylint: disable=broad-exception-caught
         logger.exception("chunked prefill failed")
         request._prefix = None  # pylint: disable=protected-access
         self._finish(slot, request, "error", error=str(e))
-      return True
-    return False
+      done += 1
+    return done
 
   def _extend(self, slot: int, request: Request):
     """The next piece (at most a chunk, the last one padded to its bucket) of a prompt whose prefix is cached."""

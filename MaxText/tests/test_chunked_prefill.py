@@ -70,12 +70,14 @@ def test_long_prompts_decode_as_with_one_prefill(paged):
   assert all(len(ids) == 3 for ids in runs[0])
 
 
-def test_running_requests_keep_decoding_while_a_long_prompt_prefills():
-  """A short request decoding when a 4-chunk prompt arrives gets a new token in every scheduler round while the
-  long prompt is prefilled a chunk per round; the long one then decodes alongside it."""
+@pytest.mark.parametrize("pieces, rounds", [(1, 4), (2, 3), (4, 2)])
+def test_running_requests_keep_decoding_while_a_long_prompt_prefills(pieces, rounds):
+  """A short request decoding when a 4-piece prompt arrives gets a new token in every scheduler round while the
+  long prompt is prefilled: its first piece when admitted, then at most `max_prefills_per_step` chunks per round;
+  the long one then decodes alongside it."""
   kw, _, params = _model_and_params("tests/tiny-llama")
   engine = engine_lib.Engine(mtu.config_of(**kw), num_slots=2, max_prefill_length=CHUNK, max_cache_length=CONTEXT)
-  scheduler = scheduler_lib.Scheduler(engine, engine.place_params(params))
+  scheduler = scheduler_lib.Scheduler(engine, engine.place_params(params), max_prefills_per_step=pieces)
   short = scheduler.submit(scheduler_lib.Request([3, 4, 5], 20))
   scheduler.step()
   before = len(short.output_ids)
@@ -84,7 +86,7 @@ def test_running_requests_keep_decoding_while_a_long_prompt_prefills():
   while not long.output_ids:
     scheduler.step()
     produced.append(len(short.output_ids))
-  assert len(produced) == 4  # one round admits the long prompt (its first piece), three extend it
+  assert len(produced) == rounds  # one round admits the long prompt (its first piece), the rest extend it
   assert np.all(np.diff([before] + produced) == 1), produced  # the short request never waited
   scheduler.run_until_idle()
   assert len(long.output_ids) == 4 and len(short.output_ids) == 20
