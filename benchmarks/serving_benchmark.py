@@ -3,16 +3,16 @@
     python3 benchmarks/serving_benchmark.py [--model llama-small] [--requests 32] [--duration 60] [--prompt 24]
         [--max-tokens 32] [--slots 32]
     python3 benchmarks/serving_benchmark.py --system-prompt 256 [--requests 16]
-    python3 benchmarks/serving_benchmark.py --mixed [--rates 0.5,2] [--requests 32] [--clients 32]
+    python3 benchmarks/serving_benchmark.py --mixed [--rates 0.5,2] [--requests 32] [--clients 32] [--chunk 128]
 
 Starts MaxText.serve's app in-process (random weights, attention=paged, continuous batching) on a free port and runs
-closed-loop clients (each sends its next streaming /v1/completions request when the previous one ends) until
-`--requests` requests finished or `--duration` seconds passed, per concurrency level. The baseline is static batching
-through the same Scheduler (scheduler.decode_prompts, contiguous cache): the same prompts in waves of `concurrency`,
-each wave decoded to the end before the next starts, so a request's first token waits for its wave's prefill and
-its latency for the wave's longest request. Prints a table of medians (ms/token: from a request's first token to its
-last, per token after the first). Greedy decoding with max_tokens fixed and EOS ignored (token ids prompts), so both
-sides generate the same token counts.
+closed-loop clients from a separate process (each sends its next streaming /v1/completions request when the previous
+one ends) until `--requests` requests finished or `--duration` seconds passed, per concurrency level. The baseline
+is static batching through the same Scheduler (scheduler.decode_prompts, contiguous cache): the same prompts in
+waves of `concurrency`, each wave decoded to the end before the next starts, so a request's first token waits for
+its wave's prefill and its latency for the wave's longest request. Prints a table of medians (ms/token: from a
+request's first token to its last, per token after the first). Greedy decoding with max_tokens fixed and EOS
+ignored (token ids prompts), so both sides generate the same token counts.
 
 `--system-prompt N`: prefix caching instead. One client sends `--requests` requests one after another, each a shared
 N-token system prompt followed by its own `--prompt` tokens, to a server with enable_prefix_caching on and to one
@@ -20,15 +20,16 @@ with it off; prints the median time to first token of each (the first request, w
 
 `--mixed`: a mixed workload instead. `--requests` requests with prompt lengths drawn in 16..512 and output lengths in
 8..256 (fixed seed) arrive as a Poisson process at each of `--rates` requests/s; at most `--clients` are in flight
-(later arrivals wait for a client). Continuous batching: the server (chunked prefill, prefix caching) gets each
-request at its arrival. Static batching: the offline engine decodes waves of `--clients` requests in arrival order,
-a wave starting when its last request has arrived and the previous wave is done. Prints tokens/s over the whole run
-and the median and p99 time to first token (from arrival) of each.
+(later arrivals wait for a client). Continuous batching: the server (chunked prefill in `--chunk`-token pieces, prefix
+caching) gets each request at its arrival. Static batching: the offline engine decodes waves of `--clients` requests
+in arrival order, a wave starting when its last request has arrived and the previous wave is done. Prints tokens/s
+over the whole run and the median and p99 time to first token (from arrival) of each.
 """
 
 import argparse
 import concurrent.futures
 import json
+import multiprocessing
 import socket
 import statistics
 import sys
@@ -185,6 +186,13 @@ def _percentile(values, q: float) -> float:
   return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
+def in_client_process(fn, *args):
+  """fn(*args) in a fresh process: the load generator's threads (HTTP, SSE and JSON parsing) must not compete with
+  the server's engine thread for this process's GIL, as real clients do not."""
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(fn, args)
+
+
 def run_mixed_server(url: str, workload, clients: int, duration: float) -> dict:
   results, lock = [], threading.Lock()
   start = time.perf_counter()
@@ -248,7 +256,11 @@ def mixed_rows(args, params, config, paged) -> list[tuple[str, float, dict]]:
     workload = _mixed_workload(args, rate, np.random.default_rng(3))
     for mode, scheduler, run in (
         ("static", static, lambda w: run_mixed_static(static, w, args.clients, args.duration)),
-        ("continuous", server.scheduler, lambda w: run_mixed_server(url, w, args.clients, args.duration)),
+        (
+            "continuous",
+            server.scheduler,
+            lambda w: in_client_process(run_mixed_server, url, w, args.clients, args.duration),
+        ),
     ):
       scheduler.stats = scheduler_lib.SchedulerStats()
       rows.append((mode, rate, run(workload)))
@@ -271,15 +283,22 @@ def main(argv):
   parser.add_argument("--mixed", action="store_true", help="the mixed workload with Poisson arrivals")
   parser.add_argument("--rates", default="0.5,2", help="--mixed: arrival rates, requests/s")
   parser.add_argument("--clients", type=int, default=32, help="--mixed: requests in flight at most")
-  parser.add_argument("--cache", choices=("paged", "contiguous"), default="paged", help="--mixed: the server's KV cache")
+  parser.add_argument("--chunk", type=int, default=128, help="--mixed: the server's prefill chunk (tokens)")
   args = parser.parse_args(argv)
   levels = [int(c) for c in args.levels.split(",")]
   if args.mixed:
     context = 512 + 256 + 16
     config = _config(args.model, args.clients, 512, 256 + 16)  # static: whole prompts in one prefill
     pages = -(-context // 16) * args.clients + 1
-    cache = {"attention": "paged", "pagedattn_num_pages": pages} if args.cache == "paged" else {}
-    served = _config(args.model, args.clients, 512, 256 + 16, max_prefill_predict_length=128, **cache)
+    served = _config(
+        args.model,
+        args.clients,
+        512,
+        256 + 16,
+        max_prefill_predict_length=args.chunk,
+        attention="paged",
+        pagedattn_num_pages=pages,
+    )
     model = model_creation.abstract_model(config)
     params = jax.tree.map(
         lambda a: np.random.default_rng(0).standard_normal(a.shape).astype(a.dtype) * 0.02,
@@ -343,7 +362,7 @@ def main(argv):
         (
             "continuous",
             concurrency,
-            run_server(url, prompts, concurrency, args.max_tokens, args.requests, args.duration),
+            in_client_process(run_server, url, prompts, concurrency, args.max_tokens, args.requests, args.duration),
         )
     )
   http.should_exit = True

@@ -672,16 +672,24 @@ def test_lm_eval_harness_scores_equal_direct_computation(live, reference_logprob
   np.testing.assert_allclose(results["maxtext_gen"]["exact_match,none"], matches / len(gen_docs))
 
 
+# The soak's size: CI runs the short form (96 requests, 16 clients); MAXTEXT_SOAK_SECONDS=60
+# MAXTEXT_SOAK_CLIENTS=64 runs the long one (clients send requests until the time is up).
+SOAK_SECONDS = float(os.environ.get("MAXTEXT_SOAK_SECONDS", "0"))
+SOAK_CLIENTS = int(os.environ.get("MAXTEXT_SOAK_CLIENTS", "16"))
+
+
 def test_short_soak_with_bad_clients_leaves_the_server_clean(live):
-  """96 requests from 16 concurrent clients, mixed: greedy completions (streamed or not), streams dropped after the
-  first event, malformed JSON, prompts past the limit, invalid sampling values. Every bad request gets a 4xx JSON
-  error, the server stays up, slots and pages return to zero (/metrics), and every completed greedy request equals
-  decoding its prompt alone."""
+  """96 requests from 16 concurrent clients (or as many as SOAK_CLIENTS send in SOAK_SECONDS), mixed: greedy
+  completions (streamed or not), streams dropped after the first event, malformed JSON, prompts past the limit,
+  invalid sampling values. Every bad request gets a 4xx JSON error, the server stays up, slots and pages return to
+  zero (/metrics), and every completed greedy request equals decoding its prompt alone."""
   server, url = live
   host, port = url.removeprefix("http://").split(":")
-  rng = np.random.default_rng(0)
-  kinds = rng.choice(["greedy", "stream", "drop", "malformed", "oversize", "invalid"], 96).tolist()
-  prompts = [rng.integers(1, 300, int(rng.integers(2, 20))).tolist() for _ in kinds]
+
+  def request_of(i):  # (kind, prompt) of request i, the same on every run
+    rng = np.random.default_rng(i)
+    kind = str(rng.choice(["greedy", "stream", "drop", "malformed", "oversize", "invalid"]))
+    return kind, rng.integers(1, 300, int(rng.integers(2, 20))).tolist()
 
   def raw(body: bytes, stream: bool = False, drop: bool = False):
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
@@ -700,7 +708,7 @@ def test_short_soak_with_bad_clients_leaves_the_server_clean(live):
     return response.status, json.loads(data)
 
   def client(i):
-    kind, prompt = kinds[i], prompts[i]
+    kind, prompt = request_of(i)
     body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
     if kind == "greedy":
       status, reply = raw(json.dumps(body).encode())
@@ -713,18 +721,34 @@ def test_short_soak_with_bad_clients_leaves_the_server_clean(live):
       return (kind, *raw(json.dumps({**body, "prompt": [5] * 60}).encode()))
     return (kind, *raw(json.dumps({**body, "temperature": 7, "top_p": 0}).encode()))
 
-  with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    results = list(pool.map(client, range(len(kinds))))
+  counter, lock, deadline = iter(range(10**9)), threading.Lock(), time.monotonic() + SOAK_SECONDS
+
+  def worker():
+    outcomes = []
+    while True:
+      with lock:
+        i = next(counter)
+      if (time.monotonic() > deadline) if SOAK_SECONDS > 0 else i >= 96:
+        return outcomes
+      outcomes.append((i, *client(i)))
+
+  with concurrent.futures.ThreadPoolExecutor(SOAK_CLIENTS) as pool:
+    futures = [pool.submit(worker) for _ in range(SOAK_CLIENTS)]
+    results = sorted(r for f in futures for r in f.result())
+  counts = {k: sum(r[1] == k for r in results) for k in sorted({r[1] for r in results})}
+  print(f"soak: {len(results)} requests from {SOAK_CLIENTS} clients: {counts}")
+  prompts = {i: request_of(i)[1] for i, _, _, _ in results}
+  results = {i: outcome for i, *outcome in results}
   contiguous = engine_lib.Engine(mtu.config_of(**MODEL, **SERVER_DIMS), num_slots=8)
   alone = scheduler_lib.Scheduler(contiguous, server.scheduler.params)
-  done = [i for i, (kind, _, _) in enumerate(results) if kind in ("greedy", "stream")]
+  done = [i for i, (kind, _, _) in results.items() if kind in ("greedy", "stream")]
   expected = scheduler_lib.decode_prompts(alone, [prompts[i] for i in done], max_new_tokens=8)
   eos = server.tokenizer.eos_id
   for i, ids in zip(done, expected):
     kind, status, text = results[i]
     assert status == 200, (kind, text)
     assert text == server.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids), kind
-  for kind, status, reply in results:
+  for kind, status, reply in results.values():
     if kind in ("malformed", "oversize", "invalid"):
       assert 400 <= status < 500 and reply["error"]["message"], (kind, status, reply)
     if kind == "drop":
