@@ -18,7 +18,8 @@ Chunked prefill: a prompt longer than the prefill length (max_prefill_predict_le
 its pages at once, then is prefilled in pieces between generate steps (a few per round, see max_prefills_per_step),
 so a long prompt does not stall the running requests' next tokens: first its remainder (1..C tokens, a padded
 prefill into a context-long cache), then whole C-token chunks, each attending over the cache so far (Engine.extend).
-After the last chunk it is inserted into its slot and decodes like any other. Prompt logprobs (`echo`) cover prompts up to C tokens.
+After the last chunk it is inserted into its slot and decodes like any other. Prompt logprobs (`echo`) cover prompts
+up to C tokens.
 
 Prefix caching (`prefix_caching`, paged cache only): the full KV pages of every prefilled prompt stay registered
 under their tokens (page_manager); a new prompt that starts with registered blocks shares those pages, gathers them
