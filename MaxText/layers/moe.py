@@ -403,10 +403,12 @@ class MoeBlock(nnx.Module):
       h = jax.lax.ragged_dot(lora.dropout(x, self.lora_dropout, lora.subkey(key, index)), a, sizes)
       return y + self.lora_scale * jax.lax.ragged_dot(h, b, sizes)
 
-    # Both input projections in one grouped matmul (one sort-order pass, twice the columns per tile).
-    both = matmul(xs, jnp.concatenate([wi_0, wi_1], axis=2), sizes)
-    h0 = checkpoint_name(project("wi_0", xs, wi_0, 0, token_rng, both[:, : wi_0.shape[2]]), "mlpwi_0")
-    h1 = checkpoint_name(project("wi_1", xs, wi_1, 1, token_rng, both[:, wi_0.shape[2] :]), "mlpwi_1")
+    y0 = y1 = None
+    if self.grouped_matmul == "tiled":  # CPU: both input projections in one loop, twice the columns per tile
+      both = matmul(xs, jnp.concatenate([wi_0, wi_1], axis=2), sizes)
+      y0, y1 = both[:, : wi_0.shape[2]], both[:, wi_0.shape[2] :]
+    h0 = checkpoint_name(project("wi_0", xs, wi_0, 0, token_rng, y0), "mlpwi_0")
+    h1 = checkpoint_name(project("wi_1", xs, wi_1, 1, token_rng, y1), "mlpwi_1")
     hidden = checkpoint_name(self.activation(h0) * h1, "mlp_hidden")
     ys = checkpoint_name(project("wo", hidden, wo, 2, column_rng), "mlpwo").astype(jnp.float32)
     if mlp_axes:
