@@ -55,12 +55,13 @@ class DecodeCompile:
     return self.state["cache"]
 
   def cache_bytes_by_kind(self) -> dict[str, int]:
-    """Per-device bytes of the decode state's cache: keys/values (pages included), int8 scales, and the rest
-    (filled lengths, page tables)."""
+    """Per-device bytes of the decode state's cache: keys/values (pages, and the mirror kernel's contiguous copy,
+    included), int8 scales, and the rest (filled lengths, page tables)."""
     out = {"kv": 0, "scales": 0, "index": 0}
     for path, leaf in jax.tree_util.tree_flatten_with_path(self.cache)[0]:
       name = str(getattr(path[-1], "key", path[-1]))
-      kind = "scales" if name.endswith("_scale") else "index" if name in ("lengths", "page_table") else "kv"
+      # key_scale, key_scale_pages, key_scale_rows (the paged mirror's copy) are scales; the rest holds keys/values.
+      kind = "scales" if "_scale" in name else "index" if name in ("lengths", "page_table") else "kv"
       out[kind] += per_device_bytes(leaf)
     return out
 

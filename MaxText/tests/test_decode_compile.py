@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from MaxText import decode_compile, pyconfig, topology
@@ -47,12 +48,23 @@ def test_generate_holds_the_analytic_kv_cache_and_grows_with_batch(quantize):
   assert args[1] - args[0] == grown
 
 
-def test_paged_cache_is_the_configured_page_pool():
-  config = _config(per_device_batch_size=1, attention="paged", pagedattn_num_pages=32, pagedattn_tokens_per_page=8)
+@pytest.mark.parametrize("kernel", ["jax", "mirror"])
+def test_paged_cache_is_the_configured_page_pool(kernel):
+  config = _config(
+      per_device_batch_size=1,
+      attention="paged",
+      pagedattn_num_pages=32,
+      pagedattn_tokens_per_page=8,
+      paged_attention_kernel=kernel,
+  )
   result = decode_compile.compile_decode(config, programs=("generate",))
   # Pages [kv_heads, pages, tokens_per_page, head_dim] per layer, keys and values; the mesh has no tensor axis, so
-  # every device holds the whole pool.
-  assert result.cache_bytes_by_kind()["kv"] == LAYERS * KV_HEADS * 32 * 8 * HEAD_DIM * 2 * F32
+  # every device holds the whole pool. The mirror kernel adds a contiguous copy of each slot [slots, kv_heads,
+  # max_target_length, head_dim], sharded like a contiguous cache: one slot per device here.
+  pool = LAYERS * KV_HEADS * 32 * 8 * HEAD_DIM * 2 * F32
+  rows = analytic_kv_bytes(1, config.max_target_length, F32, 1)
+  assert result.engine.dims.num_slots == jax.device_count()
+  assert result.cache_bytes_by_kind()["kv"] == pool + (rows if kernel == "mirror" else 0)
   mem = result.compiled["generate"].memory_analysis()
   want = decode_compile.per_device_bytes(result.params) + decode_compile.per_device_bytes(result.state)
   assert mem.argument_size_in_bytes == want
