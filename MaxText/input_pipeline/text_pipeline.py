@@ -9,7 +9,6 @@ grain, tfds and hf differ only in how they open their records as random-access `
 `DocumentSource`s to `make_iterators` here.
 """
 
-import atexit
 import dataclasses
 import gc
 import logging
@@ -140,9 +139,7 @@ class _IteratorBox:
   """Owns grain iterators so they can be closed and released when their user goes away or at exit.
 
   Releasing them while the interpreter is still intact matters: grain iterators close themselves again in
-  `__del__`, which fails noisily once interpreter teardown has cleared module globals. So whatever closed
-  iterators are still in reference cycles are collected at exit (one collection, not one per close: a full
-  collection in a long-lived process with a large heap takes seconds).
+  `__del__`, which fails noisily once interpreter teardown has cleared module globals.
   """
 
   def __init__(self, its):
@@ -152,9 +149,7 @@ class _IteratorBox:
     its, self.its = self.its, []
     while its:
       its.pop().close()
-
-
-atexit.register(gc.collect)
+    gc.collect()
 
 
 class TextBatchIterator(distributed_batch.BatchIterator):
