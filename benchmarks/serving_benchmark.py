@@ -23,7 +23,9 @@ with it off; prints the median time to first token of each (the first request, w
 (later arrivals wait for a client). Continuous batching: the server (chunked prefill in `--chunk`-token pieces, prefix
 caching) gets each request at its arrival. Static batching: the offline engine decodes waves of `--clients` requests
 in arrival order, a wave starting when its last request has arrived and the previous wave is done. Prints tokens/s
-over the whole run and the median and p99 time to first token (from arrival) of each.
+over the whole run and the median and p99 time to first token (from arrival) of each; `--rounds N` alternates the
+two N times (a new draw of the workload each round) and prints the median of the per-round ratios (a shared
+machine's speed drifts by 10-20% over minutes).
 """
 
 import argparse
@@ -253,18 +255,21 @@ def mixed_rows(args, params, config, paged) -> list[tuple[str, float, dict]]:
   static.warmup_for(list(range(16, 513, 16)))
   rows = []
   for rate in [float(r) for r in args.rates.split(",")]:
-    workload = _mixed_workload(args, rate, np.random.default_rng(3))
-    for mode, scheduler, run in (
-        ("static", static, lambda w: run_mixed_static(static, w, args.clients, args.duration)),
-        (
-            "continuous",
-            server.scheduler,
-            lambda w: in_client_process(run_mixed_server, url, w, args.clients, args.duration),
-        ),
-    ):
-      scheduler.stats = scheduler_lib.SchedulerStats()
-      rows.append((mode, rate, run(workload)))
-      print(f"{mode} at {rate}/s: {scheduler.stats.summary()}", flush=True)
+    # Rounds alternate the modes, so a drift in the machine's speed (shared hosts) reaches both alike; each round
+    # draws its own workload (the server's prefix cache would hold a repeated one).
+    for round_ in range(args.rounds):
+      workload = _mixed_workload(args, rate, np.random.default_rng(3 + round_))
+      for mode, scheduler, run in (
+          ("static", static, lambda w: run_mixed_static(static, w, args.clients, args.duration)),
+          (
+              "continuous",
+              server.scheduler,
+              lambda w: in_client_process(run_mixed_server, url, w, args.clients, args.duration),
+          ),
+      ):
+        scheduler.stats = scheduler_lib.SchedulerStats()
+        rows.append((mode, rate, round_, run(workload)))
+        print(f"{mode} at {rate}/s, round {round_ + 1}: {scheduler.stats.summary()}", flush=True)
   http.should_exit = True
   server.scheduler.stop()
   return rows
@@ -284,6 +289,7 @@ def main(argv):
   parser.add_argument("--rates", default="0.5,2", help="--mixed: arrival rates, requests/s")
   parser.add_argument("--clients", type=int, default=32, help="--mixed: requests in flight at most")
   parser.add_argument("--chunk", type=int, default=128, help="--mixed: the server's prefill chunk (tokens)")
+  parser.add_argument("--rounds", type=int, default=1, help="--mixed: static and continuous runs, alternated")
   args = parser.parse_args(argv)
   levels = [int(c) for c in args.levels.split(",")]
   if args.mixed:
@@ -310,11 +316,21 @@ def main(argv):
         f" workload: {args.requests} requests, prompts 16..512, outputs 8..256 tokens, Poisson arrivals,"
         f" {args.clients} clients"
     )
-    print(f"{'mode':<11} {'rate/s':>6} {'requests':>8} {'tokens/s':>9} {'TTFT ms':>9} {'p99 TTFT ms':>11}")
-    for mode, rate, r in rows:
+    print(f"{'mode':<11} {'rate/s':>6} {'round':>5} {'requests':>8} {'tokens/s':>9} {'TTFT ms':>9} {'p99 TTFT ms':>11}")
+    for mode, rate, round_, r in rows:
       print(
-          f"{mode:<11} {rate:>6} {r['requests']:>8} {r['tokens/s']:>9.1f} {r['ttft_ms']:>9.1f}"
+          f"{mode:<11} {rate:>6} {round_ + 1:>5} {r['requests']:>8} {r['tokens/s']:>9.1f} {r['ttft_ms']:>9.1f}"
           f" {r['p99_ttft_ms']:>11.1f}"
+      )
+    for rate in sorted({row[1] for row in rows}):
+      by_mode = {m: [r for mode, rr, _, r in rows if mode == m and rr == rate] for m in ("static", "continuous")}
+      ratios = [c["tokens/s"] / s["tokens/s"] for s, c in zip(by_mode["static"], by_mode["continuous"])]
+      median = lambda mode, key: statistics.median(r[key] for r in by_mode[mode])
+      print(
+          f"at {rate}/s, continuous / static over {len(ratios)} round(s): tokens/s {statistics.median(ratios):.2f}x"
+          f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)}), median TTFT"
+          f" {median('continuous', 'ttft_ms') / median('static', 'ttft_ms'):.2f}x, p99 TTFT"
+          f" {median('continuous', 'p99_ttft_ms') / median('static', 'p99_ttft_ms'):.2f}x"
       )
     return
   if args.system_prompt:

@@ -49,6 +49,14 @@ def put_row(dst: jax.Array, src: jax.Array, axis: int, i: int, slot: jax.Array) 
   return jax.lax.dynamic_update_slice(dst, row.astype(dst.dtype), start)
 
 
+def put_slot_rows(dst: KVCacheVar, src: jax.Array, slots: jax.Array):
+  """Row i of src (along dst's batch axis) written to row slots[i] of dst, from index 0 of the other axes."""
+  axis, value = _batch_axis(dst), dst[...]
+  for i in range(slots.shape[0]):
+    value = put_row(value, src, axis, i, slots[i])
+  dst.set_value(value)
+
+
 class Cache(nnx.Module):
   """Base of every KV cache (see the module doc). Subclasses define prefill/attention_view/append/insert and hold
   `lengths` [batch] and `dtype`; the row methods here work on every array with a "cache_batch" axis."""
@@ -119,11 +127,7 @@ class Cache(nnx.Module):
   def _insert_rows(self, prefix: "Cache", slots: jax.Array, names: tuple[str, ...]):
     """Copies rows of prefix's arrays `names` into `slots` (unrolled: a prefix holds a few prompts)."""
     for name in names:
-      dst, src = getattr(self, name), getattr(prefix, name)
-      axis, value = _batch_axis(dst), dst[...]
-      for i in range(slots.shape[0]):
-        value = put_row(value, src[...], axis, i, slots[i])
-      dst.set_value(value)
+      put_slot_rows(getattr(self, name), getattr(prefix, name)[...], slots)
 
   def _view(self, cached_keys, cached_values, key: jax.Array, value: jax.Array | None) -> AttentionView:
     """The AttentionView of new tokens over cached parts [batch, kv_heads, length, head_dim] of this cache.

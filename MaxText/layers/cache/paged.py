@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from MaxText import sharding
 from MaxText.config import choices
 from MaxText.config_schema import ConfigError
-from MaxText.layers.cache.base import KV_NAMES, LENGTH_NAMES, AttentionView, Cache, cache_var, put_row
+from MaxText.layers.cache.base import KV_NAMES, LENGTH_NAMES, AttentionView, Cache, cache_var, put_slot_rows
 from MaxText.layers.cache.contiguous import dequantize_int8, quantize_int8, write_rows
 
 KERNELS = choices("paged_attention_kernel")
@@ -221,20 +221,12 @@ class PagedKVCache(Cache):
     if self.mirrored:  # cut to the rows' capacity (a gathered prefix can be longer)
       for name, src in stored.items():
         rows = getattr(self, f"{name}_rows")
-        value = rows[...]
-        for i in range(slots.shape[0]):
-          value = put_row(value, src[:, :, : rows.shape[2]], 0, i, slots[i])
-        rows.set_value(value)
+        put_slot_rows(rows, src[:, :, : rows.shape[2]], slots)
 
   def stored_rows(self, table: jax.Array) -> dict[str, jax.Array]:
     """The pages of table rows [B, pages] in token order, as stored (int8 and scales stay so): {"key": [B, H,
     pages x tokens_per_page, D], "value", "key_scale", "value_scale" as the cache holds them} (prefix caching)."""
-    out = {}
-    for name in ("key", "value", "key_scale", "value_scale"):
-      pages = getattr(self, f"{name}_pages", None)
-      if pages is not None:
-        out[name] = gather_pages(pages[...], table)
-    return out
+    return {name: gather_pages(getattr(self, f"{name}_pages")[...], table) for name in self._stored_names()}
 
   def set_page_table(self, table: jax.Array):
     self.page_table[...] = jnp.broadcast_to(jnp.asarray(table, jnp.int32), self.page_table.shape)
