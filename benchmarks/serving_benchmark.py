@@ -248,7 +248,8 @@ def run_mixed_static(scheduler, workload, clients: int, duration: float) -> dict
   }
 
 
-def mixed_rows(args, params, config, paged) -> list[tuple[str, float, dict]]:
+def mixed_rows(args, params, config, paged) -> list[tuple[str, float, int, dict]]:
+  """(mode, rate, round, result) per run."""
   server, http, url = _serve(paged, params)
   static_engine = engine_lib.Engine(config, num_slots=args.clients)
   static = scheduler_lib.Scheduler(static_engine, static_engine.place_params(params), max_prefills_per_step=args.clients)
@@ -325,12 +326,14 @@ def main(argv):
     for rate in sorted({row[1] for row in rows}):
       by_mode = {m: [r for mode, rr, _, r in rows if mode == m and rr == rate] for m in ("static", "continuous")}
       ratios = [c["tokens/s"] / s["tokens/s"] for s, c in zip(by_mode["static"], by_mode["continuous"])]
-      median = lambda mode, key: statistics.median(r[key] for r in by_mode[mode])
+      ttft = {
+          m: {k: statistics.median(r[k] for r in runs) for k in ("ttft_ms", "p99_ttft_ms")} for m, runs in by_mode.items()
+      }
       print(
           f"at {rate}/s, continuous / static over {len(ratios)} round(s): tokens/s {statistics.median(ratios):.2f}x"
           f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)}), median TTFT"
-          f" {median('continuous', 'ttft_ms') / median('static', 'ttft_ms'):.2f}x, p99 TTFT"
-          f" {median('continuous', 'p99_ttft_ms') / median('static', 'p99_ttft_ms'):.2f}x"
+          f" {ttft['continuous']['ttft_ms'] / ttft['static']['ttft_ms']:.2f}x, p99 TTFT"
+          f" {ttft['continuous']['p99_ttft_ms'] / ttft['static']['p99_ttft_ms']:.2f}x"
       )
     return
   if args.system_prompt:

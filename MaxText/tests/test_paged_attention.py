@@ -77,7 +77,7 @@ def test_paged_logits_equal_contiguous(model_name, kernel):
   spec = paged.page_spec
   pages = page_manager.PageManager(spec.num_pages, spec.tokens_per_page, spec.max_pages_per_slot, 3)
   c_state, p_state = contiguous.init_decode_state(), paged.init_decode_state()
-  lengths = {}
+  lengths, prompts = {}, {}  # slot: (row, tokens so far); slot: prompt length
 
   def start(slot, row, n):
     padded = np.zeros((contiguous.dims.max_prefill_length,), np.int32)
@@ -94,7 +94,6 @@ def test_paged_logits_equal_contiguous(model_name, kernel):
     lengths[slot] = (row, n)
     prompts[slot] = n
 
-  prompts = {}
   for slot, n in enumerate((3, 9, 16)):
     start(slot, slot, n)
   for t in range(10):
