@@ -22,8 +22,8 @@ import pytest  # pylint: disable=wrong-import-position,wrong-import-order
 def _release_executables():
   """Frees each test module's compiled executables when it ends. XLA:CPU maps every kernel of an executable on its
   own (about 900 memory maps for a 300-op function; test_serving's executables held 10529 maps at its end, 837
-  after this), so a test worker that kept every module's executables ran into vm.max_map_count (65530 by default)
-  and died inside a later compile (a SIGSEGV or SIGABRT in test_serving, late in the suite)."""
+  after this), so a test worker that keeps every module's executables nears vm.max_map_count (65530 by default):
+  the likely cause of workers that died inside a compile late in the suite (SIGSEGV, SIGABRT in test_serving)."""
   yield
   jax.clear_caches()
   gc.collect()
