@@ -254,20 +254,21 @@ def mixed_rows(args, params, config, paged) -> list[tuple[str, float, int, dict]
   static_engine = engine_lib.Engine(config, num_slots=args.clients)
   static = scheduler_lib.Scheduler(static_engine, static_engine.place_params(params), max_prefills_per_step=args.clients)
   static.warmup_for(list(range(16, 513, 16)))
+  modes = (
+      ("static", static, lambda w: run_mixed_static(static, w, args.clients, args.duration)),
+      (
+          "continuous",
+          server.scheduler,
+          lambda w: in_client_process(run_mixed_server, url, w, args.clients, args.duration),
+      ),
+  )
   rows = []
   for rate in [float(r) for r in args.rates.split(",")]:
     # Rounds alternate the modes, so a drift in the machine's speed (shared hosts) reaches both alike; each round
     # draws its own workload (the server's prefix cache would hold a repeated one).
     for round_ in range(args.rounds):
       workload = _mixed_workload(args, rate, np.random.default_rng(3 + round_))
-      for mode, scheduler, run in (
-          ("static", static, lambda w: run_mixed_static(static, w, args.clients, args.duration)),
-          (
-              "continuous",
-              server.scheduler,
-              lambda w: in_client_process(run_mixed_server, url, w, args.clients, args.duration),
-          ),
-      ):
+      for mode, scheduler, run in modes:
         scheduler.stats = scheduler_lib.SchedulerStats()
         rows.append((mode, rate, round_, run(workload)))
         print(f"{mode} at {rate}/s, round {round_ + 1}: {scheduler.stats.summary()}", flush=True)
