@@ -59,6 +59,9 @@ def ngram_share(words: list[str], corpus_grams: set, n: int = 4) -> float:
 
 
 def main(argv: list[str]) -> None:
+  bad = [arg for arg in argv if "=" not in arg]
+  if bad or not argv:
+    sys.exit(f"usage: quickstart_quality.py run_name=RUN [key=value ...] (config overrides); got {bad or 'none'}")
   overrides = dict(arg.split("=", 1) for arg in argv)
   model = api.load("MaxText/configs/base.yml", **{"dtype": "float32", **overrides})
   train_file, _ = quickstart_data.build()
