@@ -12,12 +12,17 @@ words; one that has not repeats a few frequent phrases. Eval loss is the trainin
 """
 
 import json
+import pathlib
 import re
 import statistics
 import sys
 
-from MaxText import api
-from MaxText.input_pipeline import quickstart_data
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo root, from any directory
+# pylint: disable=wrong-import-position
+from MaxText import api  # noqa: E402
+from MaxText.input_pipeline import quickstart_data  # noqa: E402
+
+# pylint: enable=wrong-import-position
 
 PROMPT_WORDS = 5
 NEW_TOKENS = 32
