@@ -37,13 +37,13 @@ def _openings(docs: list[dict]) -> list[str]:
   """Every EVERY-th document's beginning up to the first PROMPT_WORDS words of its first prose paragraph: its
   title and underline included, since every training document starts so (a bare sentence right after bos looks
   like a title to the model)."""
+  first_words = re.compile(r"\n\s*\n((?:\S+\s+){%d}\S+)" % (PROMPT_WORDS - 1))
   prompts = []
   for doc in docs[::EVERY]:
-    for paragraph in re.finditer(r"(?:^|\n\s*\n)(\S[^\n]*)", doc["text"]):
+    for paragraph in first_words.finditer(doc["text"]):
       words = _words(doc["text"][paragraph.start(1) :])
-      if paragraph.start() > 0 and len(words) > 2 * PROMPT_WORDS and words[0][:1].isupper():
-        cut = doc["text"].index(words[PROMPT_WORDS - 1], paragraph.start(1)) + len(words[PROMPT_WORDS - 1])
-        prompts.append(doc["text"][:cut])
+      if len(words) > 2 * PROMPT_WORDS and words[0][:1].isupper():
+        prompts.append(doc["text"][: paragraph.end(1)])
         break
   return prompts
 
@@ -58,8 +58,12 @@ def longest_verbatim(words: list[str], corpus: str) -> int:
   return best
 
 
+def ngrams(words: list[str], n: int = 4) -> list[tuple[str, ...]]:
+  return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
 def ngram_share(words: list[str], corpus_grams: set, n: int = 4) -> float:
-  grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+  grams = ngrams(words, n)
   return sum(g in corpus_grams for g in grams) / len(grams) if grams else 0.0
 
 
@@ -74,7 +78,7 @@ def main(argv: list[str]) -> None:
     docs = [json.loads(line) for line in f]
   corpus_words = [w for d in docs for w in _words(d["text"])]
   corpus = f" {' '.join(corpus_words)} "
-  grams = {tuple(corpus_words[i : i + 4]) for i in range(len(corpus_words) - 3)}
+  grams = set(ngrams(corpus_words))
   tok = model.tokenizer
   prompts = _openings(docs)
   ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
