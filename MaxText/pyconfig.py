@@ -352,6 +352,8 @@ def _resolve_backend_ops(v: dict):
     v["dense_matmul_backward"] = ops.auto_dense_matmul_backward(hardware)
   if v["head_loss"] == "auto":
     v["head_loss"] = ops.auto_head_loss(hardware)
+  if v["moe_grouped_matmul"] == "auto":
+    v["moe_grouped_matmul"] = ops.auto_grouped_matmul(hardware, megablox_fits=not checks.megablox_misfit(v))
   # Query blocks slice the sequence axis; with it sharded (sequence/context parallelism) that would reshard, so
   # one block then, whatever was asked.
   degrees = [dict(zip(v["mesh_axes"], v[f"{where}_parallelism"])) for where in ("ici", "dcn")]

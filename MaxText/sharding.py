@@ -21,6 +21,11 @@ from MaxText.config_schema import ConfigError
 Rules = Sequence[Sequence[Any]]
 # Logical names of the residual stream [batch, seq, embed] between layers.
 EMBED_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+# The embedding's output and the head + loss, outside the layer stack: their batch also splits over `stage`, so
+# pipeline stages share that work instead of each repeating it (inside the stack `stage` holds the layers).
+EMBED_AND_LOGITS_BATCH = "activation_embed_and_logits_batch"
+EMBED_AND_LOGITS_ACTIVATION = (EMBED_AND_LOGITS_BATCH, "activation_length", "activation_embed")
+LOGITS_ACTIVATION = (EMBED_AND_LOGITS_BATCH, "activation_length", "activation_vocab")
 
 # The mesh and rules that `with_logical_constraint` uses inside model code; set by `use_mesh`.
 _ACTIVE: contextvars.ContextVar[Optional[tuple[Mesh, Rules]]] = contextvars.ContextVar("maxtext_mesh", default=None)
@@ -58,11 +63,16 @@ def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
 
 
 def logical_to_mesh_spec(
-    logical: Sequence[Optional[str]], rules: Rules, mesh: Mesh, shape: Optional[Sequence[int]] = None
+    logical: Sequence[Optional[str]],
+    rules: Rules,
+    mesh: Mesh,
+    shape: Optional[Sequence[int]] = None,
+    exclude: Sequence[str] = (),
 ) -> PartitionSpec:
-  """PartitionSpec for an array whose dimensions carry the given logical names (None = replicated)."""
+  """PartitionSpec for an array whose dimensions carry the given logical names (None = replicated); mesh axes in
+  `exclude` are left out."""
   table = _rule_table(rules)
-  used: set[str] = set()
+  used: set[str] = set(exclude)
   spec = []
   for dim, name in enumerate(logical):
     if name is None:
@@ -107,6 +117,11 @@ def with_logical_constraint(x: jax.Array, logical: Sequence[Optional[str]]) -> j
   if active is None:
     return x
   mesh, rules = active
+  abstract = jax.sharding.get_abstract_mesh()
+  if not abstract.empty and abstract.manual_axes:
+    # Inside a shard_map: the manual axes are already split off, and the constraint names the current (abstract) mesh.
+    spec = logical_to_mesh_spec(logical, rules, mesh, x.shape, exclude=abstract.manual_axes)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(abstract, spec))
   return jax.lax.with_sharding_constraint(x, logical_to_sharding(logical, rules, mesh, x.shape))
 
 

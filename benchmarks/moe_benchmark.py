@@ -4,10 +4,11 @@
                                       [--repeats 10] [--dtype float32]
 
 The dense baseline is the gated MLP of width top_k * expert_mlp, so every token does the same multiply-adds in
-both (the MoE adds its router). Variants: dropless (sorted tokens + jax.lax.ragged_dot, or the tiled loop of
-MaxText/layers/ops/grouped_matmul.py) and capacity-limited
+both (the MoE adds its router). Variants: dropless (sorted tokens + jax.lax.ragged_dot, or the CPU path of
+MaxText/layers/ops/grouped_matmul.py: batched blocks per expert) and capacity-limited
 (one-hot dispatch/combine einsums) at capacity factors 1.0 and 2.0. Runs are interleaved round-robin and each
-row reports the median step time, tokens/s, and the ratio to the dense layer measured in the same process.
+row reports the median step time, tokens/s, the ratio to the dense layer measured in the same process, and the
+first call's time (compile + one step).
 """
 
 import argparse
@@ -81,8 +82,11 @@ def main():
   batch = 8
   x = jax.random.normal(jax.random.key(0), (batch, args.tokens // batch, args.emb), dense_cfg.dtype)
   steps = {name: _step_fn(module) for name, module in variants.items()}
-  for step in steps.values():  # compile and warm up
+  first = {}
+  for name, step in steps.items():  # compile and warm up
+    start = time.perf_counter()
     jax.block_until_ready(step(x))
+    first[name] = time.perf_counter() - start
   times = {name: [] for name in steps}
   for _ in range(args.repeats):
     for name, step in steps.items():
@@ -91,16 +95,19 @@ def main():
       times[name].append(time.perf_counter() - start)
 
   device = jax.devices()[0]
+  # How even the routing is: the dropless grouped matmuls' cost follows the largest expert's share.
+  _, experts, _ = variants["MoE dropless (tiled)"].route(x.reshape(-1, args.emb))
+  load = jnp.bincount(experts.reshape(-1), length=args.experts)
   print(
       f"device: {device.device_kind} ({jax.device_count()} x {device.platform}), dtype {args.dtype}, "
-      f"{args.tokens} tokens/step, emb {args.emb}, {args.experts} experts top-{args.top_k} x {args.expert_mlp}; "
-      f"median of {args.repeats}, fwd+bwd"
+      f"{args.tokens} tokens/step, emb {args.emb}, {args.experts} experts top-{args.top_k} x {args.expert_mlp} "
+      f"(largest expert load / mean {float(load.max() / load.mean()):.3f}); median of {args.repeats}, fwd+bwd"
   )
   base = statistics.median(times[next(iter(times))])
-  print(f"{'layer':<34} {'median ms':>10} {'tokens/s':>12} {'vs dense':>9}")
+  print(f"{'layer':<34} {'median ms':>10} {'tokens/s':>12} {'vs dense':>9} {'first call s':>13}")
   for name, ts in times.items():
     median = statistics.median(ts)
-    print(f"{name:<34} {1e3 * median:>10.2f} {args.tokens / median:>12.0f} {base / median:>8.2f}x")
+    print(f"{name:<34} {1e3 * median:>10.2f} {args.tokens / median:>12.0f} {base / median:>8.2f}x {first[name]:>13.2f}")
 
 
 if __name__ == "__main__":

@@ -96,10 +96,42 @@ def check_moe(v: dict):
         f"moe_grouped_matmul: megablox (a Pallas TPU kernel) runs on TPU only, but the backend is {v['hardware']!r};"
         " use ragged_dot or auto"
     )
+  misfit = megablox_misfit(v)
+  if v["moe_grouped_matmul"] == "megablox" and v["num_experts"] > 1 and misfit:
+    raise ConfigError(f"moe_grouped_matmul: megablox cannot tile this MoE: {misfit}; use ragged_dot or auto")
   if v["routed_bias_update_rate"] > 0 and not v["routed_bias"]:
     raise ConfigError("routed_bias_update_rate: > 0 needs routed_bias: true (it updates the routing bias)")
   if v["moe_input_scaled_by_router"] and v["num_experts_per_tok"] != 1:
     raise ConfigError("moe_input_scaled_by_router: needs num_experts_per_tok=1 (Llama 4 routes a token to one expert)")
+
+
+def _mesh_degrees(v: dict) -> dict[str, int]:
+  return {a: v["ici_parallelism"][i] * v["dcn_parallelism"][i] for i, a in enumerate(v["mesh_axes"])}
+
+
+def _rule_axes(v: dict, name: str) -> list[str]:
+  """The mesh axes the logical axis `name` maps to (its first rule), in the mesh."""
+  axes = next((rule[1] for rule in v["logical_axis_rules"] if rule[0] == name), [])
+  return [a for a in (axes if isinstance(axes, list) else [axes]) if a in v["mesh_axes"]]
+
+
+def megablox_misfit(v: dict) -> str:
+  """Why the megablox kernel cannot tile this MoE's matmuls, or '' if it can: its tiles need the embedding and each
+  device's expert MLP columns (moe_mlp_dim over the tensor-like axes layers/moe.py splits it along) in multiples of
+  128 lanes (the TPU compiler rejects the Pallas block shapes otherwise)."""
+  degrees = _mesh_degrees(v)
+  used = {a for a in _rule_axes(v, "activation_batch") + _rule_axes(v, "exp") if degrees[a] > 1}
+  split = 1
+  for a in _rule_axes(v, "mlp"):
+    if a not in used:
+      split *= degrees[a]
+  problems = []
+  if v["emb_dim"] % 128:
+    problems.append(f"emb_dim {v['emb_dim']} is not a multiple of 128")
+  if v["moe_mlp_dim"] % (128 * split):
+    per_device = f" ({v['moe_mlp_dim']} / {split} devices)" if split > 1 else ""
+    problems.append(f"each device's expert MLP columns{per_device} are not a multiple of 128")
+  return " and ".join(problems)
 
 
 def check_flash_lengths(v: dict, program: Optional[str]):
@@ -224,7 +256,11 @@ def check_pipeline(v: dict, program: Optional[str]):
   """Pipeline parallelism (ici/dcn_stage_parallelism > 1): what the stage schedule needs, and what it cannot do."""
   stages, repeats, micro = v["pipeline_stages"], v["num_pipeline_repeats"], v["pipeline_microbatches"]
   if stages == 1:
-    for key, unset in (("num_pipeline_repeats", 1), ("num_pipeline_microbatches", -1)):
+    for key, unset in (
+        ("num_pipeline_repeats", 1),
+        ("num_pipeline_microbatches", -1),
+        ("pipeline_remat_iterations", True),
+    ):
       if v[key] != unset:
         raise ConfigError(f"{key}: {v[key]} needs pipeline stages (ici_stage_parallelism or dcn_stage_parallelism > 1)")
     return
@@ -262,12 +298,11 @@ def check_pipeline(v: dict, program: Optional[str]):
         f" x devices, per gradient-accumulation step) does not split into {micro} micro-batches"
     )
   rows = v["micro_batch_size_to_train_on"] // micro
-  axes = next((rule[1] for rule in v["logical_axis_rules"] if rule[0] == "activation_batch"), [])
-  axes = [a for a in (axes if isinstance(axes, list) else [axes]) if a in v["mesh_axes"] and a != "stage"]
+  axes = [a for a in _rule_axes(v, "activation_batch") if a != "stage"]
+  degrees = _mesh_degrees(v)
   degree = 1
   for a in axes:
-    i = v["mesh_axes"].index(a)
-    degree *= v["ici_parallelism"][i] * v["dcn_parallelism"][i]
+    degree *= degrees[a]
   if rows % degree:
     raise ConfigError(
         f"num_pipeline_microbatches: micro-batches of {rows} sequences do not split over the {degree} devices of"

@@ -49,6 +49,7 @@ KEYS = (
         "logical_axis_rules",
         [
             ["activation_batch", ["data", "fsdp", "fsdp_transpose", "expert"]],
+            ["activation_embed_and_logits_batch", ["data", "stage", "fsdp", "fsdp_transpose", "expert"]],
             ["activation_length", ["sequence", "context"]],
             ["activation_embed", ["tensor_sequence"]],
             ["activation_mlp", ["tensor", "tensor_sequence"]],

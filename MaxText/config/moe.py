@@ -26,10 +26,12 @@ KEYS = (
         "auto",
         Str("auto", "ragged_dot", "megablox", "tiled"),
         "dropless experts' grouped matmul: ragged_dot (jax.lax.ragged_dot, every backend) | megablox (the Pallas TPU "
-        "gmm kernel, TPU only; its weight gradient skips other experts' rows, where TPU's ragged_dot transpose is a "
-        "masked dense matmul over all experts) | tiled (a loop of row-tile matmuls, each tile by its experts' "
-        "matrices: the active FLOPs on CPU, where ragged_dot multiplies by every expert) | auto = megablox on TPU, "
-        "tiled on CPU, ragged_dot on GPU",
+        "gmm kernel, TPU only, with emb_dim and each device's moe_mlp_dim columns in multiples of 128; its weight "
+        "gradient skips other experts' rows, where TPU's ragged_dot transpose is a masked dense matmul over all "
+        "experts) | tiled (for CPU, where ragged_dot multiplies by every expert: each "
+        "expert's rows padded to a block that holds the largest expert's (1 to 1.5x the mean) and multiplied as one "
+        "batched matmul, rows past 1.5x by a loop of row tiles; the active FLOPs plus the padding the imbalance "
+        "needs) | auto = megablox on TPU (ragged_dot where its tiles do not fit), tiled on CPU, ragged_dot on GPU",
     ),
     Key(
         "load_balance_loss_weight",

@@ -1,6 +1,6 @@
 """Config keys: pipeline parallelism over the `stage` mesh axis (MaxText/layers/pipeline.py)."""
 
-from MaxText.config.declare import Derived, Int, Key, POS
+from MaxText.config.declare import BOOL, Derived, Int, Key, POS
 
 TITLE = "pipeline parallelism"
 KEYS = (
@@ -17,6 +17,14 @@ KEYS = (
         POS,
         "times each micro-batch goes round the stages (> 1: MaxText's circular schedule; each stage holds that many"
         " non-adjacent layer groups and the bubble shrinks accordingly)",
+    ),
+    Key(
+        "pipeline_remat_iterations",
+        True,
+        BOOL,
+        "recompute each pipeline iteration's stage forward in the backward pass: an iteration keeps only its stage"
+        " inputs instead of what its layers save (remat_policy) for all M x R + S - 1 iterations, for one more forward"
+        " pass; false trades that memory for speed",
     ),
 )
 

@@ -10,8 +10,6 @@ model_mode "prefill" attends like training and fills the cache; "autoregressive"
 (`init_cache` creates the cache first, see MaxText.layers.cache).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,8 +21,7 @@ from MaxText.layers.embeddings import RotaryEmbedding, apply_rope
 from MaxText.layers.linears import DenseGeneral
 from MaxText.layers.quantization import spec_from_config
 from MaxText.layers.normalizations import RMSNorm
-from MaxText.layers.ops.attention import autoselected_attention, dot_product_attention, log_once
-from MaxText.layers.ops.attention import splash_attention, splash_unsupported_reason
+from MaxText.layers.ops.attention import dot_product_attention, fused_kernel, log_once, splash_unsupported_reason
 
 MODEL_MODES = ("train", "prefill", "autoregressive")
 _BATCH_LEN = ("activation_batch", "activation_length")
@@ -260,15 +257,7 @@ class Attention(nnx.Module):
         # Only a prefill bucket shorter than the config's length (checked at config time) gets here.
         log_once(f"attention=flash: {splash_unsupported_reason(query.shape[1])}; using dot_product for it")
       else:
-        if kind == "flash":  # restores natural order inside its shard_map, where the sequence is whole
-          kernel = functools.partial(
-              splash_attention,
-              platform=self.hardware,
-              logical_axis_rules=self.logical_axis_rules,
-              context_shards=context_shards,
-          )
-        else:
-          kernel = functools.partial(context_parallel.in_natural_order, autoselected_attention, context_shards)
+        kernel = fused_kernel(kind, context_shards, platform=self.hardware, logical_axis_rules=self.logical_axis_rules)
 
         def fused(window):
           return kernel(query, key, value, q_segment_ids, scale=self.scale, sliding_window_size=window)

@@ -424,10 +424,11 @@ class Transformer(nnx.Module):
     dropout_rng = None
     if self.uses_dropout and not deterministic:
       dropout_rng = (rngs if rngs is not None else self.dropout_rngs).dropout()
-    x = sharding.with_logical_constraint(self.embed(tokens, positions), sharding.EMBED_ACTIVATION)
+    x = sharding.with_logical_constraint(self.embed(tokens, positions), sharding.EMBED_AND_LOGITS_ACTIVATION)
     x, aux = self.decoder(
         x, positions, segment_ids, deterministic=deterministic, model_mode=model_mode, dropout_rng=dropout_rng
     )
+    x = sharding.with_logical_constraint(x, sharding.EMBED_AND_LOGITS_ACTIVATION)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = self.decoder_norm(x)
@@ -494,4 +495,4 @@ class Transformer(nnx.Module):
       logits = logits.astype(jnp.float32)
     if self.final_logits_soft_cap > 0:
       logits = self.final_logits_soft_cap * jnp.tanh(logits / self.final_logits_soft_cap)
-    return sharding.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return sharding.with_logical_constraint(logits, sharding.LOGITS_ACTIVATION)

@@ -14,8 +14,6 @@ RoPE pairs are (i, i + d/2) as everywhere in MaxText; DeepSeek checkpoints inter
 mapping (MaxText/models/deepseek.py) undoes by permuting the rope columns of the projections.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,7 +25,7 @@ from MaxText.layers.attentions import MODEL_MODES, attention_mask
 from MaxText.layers.embeddings import RotaryEmbedding
 from MaxText.layers.linears import DenseGeneral
 from MaxText.layers.normalizations import RMSNorm
-from MaxText.layers.ops.attention import autoselected_attention, dot_product_attention
+from MaxText.layers.ops.attention import dot_product_attention, fused_kernel, log_once, splash_unsupported_reason
 
 _BATCH_LEN = ("activation_batch", "activation_length")
 _HEAD_NAMES = _BATCH_LEN + ("activation_heads", "activation_kv")
@@ -43,6 +41,8 @@ class MLA(nnx.Module):
     self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
     self.dtype = config.dtype
     self.attention_kind = config.attention
+    self.hardware = config.hardware
+    self.logical_axis_rules = config.logical_axis_rules
     # Training rows arrive in load-balanced order over this many context shards (MaxText/context_parallel.py).
     self.context_shards = (
         context_parallel.context_parallel_size(config) if context_parallel.is_load_balanced(config) else 1
@@ -61,8 +61,10 @@ class MLA(nnx.Module):
     if self.q_lora_rank > 0:
       self.wq_a = DenseGeneral(emb, self.q_lora_rank, kernel_axes=("embed", None), **kw, **adapter("wq_a"))
       self.q_norm = RMSNorm(self.q_lora_rank, **norm_kw)
+      # The latent (input) side of both up-projections splits like every other weight's embed side: left whole,
+      # DeepSeek V3's wq_b and wkv_b (12 GiB in bf16 with 128 heads) were replicated on every device.
       self.wq_b = DenseGeneral(
-          self.q_lora_rank, (heads, qk_dim), kernel_axes=(None, "q_heads", "kv"), **kw, **adapter("wq_b")
+          self.q_lora_rank, (heads, qk_dim), kernel_axes=("embed", "q_heads", "kv"), **kw, **adapter("wq_b")
       )
       self.query = None
     else:
@@ -75,7 +77,7 @@ class MLA(nnx.Module):
     self.wkv_b = DenseGeneral(
         self.kv_lora_rank,
         (heads, self.nope_dim + self.v_dim),
-        kernel_axes=(None, "kv_heads", "kv"),
+        kernel_axes=("embed", "kv_heads", "kv"),
         **kw,
         **adapter("wkv_b"),
     )
@@ -158,14 +160,17 @@ class MLA(nnx.Module):
 
     `context_shards` > 1: the sequence is in load-balanced order (MaxText/context_parallel.py).
     """
-    if self.attention_kind == "autoselected":
-      # The fused kernel wants one head dim: values are zero-padded to the query/key width and sliced back.
+    kind = self.attention_kind
+    if kind == "flash" and splash_unsupported_reason(query.shape[1]):
+      # Only a prefill bucket shorter than the config's length (checked at config time) gets here.
+      log_once(f"attention=flash: {splash_unsupported_reason(query.shape[1])}; using dot_product for it")
+      kind = "dot_product"
+    if kind in ("autoselected", "flash"):
+      # The fused kernels want one head dim: values are zero-padded to the query/key width and sliced back.
       pad = query.shape[-1] - value.shape[-1]
       padded = jnp.pad(value, ((0, 0), (0, 0), (0, 0), (0, max(pad, 0))))
-      out = context_parallel.in_natural_order(
-          functools.partial(autoselected_attention, scale=self.scale), context_shards, query, key, padded, segment_ids
-      )
-      return out[..., : value.shape[-1]]
+      kernel = fused_kernel(kind, context_shards, platform=self.hardware, logical_axis_rules=self.logical_axis_rules)
+      return kernel(query, key, padded, segment_ids, scale=self.scale, sliding_window_size=0)[..., : value.shape[-1]]
     order = context_parallel.load_balanced_order(query.shape[1], context_shards)  # natural offset of each slot
     index = jnp.broadcast_to(jnp.asarray(order), query.shape[:2])
     segments = jnp.ones(index.shape, jnp.int32) if segment_ids is None else segment_ids

@@ -2,7 +2,7 @@
 
 Two ways to run the routed experts, equal up to float rounding when no token is dropped:
   dropless (capacity_factor <= 0)  token copies sorted by expert, one grouped matmul per projection (megablox on
-                                   TPU, a tiled loop on CPU, `jax.lax.ragged_dot` elsewhere); no token is dropped.
+                                   TPU, batched blocks on CPU, `jax.lax.ragged_dot` elsewhere); no token is dropped.
   capacity (capacity_factor > 0)   each batch row sends at most C = ceil(capacity_factor * seq * k / num_experts)
                                    tokens to each expert through dense one-hot dispatch/combine einsums; the expert
                                    dimension of the dispatched activations is sharded over the `expert` mesh axis.
@@ -25,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from MaxText import lora, sharding
-from MaxText.layers import params
+from MaxText.layers import ops, params
 from MaxText.layers.linears import MlpBlock, activation
 from MaxText.layers.ops.grouped_matmul import tiled_grouped_matmul
 
@@ -34,12 +34,8 @@ _MEGABLOX_TILE = 512  # the largest tile along each of m, k, n; 1024 overflows t
 
 
 def resolve_grouped_matmul(choice: str, hardware: str) -> str:
-  """moe_grouped_matmul: auto -> megablox on TPU (its tgmm weight gradient skips the other experts' rows, where
-  ragged_dot's transpose on TPU is a dense masked matmul over every expert), tiled on CPU (XLA:CPU's ragged_dot
-  multiplies every row by every expert), ragged_dot elsewhere."""
-  if choice == "auto":
-    return {"tpu": "megablox", "cpu": "tiled"}.get(hardware, "ragged_dot")
-  return choice
+  """moe_grouped_matmul as the layer runs it (pyconfig resolves `auto` already; this covers configs built by hand)."""
+  return ops.auto_grouped_matmul(hardware) if choice == "auto" else choice
 
 
 def _axes(entry) -> tuple:
@@ -50,15 +46,24 @@ def _axes(entry) -> tuple:
 
 
 def grouped_matmul(
-    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "ragged_dot", interpret: bool = False
-) -> jax.Array:
+    lhs: jax.Array,
+    rhs: jax.Array | tuple[jax.Array, ...],
+    group_sizes: jax.Array,
+    *,
+    impl: str = "ragged_dot",
+    interpret: bool = False,
+    rows_per_group: int | None = None,
+):
   """lhs [m, k] rows sorted by group, rhs [groups, k, n], group_sizes [groups] (summing to at most m) -> [m, n]:
-  each group's rows times its matrix. `impl`: ragged_dot (jax.lax), tiled (ops/grouped_matmul.py, for CPU) or
+  each group's rows times its matrix (a tuple of rhs: a tuple of products). `impl`: ragged_dot (jax.lax), tiled
+  (ops/grouped_matmul.py, for CPU; sized by the expected `rows_per_group`; a tuple shares one layout of the rows) or
   megablox (the Pallas TPU gmm kernel; `interpret=True` runs it on CPU)."""
+  if isinstance(rhs, (tuple, list)) and impl != "tiled":
+    return tuple(grouped_matmul(lhs, r, group_sizes, impl=impl, interpret=interpret) for r in rhs)
   if impl == "ragged_dot":
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
   if impl == "tiled":
-    return tiled_grouped_matmul(lhs, rhs, group_sizes)
+    return tiled_grouped_matmul(lhs, rhs, group_sizes, rows_per_group)
   if impl != "megablox":
     raise ValueError(f"grouped matmul {impl!r} is not one of {GROUPED_MATMULS}")
   from jax.experimental.pallas.ops.tpu import megablox  # pylint: disable=import-outside-toplevel  # TPU-only op
@@ -387,7 +392,11 @@ class MoeBlock(nnx.Module):
     xs = tokens.astype(self.dtype)[order // k]
     if c.moe_input_scaled_by_router:
       xs = (xs.astype(jnp.float32) * w_sorted).astype(self.dtype)
-    matmul = functools.partial(grouped_matmul, impl=self.grouped_matmul, interpret=self.interpret)
+    # The expected rows per expert (other experts' copies on an expert-parallel shard belong to no group).
+    rows_per_group = -(-t * k // c.num_experts)
+    matmul = functools.partial(
+        grouped_matmul, impl=self.grouped_matmul, interpret=self.interpret, rows_per_group=rows_per_group
+    )
     # Dropout keys differ where the inputs do: per token shard (and per MLP shard for wo's input columns).
     token_rng = rng if rng is None or not token_axes else jax.random.fold_in(rng, jax.lax.axis_index(token_axes))
     column_rng = (
@@ -404,9 +413,8 @@ class MoeBlock(nnx.Module):
       return y + self.lora_scale * jax.lax.ragged_dot(h, b, sizes)
 
     y0 = y1 = None
-    if self.grouped_matmul == "tiled":  # CPU: both input projections in one loop, twice the columns per tile
-      both = matmul(xs, jnp.concatenate([wi_0, wi_1], axis=2), sizes)
-      y0, y1 = both[:, : wi_0.shape[2]], both[:, wi_0.shape[2] :]
+    if self.grouped_matmul == "tiled":  # CPU: both input projections from one gather of the rows into blocks
+      y0, y1 = matmul(xs, (wi_0, wi_1), sizes)
     h0 = checkpoint_name(project("wi_0", xs, wi_0, 0, token_rng, y0), "mlpwi_0")
     h1 = checkpoint_name(project("wi_1", xs, wi_1, 1, token_rng, y1), "mlpwi_1")
     hidden = checkpoint_name(self.activation(h0) * h1, "mlp_hidden")

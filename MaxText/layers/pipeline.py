@@ -8,11 +8,11 @@ reshape (`to_pipelined` / `from_pipelined`), and the S axis is sharded over `sta
 its own layers.
 
 A step splits the batch into M micro-batches that flow through the stages for M R + S - 1 iterations. In each
-iteration every stage runs its current group on its current micro-batch (a vmap over the stage axis, so GSPMD
-places stage s's work on stage s's devices), then the activations move one stage on with a collective-permute
-(shard_map + ppermute over `stage`). Stage 0 reads micro-batch t mod M from a buffer that the last stage writes
-back to, which is what lets a micro-batch go round the stages R times (the circular schedule needs M >= S). The
-bubble, the share of stage-iterations that compute nothing useful, is (S - 1) / (M R + S - 1).
+iteration every stage runs its current group on its current micro-batch (a shard_map over the stage axis: stage
+s's devices run stage s's program, sharded by GSPMD over the other axes), then the activations move one stage on
+with a collective-permute (shard_map + ppermute over `stage`). Stage 0 reads micro-batch t mod M from a buffer that
+the last stage writes back to, which is what lets a micro-batch go round the stages R times (the circular schedule
+needs M >= S). The bubble, the share of stage-iterations that compute nothing useful, is (S - 1) / (M R + S - 1).
 """
 
 import dataclasses
@@ -41,6 +41,7 @@ class Schedule:
   repeats: int
   microbatches: int
   blocks: int
+  remat_iterations: bool = True  # recompute each iteration's stage forward in the backward pass (see run)
 
   @property
   def per_stage(self) -> int:
@@ -60,7 +61,13 @@ def schedule_from_config(config, blocks: int) -> Schedule | None:
   """The config's Schedule, or None when it has one stage (no pipeline)."""
   if config.pipeline_stages <= 1:
     return None
-  return Schedule(config.pipeline_stages, config.num_pipeline_repeats, config.pipeline_microbatches, blocks)
+  return Schedule(
+      config.pipeline_stages,
+      config.num_pipeline_repeats,
+      config.pipeline_microbatches,
+      blocks,
+      config.pipeline_remat_iterations,
+  )
 
 
 def describe(schedule: Schedule, batch: int) -> str:
@@ -69,6 +76,7 @@ def describe(schedule: Schedule, batch: int) -> str:
       f"Pipeline: {schedule.stages} stages x {schedule.repeats} repeats, {schedule.per_stage} scan units per stage"
       f" visit, {schedule.microbatches} micro-batches of {batch // schedule.microbatches} sequences;"
       f" {schedule.iterations} iterations, bubble fraction {schedule.bubble_fraction:.3f}"
+      + ("; each iteration recomputed in the backward pass" if schedule.remat_iterations else "")
   )
 
 
@@ -99,11 +107,20 @@ def unpipelined_names(names: tuple, axis: int) -> tuple:
   return names[:axis] + (LAYERS_NAME,) + names[axis + 3 :]
 
 
+def _stage_mesh(stages: int):
+  """The current (abstract) mesh when it has a `stage` axis of `stages` devices, else None (e.g. an abstract
+  trace without the stage mesh, where the pipeline runs the same values without stage collectives)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or STAGE_AXIS not in mesh.shape or mesh.shape[STAGE_AXIS] != stages:
+    return None
+  return mesh
+
+
 def _shift(x: jax.Array, stages: int) -> jax.Array:
   """Stage s's activations to stage s + 1 (the last stage's wrap to stage 0): one collective-permute."""
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh = _stage_mesh(stages)
   perm = [(s, (s + 1) % stages) for s in range(stages)]
-  if mesh.empty or STAGE_AXIS not in mesh.shape or mesh.shape[STAGE_AXIS] != stages:
+  if mesh is None:
     return jnp.roll(x, 1, axis=0)  # no stage mesh (e.g. an abstract trace): the same values
   return jax.shard_map(
       lambda a: jax.lax.ppermute(a, STAGE_AXIS, perm),
@@ -112,6 +129,39 @@ def _shift(x: jax.Array, stages: int) -> jax.Array:
       out_specs=P(STAGE_AXIS),
       axis_names={STAGE_AXIS},
   )(x)
+
+
+def _over_stages(one_stage: Callable, stages: int, axis: int) -> Callable:
+  """one_stage(w, h, pos, seg, repeat, stage) for one stage -> the same over all S stages at once: weights with the S
+  axis at axis + 1 ([R, S, Lps] at `axis`), the other arguments with S leading; outputs with S leading.
+
+  On the stage mesh it is a shard_map over `stage` alone: each stage's devices trace and run their own stage's
+  program, which GSPMD shards over the remaining axes exactly like the unpipelined stack (a vmap with spmd_axis_name
+  leaves the stage axis to GSPMD, and on TPU some weight gradients then came out as a full all-reduce per layer
+  where the unpipelined scan reduce-scatters them: 0.64 vs 0.08 GiB of all-reduce on a v5e-8 test model).
+  Without that mesh (an abstract trace) it is a plain vmap with the same values.
+  """
+  mesh = _stage_mesh(stages)
+  if mesh is None:
+    return jax.vmap(one_stage, in_axes=(axis + 1, 0, 0, 0, 0, 0))
+
+  def local(w, h, pos, seg, repeat, stage):  # this stage's slice of every argument: a size-1 S axis
+    w = jax.tree.map(lambda a: jnp.squeeze(a, axis + 1), w)
+    first = lambda a: None if a is None else a[0]
+    y, aux = one_stage(w, first(h), first(pos), first(seg), first(repeat), first(stage))
+    return y[None], jax.tree.map(lambda a: a[None], aux)
+
+  def run_stages(w, h, pos, seg, repeat, stage):
+    w_spec = jax.tree.map(lambda _: P(*([None] * (axis + 1)), STAGE_AXIS), w)
+    s_spec = P(STAGE_AXIS)
+    in_specs = (w_spec, s_spec, s_spec, None if seg is None else s_spec, s_spec, s_spec)
+    # check_vma=False: custom VJPs inside the layers (e.g. the grouped matmul's) return cotangents that do not carry
+    # the stage axis's varying-value type, which the check would reject; every argument is split over `stage`.
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=in_specs, out_specs=(s_spec, s_spec), axis_names={STAGE_AXIS}, check_vma=False
+    )(w, h, pos, seg, repeat, stage)
+
+  return run_stages
 
 
 def _microbatches(x: jax.Array, m: int) -> jax.Array:
@@ -154,17 +204,14 @@ def run(
       w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, repeat, axis, keepdims=False), w)
     return stage_fn(w, h, pos, seg, (repeat * s_count + stage) * lps)
 
-  # vmap over the S axis of the weights (at axis + 1 of [R, S, Lps]) and of the activations; spmd_axis_name keeps
-  # the stage dimension on the stage devices through every sharding constraint inside the layers.
-  stages_fn = jax.vmap(
-      one_stage,
-      in_axes=(axis + 1, 0, 0, None if seg_mb is None else 0, 0, 0),
-      spmd_axis_name=STAGE_AXIS,
-  )
-  if r_count > 1:
-    # Weights selected per iteration are not loop-invariant, so autodiff would keep every iteration's selection and
-    # everything computed from it (1.21 GiB of temporaries vs 0.25 on a v5e-8 test model): the backward pass
-    # recomputes the stage's forward instead (the layers' own remat policy applies inside).
+  stages_fn = _over_stages(one_stage, s_count, axis)
+  if schedule.remat_iterations:
+    # Without this, every iteration keeps what its stage visit saves for the backward pass (per the layers' remat
+    # policy: at least each layer's input), bubble iterations included, and with R > 1 also each iteration's
+    # dynamically selected weights and all computed from them. With it, an iteration
+    # keeps only its stage inputs and the backward pass recomputes the visit (the layers' own remat policy applies
+    # inside): Llama 3.1 405B on v5p-1024 (stage=2 x fsdp=128 x tensor=2, batch 0.5) needs 59.2 GiB of temporaries
+    # instead of 116.2 (benchmarks/RESULTS.md), for one more forward pass of the stack.
     stages_fn = jax.checkpoint(stages_fn, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
 
   def write_back(buffer, outputs, t):

@@ -8,6 +8,7 @@ import pytest
 
 from MaxText import pyconfig
 from MaxText.layers import attentions, embeddings
+from MaxText.layers.ops.attention import autoselected_attention
 
 BASE = str(pyconfig.CONFIGS_DIR / "base.yml")
 
@@ -64,9 +65,7 @@ def test_autoselected_matches_dot_product(num_kv_heads, window, packed):
   index = np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16))
   mask = attentions.attention_mask(segments, segments, index, index, window)
   expected = attentions.dot_product_attention(q, k, v, mask, scale=8**-0.5)
-  got = attentions.autoselected_attention(
-      q, k, v, segments if packed else None, scale=8**-0.5, sliding_window_size=window
-  )
+  got = autoselected_attention(q, k, v, segments if packed else None, scale=8**-0.5, sliding_window_size=window)
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -3,6 +3,7 @@ decode against its own full forward, sharded MLA + MoE, YaRN against transformer
 against their checkpoints' config.json, and the checkpoints the converter refuses.
 """
 
+import functools
 import json
 
 import jax
@@ -15,6 +16,7 @@ from flax import nnx
 from MaxText import pyconfig, sharding
 from MaxText.layers import cache, embeddings
 from MaxText.layers.mla import MLA
+from MaxText.layers.ops import attention as attention_ops
 from MaxText.tests import model_test_utils as mtu
 from MaxText.tests.model_test_utils import config_of
 from MaxText.utils.ckpt_conversion import to_maxtext, weight_mapping
@@ -76,6 +78,31 @@ def test_mla_latent_cache_decode_equals_full_forward(version):
     np.testing.assert_allclose(step[:, 0], full[rows, index], atol=2e-5, rtol=1e-5, err_msg=f"step {t}")
 
 
+def test_mla_flash_equals_dot_product(monkeypatch):
+  """attention=flash runs MLA through the splash kernel (values zero-padded to the query/key head width): on packed
+  rows its outputs and input gradients equal the dot_product path's (the kernel interpreted on CPU)."""
+  config = config_of(model_name="tests/tiny-deepseek3", max_target_length=256)
+  layer = MLA(config, rngs=nnx.Rngs(0))
+  batch, length = 2, 256
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((batch, length, config.emb_dim)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  segments = jnp.asarray(np.where(np.arange(length) < 100, 1, 2)[None].repeat(batch, 0), jnp.int32)
+  positions = jnp.where(segments == 1, positions, positions - 100)
+
+  def loss_and_grad():
+    fn = lambda layer, x: jnp.sum(jnp.sin(_mla(layer, x, positions, segments, "train")))
+    return nnx.value_and_grad(fn, argnums=1)(layer, x)
+
+  want = loss_and_grad()
+  kernel = functools.partial(attention_ops.splash_attention, block_size=128, interpret=True)
+  monkeypatch.setattr(attention_ops, "splash_attention", kernel)
+  layer.attention_kind = "flash"
+  got = loss_and_grad()
+  assert config.v_head_dim < config.qk_nope_head_dim + config.qk_rope_head_dim  # the padding is exercised
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], atol=2e-5, rtol=1e-4)
+
+
 def test_sharded_forward_equals_unsharded():
   """fsdp=2 x tensor=2 x expert=2 on 8 devices (heads, experts and the MLA projections split): packed-sequence logits
   equal the unsharded model's."""
@@ -90,8 +117,11 @@ def test_sharded_forward_equals_unsharded():
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     nnx.update(model, jax.device_put(state, shardings))
     got = mtu.forward(model, tokens, positions, segments)
-  wkv_b = nnx.state(model, nnx.Param)["decoder"]["layers"]
-  assert any("tensor" in str(v.get_value().sharding.spec) for _, v in wkv_b.flat_state())
+  layers = nnx.state(model, nnx.Param)["decoder"]["layers"]
+  assert any("tensor" in str(v.get_value().sharding.spec) for _, v in layers.flat_state())
+  # The latent side of the up-projections splits over fsdp like every embed side (it was whole on every device).
+  up = {"/".join(map(str, k)): v.get_value().sharding.spec for k, v in layers.flat_state() if "wkv_b" in map(str, k)}
+  assert up and all("fsdp" in str(spec[-3]) for spec in up.values()), up
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 

@@ -15,6 +15,7 @@ from flax import nnx
 from MaxText import metrics, optimizers, pyconfig, sharding, train
 from MaxText.config_schema import ConfigError
 from MaxText.layers import decoders, model_creation, moe, scan_layout
+from MaxText.layers.ops import grouped_matmul as grouped_matmul_ops
 from MaxText.tests.model_test_utils import build, config_of, make_config
 from MaxText.tests.model_test_utils import inputs as model_inputs
 from MaxText.utils.ckpt_conversion import to_maxtext, weight_mapping
@@ -610,17 +611,52 @@ def test_bias_rule_evens_the_loads(bias_runs):
 def test_grouped_matmul_equals_ragged_dot(impl, rows):
   """moe_grouped_matmul=megablox (the Pallas TPU kernel, interpreted on CPU) and tiled (the CPU loop) give
   ragged_dot's values and gradients, an empty group and rows that are not a whole tile included."""
-  keys = jax.random.split(jax.random.key(0), 2)
-  x = jax.random.normal(keys[0], (rows, 64))
-  w = jax.random.normal(keys[1], (4, 64, 96)) / 8
   sizes = jnp.array([rows // 4, 0, rows // 2, rows - rows // 4 - rows // 2], jnp.int32)
+  _assert_grouped_matmul_equals_ragged_dot(impl, rows, sizes)
 
-  def loss(impl):
-    return lambda x, w: jnp.sum(jnp.sin(moe.grouped_matmul(x, w, sizes, impl=impl, interpret=True)))
 
-  got = jax.value_and_grad(loss(impl), argnums=(0, 1))(x, w)
+def _assert_grouped_matmul_equals_ragged_dot(impl, rows, sizes, pair=False, **kw):
+  """Values and gradients against ragged_dot's; `pair`: two right-hand sides in one call (a tuple of products)."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (rows, 64))
+  w = jax.random.normal(keys[1], (sizes.shape[0], 64, 96)) / 8
+  w = (w, jax.random.normal(keys[2], (sizes.shape[0], 64, 32)) / 8) if pair else w
+
+  def loss(impl, **kw):
+    def f(x, w):
+      out = moe.grouped_matmul(x, w, sizes, impl=impl, interpret=True, **kw)
+      return sum(jnp.sum(jnp.sin((i + 1) * y)) for i, y in enumerate(out if pair else (out,)))
+
+    return f
+
+  got = jax.value_and_grad(loss(impl, **kw), argnums=(0, 1))(x, w)
   want = jax.value_and_grad(loss("ragged_dot"), argnums=(0, 1))(x, w)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4), got, want)
+
+
+@pytest.mark.parametrize(
+    "sizes, rows_per_group, block",
+    [
+        ([128, 128, 128, 128], None, 128),  # even: blocks of the mean size
+        ([140, 116, 128, 128], None, 144),  # largest 1.09x the mean: the 1.125x block
+        ([150, 110, 128, 124], None, 160),  # 1.17x: the 1.25x block
+        ([190, 66, 128, 128], None, 192),  # 1.48x: the 1.5x block
+        ([400, 40, 32, 40], None, 192),  # 3.1x: the 1.5x block and 208 rows through the overflow loop
+        ([70, 0, 90, 40], 64, 96),  # 312 rows in no group (an expert-parallel shard's other experts)
+        ([3, 1, 0, 9], None, 8),  # under the 8-row minimum block, one row over it
+    ],
+)
+def test_tiled_grouped_matmul_blocks_and_overflow_equal_ragged_dot(sizes, rows_per_group, block):
+  """The CPU grouped matmul gives ragged_dot's values and gradients whichever block size the group sizes pick,
+  with and without rows past its blocks, for one right-hand side and for two."""
+  sizes = jnp.array(sizes, jnp.int32)
+  rows = 512 if rows_per_group or sum(sizes.tolist()) == 512 else int(sizes.sum())
+  blocks = grouped_matmul_ops._blocks(jnp.zeros((rows, 1)), (jnp.zeros((4, 1, 1)),), rows_per_group)
+  parts = [lambda s, b=b: jnp.array(b) for b in blocks]
+  assert int(grouped_matmul_ops._by_block(parts, blocks, sizes)) == block, blocks
+  _assert_grouped_matmul_equals_ragged_dot("tiled", rows, sizes, rows_per_group=rows_per_group)
+  # Two right-hand sides (the gated MLP's input projections) sharing one layout of the rows.
+  _assert_grouped_matmul_equals_ragged_dot("tiled", rows, sizes, pair=True, rows_per_group=rows_per_group)
 
 
 @pytest.mark.parametrize("impl", ["megablox", "tiled"])

@@ -57,6 +57,27 @@ def test_flash_train_step_compiles_with_splash_kernel(tmp_path):
   assert re.search(r"splash_mha_fwd_segmented\S* = \(f32\[2,256,128\]", hlo)
 
 
+def test_flash_mla_train_step_compiles_with_splash_kernel(tmp_path):
+  """DeepSeek's MLA (192-wide query/key heads, 128-wide values padded to them) takes the splash kernel too."""
+  cfg = pyconfig.initialize(
+      [
+          "",
+          "MaxText/configs/base.yml",
+          f"base_output_directory={tmp_path}",
+          "model_name=tests/tiny-deepseek3",
+          "max_target_length=256",
+          "per_device_batch_size=1",
+          "log_config=false",
+          "compile_topology=v5e-8",
+          "attention=flash",
+          "moe_grouped_matmul=ragged_dot",  # the tiny experts' 64-wide MLP is below megablox's 128-lane tiles
+      ]
+  )
+  calls = custom_calls(compile_train(cfg))
+  for kernel in ("splash_mha_fwd_segmented", "splash_mha_dq_segmented", "splash_mha_dkv_segmented"):
+    assert any(c.startswith(kernel) for c in calls), (kernel, calls)
+
+
 def test_flash_sequence_the_kernel_cannot_tile_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError, match=r"max_target_length: attention=flash: sequence length 200 is not a multiple"):
     config(tmp_path, "compile_topology=v5e-8", "attention=flash", "max_target_length=200")
@@ -80,6 +101,22 @@ def test_dropless_moe_train_step_compiles_megablox_expert_parallel(tmp_path):
   # moe_grouped_matmul=auto is megablox on TPU: gmm forward and input gradient, tgmm for the weight gradient.
   assert any("gmm" in c and "tgmm" not in c for c in calls) and any("tgmm" in c for c in calls), calls
   assert "ragged-dot" not in hlo
+
+
+def test_dropless_moe_too_narrow_for_megablox_compiles_ragged_dot(tmp_path):
+  """auto takes ragged_dot where megablox's 128-lane tiles do not fit the expert MLP (the TPU compiler rejects the
+  kernel's block shapes there); asking for megablox is a config error naming the width."""
+  narrow = (*MOE, "moe_mlp_dim=64")
+  cfg = config(tmp_path, "compile_topology=v5p-8", "ici_fsdp_parallelism=2", "ici_expert_parallelism=2", *narrow)
+  assert cfg.moe_grouped_matmul == "ragged_dot"
+  hlo = compile_train(cfg)
+  assert not [c for c in custom_calls(hlo) if "gmm" in c]
+  with pytest.raises(ConfigError, match=r"^moe_grouped_matmul: megablox cannot tile this MoE: each device's expert"):
+    config(tmp_path, "compile_topology=v5p-8", "moe_grouped_matmul=megablox", *narrow)
+  # 256 columns are 64 per device over tensor=4.
+  with pytest.raises(ConfigError, match=r"expert MLP columns \(256 / 4 devices\) are not a multiple of 128"):
+    config(tmp_path, "compile_topology=v5p-8", "ici_tensor_parallelism=4", "moe_grouped_matmul=megablox", *MOE)
+  assert config(tmp_path, "compile_topology=v5p-8", "ici_tensor_parallelism=4", *MOE).moe_grouped_matmul == "ragged_dot"
 
 
 def test_paged_generate_step_compiles_with_tpu_kernel(tmp_path):

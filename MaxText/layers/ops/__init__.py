@@ -5,6 +5,8 @@ where XLA:CPU needs help a CPU-tuned one with the same math (values and gradient
 
 - matmul.py     DenseGeneral's matmul; `dense_matmul_backward`: "autodiff" | "explicit" (a written-out backward).
 - head_loss.py  the output head + cross-entropy; `head_loss`: "logits" (logits, then the loss) | "fused".
+- grouped_matmul.py  the dropless MoE's grouped matmul on CPU (`moe_grouped_matmul: tiled`); megablox (TPU) and
+                `jax.lax.ragged_dot` are called from layers/moe.py.
 - attention.py  the attention core: dot_product (with `attention_causal_blocks` query blocks), cuDNN through
                 `jax.nn.dot_product_attention` (`attention=autoselected`), Pallas splash on TPU (`attention=flash`).
 
@@ -28,6 +30,15 @@ def auto_dense_matmul_backward(hardware: str) -> str:
 def auto_head_loss(hardware: str) -> str:
   """`head_loss: auto` on `hardware`."""
   return "fused" if hardware == "cpu" else "logits"
+
+
+def auto_grouped_matmul(hardware: str, megablox_fits: bool = True) -> str:
+  """`moe_grouped_matmul: auto`: megablox on TPU (its tgmm weight gradient skips the other experts' rows, where
+  ragged_dot's transpose on TPU is a dense masked matmul over every expert) when its 128-lane tiles fit the MoE's
+  widths, tiled on CPU (XLA:CPU's ragged_dot multiplies every row by every expert), ragged_dot otherwise."""
+  if hardware == "tpu":
+    return "megablox" if megablox_fits else "ragged_dot"
+  return "tiled" if hardware == "cpu" else "ragged_dot"
 
 
 def auto_causal_blocks(hardware: str, sequence_sharded: bool) -> int:

@@ -235,8 +235,10 @@ SPLASH_BLOCK = 512  # the kernel's block along the sequence, every pass
 SPLASH_MIN_BLOCK = 128  # the TPU kernel tiles the sequence in multiples of 128 (one lane row)
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, seq_len: int, sliding_window_size: int, block: int, interpret: bool):
+  """A splash kernel for one shard's heads. Not cached across calls: the kernel holds its mask's block tables as
+  arrays, made under whatever trace the call is in, and a cached kernel reused by another jit (the eval step after
+  the train step) would hand it the first trace's tracers."""
   # Imported lazily: Pallas' TPU ops are only needed (and only lower) on TPU.
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
       splash_attention_kernel as kernel_lib,
@@ -358,3 +360,15 @@ def splash_attention(
   else:
     body, args, specs = local, (query, key, value, segments), (qkv_spec,) * 3 + (seg_spec,)
   return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qkv_spec, check_vma=False)(*args)
+
+
+def fused_kernel(kind: str, context_shards: int, *, platform: str, logical_axis_rules):
+  """The fused kernel of attention=`kind` ("flash": splash, "autoselected": cuDNN/XLA) as one call,
+  (query, key, value, segment_ids, *, scale, sliding_window_size) -> out, for a sequence in load-balanced order over
+  `context_shards` (each kernel sees natural order: splash restores it inside its shard_map, where the sequence is
+  whole)."""
+  if kind == "flash":
+    return functools.partial(
+        splash_attention, platform=platform, logical_axis_rules=logical_axis_rules, context_shards=context_shards
+    )
+  return functools.partial(context_parallel.in_natural_order, autoselected_attention, context_shards)

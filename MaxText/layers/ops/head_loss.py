@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from MaxText import sharding
 from MaxText.layers import losses
 
-_LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
+_LOGITS_AXES = sharding.LOGITS_ACTIVATION
 
 
 def _head_logits(x, kernel, kernel_is_vocab_major: bool, compute_dtype):
@@ -99,7 +99,7 @@ def tiled_cross_entropy(
 
   @functools.partial(jax.checkpoint, prevent_cse=False)  # in a scan, CSE across iterations cannot happen
   def one_chunk(x, t):
-    x = sharding.with_logical_constraint(x, sharding.EMBED_ACTIVATION)
+    x = sharding.with_logical_constraint(x, sharding.EMBED_AND_LOGITS_ACTIVATION)
     t = sharding.with_logical_constraint(t, _LOGITS_AXES[:2])
     return model.cross_entropy(x, t, z_loss_multiplier)
 
