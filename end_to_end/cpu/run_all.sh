@@ -21,6 +21,7 @@ declare -A pid_of
 status=0
 for script in "${order[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "${JOURNEY_JOBS:-2}" ]; do wait -n || true; done
+  echo "--- started $script"  # a journey's own output comes when it ends; this shows what was running
   journey "$script" &
   pid_of[$script]=$!
 done
