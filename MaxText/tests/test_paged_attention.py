@@ -32,9 +32,10 @@ def contiguous_engine(model_name, quantize_kvcache=False):
   return engine, engine.place_params(nnx.state(model, nnx.Param).to_pure_dict()), model
 
 
-def engines(model_name, kernel="auto"):
-  contiguous, params, model = contiguous_engine(model_name)
-  kw = {"model_name": model_name, "decode_sampling_strategy": "greedy"}
+def engines(model_name, kernel="auto", quantize_kvcache=False):
+  """The shared contiguous reference engine and a paged engine with `kernel`, for the same model and params."""
+  contiguous, params, model = contiguous_engine(model_name, quantize_kvcache)
+  kw = {"model_name": model_name, "decode_sampling_strategy": "greedy", "quantize_kvcache": quantize_kvcache}
   paged = engine_lib.Engine(mtu.config_of(**kw, **PAGED, paged_attention_kernel=kernel), num_slots=3)
   return contiguous, paged, params, model
 
@@ -140,9 +141,7 @@ def test_int8_pages_equal_the_int8_contiguous_cache(model_name, kernel):
   """quantize_kvcache with pages (MLA's latent pages included): int8 pages with float32 scale pages, quantized as
   the contiguous int8 cache quantizes, so both give the same logits and greedy tokens (5 prompts, 3 slots); with
   the mirror kernel its int8 copy equals the pages."""
-  kw = {"model_name": model_name, "decode_sampling_strategy": "greedy", "quantize_kvcache": True}
-  contiguous, params, _ = contiguous_engine(model_name, quantize_kvcache=True)
-  paged = engine_lib.Engine(mtu.config_of(**kw, **PAGED, paged_attention_kernel=kernel), num_slots=3)
+  contiguous, paged, params, _ = engines(model_name, kernel, quantize_kvcache=True)
   stored = jax.tree.leaves_with_path(paged.init_decode_state()["cache"])
   pages = {jax.tree_util.keystr(path).split("'")[-2]: leaf.dtype for path, leaf in stored}
   assert pages["key_pages"] == jnp.int8 and pages["key_scale_pages"] == jnp.float32
