@@ -37,29 +37,42 @@ def hf_model(config, *, threads: int = 2, attn_implementation: str = "sdpa"):
 
 
 class HFTrainRunner:
-  """One AdamW training step of the HF model on a fixed random batch (global batch x max_target_length tokens)."""
+  """One AdamW training step of the HF model on a fixed random batch (global batch x max_target_length tokens).
 
-  def __init__(self, config, *, threads: int = 2, attn_implementation: str = "sdpa"):
+  `compiled=True` is the torch.compile peer: the model's forward (and with it, through AOTAutograd, its backward) and
+  the clip + AdamW update are each compiled by inductor, which is how torch users speed up CPU training; the first
+  steps (the warm-up below) pay the compile.
+  """
+
+  def __init__(self, config, *, threads: int = 2, attn_implementation: str = "sdpa", compiled: bool = False):
     torch = _torch(threads)
     self.torch = torch
     self.model = hf_model(config, threads=threads, attn_implementation=attn_implementation).train()
     self.optimizer = torch.optim.AdamW(
         self.model.parameters(), lr=1e-4, betas=(config.adam_b1, config.adam_b2), weight_decay=config.adam_weight_decay
     )
+    self.clip = config.gradient_clipping_threshold
+    self.forward = torch.compile(self.model) if compiled else self.model
+    self.update = torch.compile(self._update) if compiled else self._update
     shape = (config.global_batch_size_to_train_on, config.max_target_length)
     rng = np.random.default_rng(0)
     self.tokens = torch.from_numpy(rng.integers(3, config.vocab_size, shape).astype(np.int64))
     self.tokens_per_step = shape[0] * shape[1]
     self.attn_implementation = attn_implementation
-    self.clip = config.gradient_clipping_threshold
-    self.step()  # warm-up: allocator and kernel selection
+    start = time.perf_counter()
+    for _ in range(2 if compiled else 1):  # warm-up: allocator and kernel selection (and the compiles)
+      self.step()
+    self.warmup_seconds = time.perf_counter() - start
 
-  def step(self) -> float:
-    out = self.model(input_ids=self.tokens, labels=self.tokens)
-    out.loss.backward()
+  def _update(self):
     if self.clip > 0:  # as MaxText's optax chain does
       self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
     self.optimizer.step()
+
+  def step(self) -> float:
+    out = self.forward(input_ids=self.tokens, labels=self.tokens)
+    out.loss.backward()
+    self.update()
     self.optimizer.zero_grad(set_to_none=True)
     return out.loss.item()
 

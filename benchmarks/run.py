@@ -1,6 +1,6 @@
 """One command for a config's training and decode throughput, MFU and memory, optionally side by side with HF.
 
-  python3 benchmarks/run.py [--config configs/cpu/llama-small.yml] [--train] [--decode] [--vs hf]
+  python3 benchmarks/run.py [--config configs/cpu/llama-small.yml] [--train] [--decode] [--vs hf] [--vs hf-compile]
       [--rounds 3] [--steps 2] [--batch-sizes 1 8] [key=value ...]
 
 Neither --train nor --decode runs both. Training: median step time over `--rounds` rounds of `--steps` steps, tokens/s,
@@ -8,7 +8,9 @@ TFLOP/s/device (analytic model FLOPs, as the train loop counts them), MFU agains
 (metrics.py's table) or, on CPU, against the f32/bf16 matmul ceiling measured in this process, the compiled step's
 memory (arguments, temporaries) and the peak device memory (memory_stats) or, on CPU, the process's peak RSS.
 `--vs hf` builds the same model in Hugging Face transformers (torch, 2 threads; dims from the checkpoint converter's
-mapping) and alternates rounds with it, so a shared machine's load hits both alike, then prints the ratios.
+mapping) and alternates rounds with it, so a shared machine's load hits both alike, then prints the ratios;
+`--vs hf-compile` (training only) adds the same model with its forward/backward and optimizer update compiled by
+torch.compile (inductor), and `--vs hf --vs hf-compile` runs all three side by side.
 CPU-s/step (process CPU time per step) is printed too: on a loaded machine it moves less than wall time.
 Decode reuses benchmarks/decode_benchmark.py (prefill and generate tokens/s, HF generate with --vs hf).
 """
@@ -34,6 +36,8 @@ from MaxText import metrics, startup  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "cpu" / "llama-small.yml"
+# --vs choices and the names their rows carry.
+PEERS = {"hf": "HF torch", "hf-compile": "HF compile"}
 
 
 def _cpu_seconds() -> float:
@@ -70,10 +74,13 @@ def bench_train(config, args) -> dict:
   """Interleaved rounds of MaxText (and HF) training steps; prints and returns the medians."""
   runners = {"MaxText": train_benchmark.MaxTextTrainRunner(config)}
   print(f"MaxText train step compiled in {runners['MaxText'].compile_seconds:.1f} s", flush=True)
-  if args.vs == "hf":
+  if args.vs:
     import hf_peer  # pylint: disable=import-outside-toplevel
 
-    runners["HF torch"] = hf_peer.HFTrainRunner(config, threads=args.hf_threads)
+    for peer in args.vs:
+      name = PEERS[peer]
+      runners[name] = hf_peer.HFTrainRunner(config, threads=args.hf_threads, compiled=peer == "hf-compile")
+      print(f"{name} warm-up took {runners[name].warmup_seconds:.1f} s", flush=True)
   runners["MaxText"].measure(2)  # warm-up: the first steps also grow the host heap to its steady size
   rounds = {name: [] for name in runners}
   for r in range(args.rounds):
@@ -99,18 +106,19 @@ def bench_train(config, args) -> dict:
       f" attention {config.attention}), {runners['MaxText'].tokens_per_step} tokens/step;"
       f" medians of {args.rounds} rounds x {args.steps} steps; MFU vs {reference_label}"
   )
-  header = f"{'system':<10} | {'s/step':>7} | {'tokens/s':>9} | {'TFLOP/s/dev':>11} | {'MFU':>6} | {'CPU-s/step':>10}"
+  header = f"{'system':<13} | {'s/step':>7} | {'tokens/s':>9} | {'TFLOP/s/dev':>11} | {'MFU':>6} | {'CPU-s/step':>10}"
   print(header + "\n" + "-" * len(header))
   for name, r in results.items():
     print(
-        f"{name:<10} | {r['step_seconds']:>7.2f} | {r['tokens_per_sec']:>9.1f} | {r['tflops_per_sec_per_device']:>11.4f}"
+        f"{name:<13} | {r['step_seconds']:>7.2f} | {r['tokens_per_sec']:>9.1f} | {r['tflops_per_sec_per_device']:>11.4f}"
         f" | {100 * r['mfu']:>5.1f}% | {r['cpu_seconds_per_step']:>10.2f}"
     )
-  if "HF torch" in results:
-    ours, hf = results["MaxText"], results["HF torch"]
+  ours = results["MaxText"]
+  for peer in args.vs or []:
+    theirs = results[PEERS[peer]]
     print(
-        f"{'ratio':<10} | {'':>7} | {ours['tokens_per_sec'] / hf['tokens_per_sec']:>8.2f}x |"
-        f" {'':>11} | {'':>6} | {hf['cpu_seconds_per_step'] / ours['cpu_seconds_per_step']:>9.2f}x"
+        f"{'vs ' + peer:<13} | {'':>7} | {ours['tokens_per_sec'] / theirs['tokens_per_sec']:>8.2f}x |"
+        f" {'':>11} | {'':>6} | {theirs['cpu_seconds_per_step'] / ours['cpu_seconds_per_step']:>9.2f}x"
     )
   mem = runners["MaxText"].compiled.memory_analysis()
   if mem is not None:
@@ -124,7 +132,7 @@ def bench_train(config, args) -> dict:
 
 def bench_decode(config_path: str, overrides: list[str], args):
   argv = ["decode_benchmark", "--batch-sizes", *map(str, args.batch_sizes), "--repeats", str(args.rounds)]
-  argv += [] if args.vs == "hf" else ["--skip-hf"]
+  argv += [] if "hf" in (args.vs or []) else ["--skip-hf"]
   print(f"\ndecode ({' '.join(argv[1:])})", flush=True)
   decode_benchmark.main([*argv, config_path, *overrides])
 
@@ -134,7 +142,9 @@ def main(argv):
   parser.add_argument("--config", default=str(DEFAULT_CONFIG))
   parser.add_argument("--train", action="store_true")
   parser.add_argument("--decode", action="store_true")
-  parser.add_argument("--vs", choices=["hf"], default=None, help="also run this peer on the same model")
+  parser.add_argument(
+      "--vs", action="append", choices=list(PEERS), default=None, help="also run this peer on the same model (repeatable)"
+  )
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=2, help="training steps per round")
   parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
