@@ -114,7 +114,7 @@ def bench_train(config, args) -> dict:
         f" | {100 * r['mfu']:>5.1f}% | {r['cpu_seconds_per_step']:>10.2f}"
     )
   ours = results["MaxText"]
-  for peer in args.vs or []:
+  for peer in args.vs:
     theirs = results[PEERS[peer]]
     print(
         f"{'vs ' + peer:<13} | {'':>7} | {ours['tokens_per_sec'] / theirs['tokens_per_sec']:>8.2f}x |"
@@ -132,7 +132,7 @@ def bench_train(config, args) -> dict:
 
 def bench_decode(config_path: str, overrides: list[str], args):
   argv = ["decode_benchmark", "--batch-sizes", *map(str, args.batch_sizes), "--repeats", str(args.rounds)]
-  argv += [] if "hf" in (args.vs or []) else ["--skip-hf"]
+  argv += [] if "hf" in args.vs else ["--skip-hf"]
   print(f"\ndecode ({' '.join(argv[1:])})", flush=True)
   decode_benchmark.main([*argv, config_path, *overrides])
 
@@ -151,6 +151,7 @@ def main(argv):
   parser.add_argument("--hf-threads", type=int, default=2)
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args(argv)
+  args.vs = list(dict.fromkeys(args.vs or []))  # each peer once, in the order given
   both = not (args.train or args.decode)
   # The config first: it sets the process up for the backend (reuse_host_memory) before JAX starts.
   config = None
