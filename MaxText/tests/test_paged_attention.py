@@ -22,11 +22,15 @@ SEQ = 28
 PAGED = {"attention": "paged", "pagedattn_num_pages": 24, "pagedattn_tokens_per_page": 4}
 
 
+def _model_kw(model_name, quantize_kvcache):
+  return {"model_name": model_name, "decode_sampling_strategy": "greedy", "quantize_kvcache": quantize_kvcache}
+
+
 @functools.cache
 def contiguous_engine(model_name, quantize_kvcache=False):
   """The contiguous-cache reference engine, its params and model, built once per model and worker: every paged
   kernel's test compares against it, so its compiled steps are shared."""
-  kw = {"model_name": model_name, "decode_sampling_strategy": "greedy", "quantize_kvcache": quantize_kvcache}
+  kw = _model_kw(model_name, quantize_kvcache)
   model = mtu.build(**kw)
   engine = engine_lib.Engine(mtu.config_of(**kw), num_slots=3)
   return engine, engine.place_params(nnx.state(model, nnx.Param).to_pure_dict()), model
@@ -35,7 +39,7 @@ def contiguous_engine(model_name, quantize_kvcache=False):
 def engines(model_name, kernel="auto", quantize_kvcache=False):
   """The shared contiguous reference engine and a paged engine with `kernel`, for the same model and params."""
   contiguous, params, model = contiguous_engine(model_name, quantize_kvcache)
-  kw = {"model_name": model_name, "decode_sampling_strategy": "greedy", "quantize_kvcache": quantize_kvcache}
+  kw = _model_kw(model_name, quantize_kvcache)
   paged = engine_lib.Engine(mtu.config_of(**kw, **PAGED, paged_attention_kernel=kernel), num_slots=3)
   return contiguous, paged, params, model
 
