@@ -132,9 +132,9 @@ def test_tpu_compile_memory_follows_batch_remat_and_sharding(tmp_path):
   and shrink with remat_policy=full; the report names the chip's 16 GiB HBM."""
   runs = {}
   for name, args in {
-      "b1": ["per_device_batch_size=1", "remat_policy=full", "max_target_length=1024"],
-      "b4": ["per_device_batch_size=4", "remat_policy=full", "max_target_length=1024"],
-      "b4_minimal": ["per_device_batch_size=4", "remat_policy=minimal", "max_target_length=1024"],
+      "b1": ["per_device_batch_size=1", "remat_policy=full", "max_target_length=512"],
+      "b4": ["per_device_batch_size=4", "remat_policy=full", "max_target_length=512"],
+      "b4_minimal": ["per_device_batch_size=4", "remat_policy=minimal", "max_target_length=512"],
       "dp": ["per_device_batch_size=1", "remat_policy=full", "ici_fsdp_parallelism=1", "ici_data_parallelism=8"],
   }.items():
     config = _tpu_config(tmp_path, *args)
