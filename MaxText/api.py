@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from MaxText import pyconfig, sharding, storage, train
+from MaxText import pyconfig, sharding, startup, storage, train
 from MaxText.config_schema import ConfigError
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import loading, sampling
@@ -137,6 +137,7 @@ def load(config_path: str, **config_keys) -> Model:
   """
   storage.configure()  # as the entry points do: STORAGE_EMULATOR_HOST implies the clients' emulator settings
   config = engine_lib.unrolled_config(pyconfig.initialize(["", config_path], **config_keys))
+  startup.use_compile_cache(config.jax_cache_dir)
   mesh = sharding.create_mesh(config)
   _, _, abstract_params, param_shardings = train.build_model_skeleton(config, mesh)
   params = loading.load_params(config, abstract_params, param_shardings)

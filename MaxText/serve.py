@@ -33,6 +33,7 @@ import uuid
 from typing import Any, Optional, Sequence, Union
 
 import fastapi
+import jax
 import pydantic
 import uvicorn
 from fastapi import responses
@@ -590,7 +591,16 @@ def build_server(config, params=None, decode=None) -> Server:
       engine, params, decode or tokenizer.decode, prefix_caching=config.enable_prefix_caching
   )
   logger.info("MaxText.serve: compiling (%d slots, %d KV pages)...", engine.dims.num_slots, scheduler.pages.capacity)
-  scheduler.warmup(logprobs=True)
+  start = time.perf_counter()
+  with scheduler_lib.CompileCounter() as built:
+    scheduler.warmup(logprobs=True)
+  logger.info(
+      "MaxText.serve: warm-up built %d programs in %.1f s (%d loaded from the persistent compilation cache%s)",
+      built.count,
+      time.perf_counter() - start,
+      built.loaded,
+      "" if jax.config.jax_compilation_cache_dir else "; jax_cache_dir=DIR keeps them for the next start",
+  )
   return Server(scheduler.start(), tokenizer, config, config.model_name or config.run_name or "maxtext")
 
 

@@ -10,12 +10,17 @@
    starts, which is why it cannot wait for the devices to be counted.
 3. pyconfig.build: the device-dependent values (devices, processes, slices, mesh, batch, backend ops) and every
    cross-key check, then the frozen Config.
+4. use_compile_cache: JAX's persistent compilation cache in jax_cache_dir, before anything compiles (JAX decides at
+   a process's first compile whether it uses a cache at all).
 
 A ConfigError at any step is one `CONFIG ERROR:` line on stderr and exit code 2. pyconfig.initialize (tests, Python
 callers) does steps 1 and 3 only.
 """
 
+import os
 from typing import Optional, Sequence
+
+import jax
 
 from MaxText import distributed, pyconfig, storage
 from MaxText.config.declare import ConfigError
@@ -27,6 +32,23 @@ def start(argv: Sequence[str], program: Optional[str] = None, **overrides) -> py
   try:
     values = pyconfig.resolve(argv, **overrides)
     distributed.setup(values)
-    return pyconfig.build(values, program)
+    config = pyconfig.build(values, program)
+    use_compile_cache(config.jax_cache_dir)
+    return config
   except ConfigError as e:
     pyconfig.exit_with_config_error(e)
+
+
+def use_compile_cache(path: str) -> None:
+  """Points JAX's persistent compilation cache at `path` (the jax_cache_dir key); "" leaves JAX's own setting (e.g.
+  JAX_COMPILATION_CACHE_DIR) as it is. Raises ConfigError for a directory that cannot be created or written."""
+  if not path:
+    return
+  directory = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"jax_cache_dir: cannot create {directory}: {e.strerror}") from None
+  if not os.access(directory, os.W_OK | os.X_OK):
+    raise ConfigError(f"jax_cache_dir: {directory} is not writable")
+  jax.config.update("jax_compilation_cache_dir", directory)

@@ -395,6 +395,8 @@ def check_run(v: dict):
       raise ConfigError(f"checkpoint_path: set either checkpoint_path or {other}, not both")
   if "/" in v["run_name"]:
     raise ConfigError(f"run_name: {v['run_name']!r} must not contain '/'")
+  if "://" in v["jax_cache_dir"]:
+    raise ConfigError(f"jax_cache_dir: a local directory, not a URL (got {v['jax_cache_dir']!r})")
 
 
 def check_mesh_keys(v: dict):

@@ -636,14 +636,17 @@ def decode_prompts(
 
 class CompileCounter:
   """Counts executables built while active (`with CompileCounter() as c: ...; c.count`): XLA compiles and loads
-  from the persistent compilation cache, either of which means a new shape or program reached the backend."""
+  from the persistent compilation cache, either of which means a new shape or program reached the backend
+  (`c.loaded` of them came from the cache)."""
 
   def __init__(self):
     self.count = 0
+    self.loaded = 0
 
   def _listen(self, event: str, _duration: float, **_):
     if event in (BACKEND_COMPILE_EVENT, CACHE_LOAD_EVENT):
       self.count += 1
+      self.loaded += event == CACHE_LOAD_EVENT
 
   def __enter__(self) -> "CompileCounter":
     jax.monitoring.register_event_duration_secs_listener(self._listen)

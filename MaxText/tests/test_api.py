@@ -1,5 +1,6 @@
 """Python API: load a params checkpoint, full-forward logits, generate on the decode engine."""
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -109,3 +110,14 @@ def test_bad_input(loaded, tmp_path):
     api.load(mtu.BASE, load_parameters_path=str(tmp_path / "missing"), **KW)
   with pytest.raises(ConfigError, match="no checkpoint found for run"):
     api.load(mtu.BASE, base_output_directory=str(tmp_path), run_name="nothing", **KW)
+
+
+def test_load_points_jax_at_jax_cache_dir(params_dir, tmp_path):
+  """api.load(jax_cache_dir=...) creates the directory and makes it JAX's persistent compilation cache, as the
+  entry points do (a second process then loads what the first compiled: test_decode.py)."""
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    api.load(mtu.BASE, load_parameters_path=str(params_dir), jax_cache_dir=str(tmp_path / "cache"), **KW)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

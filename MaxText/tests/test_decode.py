@@ -243,8 +243,8 @@ def trained_run(tmp_path_factory):
   return out, "tiny"
 
 
-def run_cli(args, out_dir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def run_cli(args, out_dir, **env_vars):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_vars)
   cmd = [sys.executable, "-m", "MaxText.decode", "MaxText/configs/base.yml", f"base_output_directory={out_dir}"]
   return subprocess.run(
       cmd + CLI_ARGS + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
@@ -262,6 +262,34 @@ def test_train_then_decode_cli(trained_run, tmp_path):
   assert [prompt for prompt, _ in results] == ["The list type", "A dictionary maps", "for loops"]
   assert any(output for _, output in results)
   assert re.search(r"^prefill: .* tokens/s\); generate: .* tokens/s\)$", proc.stdout, flags=re.MULTILINE)
+
+
+def test_jax_cache_dir_lets_a_second_run_load_the_first_runs_programs(trained_run, tmp_path, capsys):
+  """jax_cache_dir: a first decode run stores its compiled programs there, a second run of the same command loads
+  its prefill and generate programs from it instead of compiling them (JAX's own cache log) and prints the same
+  greedy text. A directory that cannot be created, or a URL, is a CONFIG ERROR."""
+  out_dir, run_name = trained_run
+  cache = tmp_path / "jax-cache"
+  args = [f"run_name={run_name}", "prompt=The list type", "decode_sampling_strategy=greedy", f"jax_cache_dir={cache}"]
+  # JAX stores only programs that took >= 1 s to compile; the tiny model's may take less on a fast host.
+  env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
+  runs = [run_cli(args, out_dir, **env) for _ in range(2)]
+  assert all(run.returncode == 0 for run in runs), runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
+  hit, miss = r"Persistent compilation cache hit for '(\w+)'", r"PERSISTENT COMPILATION CACHE MISS for '(\w+)'"
+  assert not re.findall(hit, runs[0].stderr) and any(p.is_file() for p in cache.iterdir())
+  decode_programs = {"jit__prefill_impl", "jit__generate_impl"}
+  assert decode_programs <= set(re.findall(miss, runs[0].stderr)), runs[0].stderr[-3000:]
+  assert decode_programs <= set(re.findall(hit, runs[1].stderr)), runs[1].stderr[-3000:]
+  assert not decode_programs & set(re.findall(miss, runs[1].stderr))
+  text = [re.findall(r"^Input `.*?` -> `(.*?)`$", run.stdout, flags=re.MULTILINE | re.DOTALL) for run in runs]
+  assert text[0] == text[1] and len(text[0]) == 1
+  (tmp_path / "a_file").write_text("")
+  for value, error in (
+      (tmp_path / "a_file" / "cache", "jax_cache_dir: cannot create"),
+      ("gs://b/c", "jax_cache_dir: a local directory, not a URL"),
+  ):
+    code, err = cli_error(capsys, f"base_output_directory={out_dir}", f"run_name={run_name}", f"jax_cache_dir={value}")
+    assert code == 2 and f"CONFIG ERROR: {error}" in err, err
 
 
 def test_cli_api_and_server_give_the_same_greedy_tokens(trained_run, tmp_path, capsys):
