@@ -11,12 +11,14 @@
 3. pyconfig.build: the device-dependent values (devices, processes, slices, mesh, batch, backend ops) and every
    cross-key check, then the frozen Config.
 4. use_compile_cache: JAX's persistent compilation cache in jax_cache_dir, before anything compiles (JAX decides at
-   a process's first compile whether it uses a cache at all).
+   a process's first compile whether it uses a cache at all); not for compile_topology, whose executables for a
+   TPU slice this host lacks cannot be loaded back.
 
 A ConfigError at any step is one `CONFIG ERROR:` line on stderr and exit code 2. pyconfig.initialize (tests, Python
 callers) does steps 1 and 3 only.
 """
 
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -33,7 +35,11 @@ def start(argv: Sequence[str], program: Optional[str] = None, **overrides) -> py
     values = pyconfig.resolve(argv, **overrides)
     distributed.setup(values)
     config = pyconfig.build(values, program)
-    use_compile_cache(config.jax_cache_dir)
+    if config.jax_cache_dir and config.compile_topology:
+      # JAX cannot load an executable back without a client for its devices, here a TPU slice this host lacks.
+      logging.getLogger("MaxText").warning("jax_cache_dir: not used when compiling for compile_topology")
+    else:
+      use_compile_cache(config.jax_cache_dir)
     return config
   except ConfigError as e:
     pyconfig.exit_with_config_error(e)

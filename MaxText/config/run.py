@@ -37,7 +37,8 @@ KEYS = (
         STR,
         "local directory for JAX's persistent compilation cache (~ expanded, created if missing): programs that took "
         "1 s or more to compile are stored there and loaded by later runs of the same program, so a restarted "
-        "server or a rerun starts without recompiling. Set by the entry points and api.load before they compile. "
+        "server or a rerun starts without recompiling. Set by the entry points and api.load before they compile; not "
+        "used by compile_topology compiles. "
         'Share it only between hosts with the same jax version, CPU and accelerator. "" = off',
     ),
     Key("log_config", True, BOOL, "log the resolved config at start"),
