@@ -8,8 +8,8 @@ both (the MoE adds its router). Variants: dropless (sorted tokens + jax.lax.ragg
 MaxText/layers/ops/grouped_matmul.py: batched blocks per expert) and capacity-limited
 (one-hot dispatch/combine einsums) at capacity factors 1.0 and 2.0; and two floors: the experts' three
 projections alone as batched einsums over even blocks and over blocks that hold the largest expert. Runs are
-interleaved round-robin and each row reports the median step time, tokens/s, the ratio to the dense layer measured in the same process, and the
-first call's time (compile + one step).
+interleaved round-robin and each row reports the median step time, tokens/s, the ratio to the dense layer measured
+in the same process, and the first call's time (compile + one step).
 """
 
 import argparse
