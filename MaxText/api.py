@@ -137,7 +137,7 @@ def load(config_path: str, **config_keys) -> Model:
   """
   storage.configure()  # as the entry points do: STORAGE_EMULATOR_HOST implies the clients' emulator settings
   config = engine_lib.unrolled_config(pyconfig.initialize(["", config_path], **config_keys))
-  startup.use_compile_cache(config.jax_cache_dir)
+  startup.use_compile_cache(config)
   mesh = sharding.create_mesh(config)
   _, _, abstract_params, param_shardings = train.build_model_skeleton(config, mesh)
   params = loading.load_params(config, abstract_params, param_shardings)

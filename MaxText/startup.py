@@ -35,22 +35,22 @@ def start(argv: Sequence[str], program: Optional[str] = None, **overrides) -> py
     values = pyconfig.resolve(argv, **overrides)
     distributed.setup(values)
     config = pyconfig.build(values, program)
-    if config.jax_cache_dir and config.compile_topology:
-      # JAX cannot load an executable back without a client for its devices, here a TPU slice this host lacks.
-      logging.getLogger("MaxText").warning("jax_cache_dir: not used when compiling for compile_topology")
-    else:
-      use_compile_cache(config.jax_cache_dir)
+    use_compile_cache(config)
     return config
   except ConfigError as e:
     pyconfig.exit_with_config_error(e)
 
 
-def use_compile_cache(path: str) -> None:
-  """Points JAX's persistent compilation cache at `path` (the jax_cache_dir key); "" leaves JAX's own setting (e.g.
+def use_compile_cache(config) -> None:
+  """Points JAX's persistent compilation cache at the config's jax_cache_dir; "" leaves JAX's own setting (e.g.
   JAX_COMPILATION_CACHE_DIR) as it is. Raises ConfigError for a directory that cannot be created or written."""
-  if not path:
+  if not config.jax_cache_dir:
     return
-  directory = os.path.abspath(os.path.expanduser(path))
+  if config.compile_topology:
+    # JAX cannot load an executable back without a client for its devices, here a TPU slice this host lacks.
+    logging.getLogger("MaxText").warning("jax_cache_dir: not used when compiling for compile_topology")
+    return
+  directory = os.path.abspath(os.path.expanduser(config.jax_cache_dir))
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as e:
