@@ -21,9 +21,17 @@ from MaxText.layers.embeddings import RotaryEmbedding, apply_rope
 from MaxText.layers.linears import DenseGeneral
 from MaxText.layers.quantization import spec_from_config
 from MaxText.layers.normalizations import RMSNorm
-from MaxText.layers.ops.attention import dot_product_attention, fused_kernel, log_once, splash_unsupported_reason
+from MaxText.layers.ops.attention import (
+    dot_product_attention,
+    filled_block_attention,
+    fused_kernel,
+    log_once,
+    splash_unsupported_reason,
+)
 
 MODEL_MODES = ("train", "prefill", "autoregressive")
+# Cache block of filled_block_attention: the chunk length, at least this (fewer, larger blocks for short chunks).
+FILLED_BLOCK_MIN = 32
 _BATCH_LEN = ("activation_batch", "activation_length")
 
 
@@ -373,18 +381,41 @@ class Attention(nnx.Module):
           logical_axis_rules=self.logical_axis_rules,
       )
     view = self.kv_cache.attention_view(key, value)
-    context = self.attend(
-        query,
-        view.keys,
-        view.values,
-        q_segment_ids=None,
-        kv_segment_ids=view.kv_segment_ids,
-        q_index=view.q_index,
-        kv_index=view.kv_index,
-        aligned=False,
-        local=local,
-        kv_heads_first=True,
-        chunked=chunked,
-    )
+    if self._reads_filled_blocks(query, view, local, chunked):
+      context = filled_block_attention(
+          query,
+          (view.keys[0], view.values[0]),
+          (view.keys[1], view.values[1]),
+          view.q_index[:, 0],  # the row's filled length: its new tokens start there
+          block=max(query.shape[1], FILLED_BLOCK_MIN),
+          scale=self.scale,
+          attn_logits_soft_cap=self.attn_logits_soft_cap,
+          float32_qk_product=self.float32_qk_product,
+          float32_logits=self.float32_logits,
+      )
+    else:
+      context = self.attend(
+          query,
+          view.keys,
+          view.values,
+          q_segment_ids=None,
+          kv_segment_ids=view.kv_segment_ids,
+          q_index=view.q_index,
+          kv_index=view.kv_index,
+          aligned=False,
+          local=local,
+          kv_heads_first=True,
+          chunked=chunked,
+      )
     self.kv_cache.append(key, value, after=context)
     return context
+
+  def _reads_filled_blocks(self, query, view, local, chunked) -> bool:
+    """Whether a prompt chunk over the cache (S > 1 new tokens per row) reads only the cache's filled blocks
+    (filled_block_attention): with attention_causal_blocks > 1 (CPU; on accelerators the loop would only add
+    steps), global attention (no sliding window or chunk mask in force), keys and values cached."""
+    windowed = self.sliding_window_size > 0 and local is not False
+    chunk_masked = self.chunk_attn_window_size > 0 and chunked is not False
+    return (
+        query.shape[1] > 1 and self.causal_blocks > 1 and view.values is not None and not windowed and not chunk_masked
+    )

@@ -8,7 +8,7 @@ import pytest
 
 from MaxText import pyconfig
 from MaxText.layers import attentions, embeddings
-from MaxText.layers.ops.attention import autoselected_attention
+from MaxText.layers.ops.attention import autoselected_attention, filled_block_attention
 
 BASE = str(pyconfig.CONFIGS_DIR / "base.yml")
 
@@ -67,6 +67,30 @@ def test_autoselected_matches_dot_product(num_kv_heads, window, packed):
   expected = attentions.dot_product_attention(q, k, v, mask, scale=8**-0.5)
   got = autoselected_attention(q, k, v, segments if packed else None, scale=8**-0.5, sliding_window_size=window)
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 1])
+@pytest.mark.parametrize("soft_cap", [0.0, 3.0])
+@pytest.mark.parametrize("block", [8, 12, 40])
+def test_filled_block_attention_matches_reference(num_kv_heads, soft_cap, block):
+  """A prompt chunk over a KV cache read block by block (rows filled 0, 5, 16 and all 40 tokens; blocks that do
+  and do not divide the cache) equals softmax attention over each row's filled keys then the chunk's own, causal."""
+  b, s, hq, d, t = 4, 6, 4, 8, 40
+  filled = np.array([0, 5, 16, 40], np.int32)
+  q = _rng_normal(6, (b, s, hq, d))
+  cache_k, cache_v = _rng_normal(7, (b, num_kv_heads, t, d)), _rng_normal(8, (b, num_kv_heads, t, d))
+  new_k, new_v = _rng_normal(9, (b, num_kv_heads, s, d)), _rng_normal(10, (b, num_kv_heads, s, d))
+  got = filled_block_attention(
+      q, (cache_k, cache_v), (new_k, new_v), filled, block=block, scale=d**-0.5, attn_logits_soft_cap=soft_cap
+  )
+  for row, n in enumerate(filled):
+    # Each row alone: its filled keys and the chunk's as one sequence, the queries at its end (causal offsets).
+    keys = np.concatenate([cache_k[row, :, :n], new_k[row]], axis=1).transpose(1, 0, 2)[None]
+    values = np.concatenate([cache_v[row, :, :n], new_v[row]], axis=1).transpose(1, 0, 2)[None]
+    padded_q = np.concatenate([np.zeros((1, n, hq, d), np.float32), q[row : row + 1]], axis=1)
+    ones = np.ones((1, n + s), np.int32)
+    expected = reference_attention(padded_q, keys, values, ones, soft_cap=soft_cap)[:, n:]
+    np.testing.assert_allclose(got[row : row + 1], expected, atol=2e-5, rtol=2e-5)
 
 
 def test_mask_padding_rows_are_never_empty():

@@ -2,8 +2,9 @@
 
 - dot_product (the default; every backend): `dot_product_attention`, plain einsums under an explicit mask (packed
   segments, sliding windows, chunks, a KV cache's parts). `attention_causal_blocks` > 1 (the CPU default: 4)
-  splits a causal sequence's queries into blocks that skip the masked upper triangle; 1 elsewhere, and whenever
-  the sequence axis is sharded (ops.auto_causal_blocks). Same values as one block.
+  splits a causal sequence's queries into blocks that skip the masked upper triangle, and has a prompt chunk over a
+  KV cache read only the cache's filled blocks (`filled_block_attention`); 1 elsewhere, and whenever the sequence
+  axis is sharded (ops.auto_causal_blocks). Same values as one block, up to f32 rounding.
 - autoselected: `jax.nn.dot_product_attention` with implementation "cudnn" (flash attention) on an NVIDIA GPU
   when cuDNN's constraints hold, else "xla"; the reason for falling back is logged once.
 - flash: the Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu`) on TPU only.
@@ -99,6 +100,77 @@ def causal_block_attention(
     keys, values = (key[:, :, k_lo:hi],), (value[:, :, k_lo:hi],)
     parts.append(_attend(query[:, lo:hi], keys, values, mask[:, lo:hi, k_lo:hi], kv_heads_first=True, **core))
   return jnp.concatenate(parts, axis=1)
+
+
+def filled_block_attention(
+    query: jax.Array,
+    cached: tuple[jax.Array, jax.Array],
+    new: tuple[jax.Array, jax.Array],
+    filled: jax.Array,
+    *,
+    block: int,
+    scale: float,
+    attn_logits_soft_cap: float = 0.0,
+    float32_qk_product: bool = True,
+    float32_logits: bool = True,
+) -> jax.Array:
+  """S new tokens per row, query [B,S,Hq,D], over their row's KV cache and causally over themselves -> [B,S,Hq,Dv].
+
+  `cached`: keys/values [B,Hkv,T,D] of which each row's first filled[b] tokens count; `new`: the new tokens'
+  keys/values [B,Hkv,S,D]. The cache is read `block` tokens at a time in a loop whose trip count is the longest
+  row's filled blocks, so the unfilled tail (most of it while a prompt is prefilled chunk by chunk) is never read or
+  multiplied; the blocks are combined with the new tokens' part by an online softmax. Equal, up to f32 rounding, to
+  dot_product_attention over the two parts with the cache's unfilled tail masked.
+  """
+  (cache_k, cache_v), (new_k, new_v) = cached, new
+  b, s, num_q, d = query.shape
+  num_kv, length = cache_k.shape[1], cache_k.shape[2]
+  if num_q % num_kv:
+    raise ValueError(f"{num_q} query heads are not a multiple of {num_kv} kv heads")
+  block = min(block, length)
+  grouped = query.reshape(b, s, num_kv, num_q // num_kv, d)
+  if float32_qk_product:
+    grouped = grouped.astype(jnp.float32)
+  big_negative = jnp.asarray(0.7 * jnp.finfo(jnp.float32).min, jnp.float32)
+
+  def logits_of(keys):
+    keys = keys.astype(jnp.float32) if float32_qk_product else keys
+    logits = jnp.einsum("bskgd,bktd->bkgst", grouped, keys)
+    logits = (logits.astype(jnp.float32) if float32_logits else logits) * jnp.asarray(scale, logits.dtype)
+    if attn_logits_soft_cap > 0:
+      logits = attn_logits_soft_cap * jnp.tanh(logits / attn_logits_soft_cap)
+    return logits.astype(jnp.float32)
+
+  def weighted(probs, values):
+    return jnp.einsum("bkgst,bktd->bkgsd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+
+  # The new tokens first: every query sees at least itself, so the running max starts finite.
+  causal = jnp.arange(s)[:, None] >= jnp.arange(s)[None, :]
+  logits = jnp.where(causal, logits_of(new_k), big_negative)
+  running_max = jnp.max(logits, axis=-1)
+  probs = jnp.exp(logits - running_max[..., None])
+  total, acc = jnp.sum(probs, axis=-1), weighted(probs, new_v)
+
+  def read_block(j, carry):
+    acc, running_max, total = carry
+    # The last block may run past the cache: dynamic_slice clamps its start, and positions before j * block (read
+    # by the previous block) are masked.
+    start = jnp.minimum(j * block, length - block)
+    keys, values = (jax.lax.dynamic_slice_in_dim(x, start, block, axis=2) for x in (cache_k, cache_v))
+    # Materialized blocks: XLA:CPU would otherwise fuse the slice into the matmuls' operands, element by element.
+    keys, values = jax.lax.optimization_barrier((keys, values))
+    position = start + jnp.arange(block)
+    valid = (position[None, :] < filled[:, None]) & (position[None, :] >= j * block)  # [B, block]
+    logits = jnp.where(valid[:, None, None, None, :], logits_of(keys), big_negative)
+    new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+    probs = jnp.exp(logits - new_max[..., None])
+    rescale = jnp.exp(running_max - new_max)
+    return acc * rescale[..., None] + weighted(probs, values), new_max, total * rescale + jnp.sum(probs, axis=-1)
+
+  blocks = (jnp.max(filled) + block - 1) // block
+  acc, _, total = jax.lax.fori_loop(0, blocks, read_block, (acc, running_max, total))
+  out = (acc / total[..., None]).astype(cache_v.dtype)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, num_q, -1)
 
 
 def _attend(
