@@ -34,9 +34,10 @@ KEYS = (
         "attention_causal_blocks",
         0,
         NONNEG,
-        "dot_product over a causal sequence (train, prefill): queries split into N blocks, each attending only to "
-        "keys up to its end (the masked upper triangle is skipped: (N+1)/2N of the work); 1 = one block; 0 = auto (4 "
-        "on CPU, 1 elsewhere); resolves to 1 under sequence/context parallelism",
+        "dot_product skips masked work in blocks: over a causal sequence (train, prefill) queries split into N "
+        "blocks, each attending only to keys up to its end (the masked upper triangle is skipped: (N+1)/2N of the "
+        "work), and a prompt chunk over a KV cache (chunked prefill, prefix-cache hits) reads only the cache's filled "
+        "blocks; 1 = neither; 0 = auto (4 on CPU, 1 elsewhere); resolves to 1 under sequence/context parallelism",
     ),
     Key(
         "rope_type",

@@ -416,6 +416,4 @@ class Attention(nnx.Module):
     steps), global attention (no sliding window or chunk mask in force), keys and values cached."""
     windowed = self.sliding_window_size > 0 and local is not False
     chunk_masked = self.chunk_attn_window_size > 0 and chunked is not False
-    return (
-        query.shape[1] > 1 and self.causal_blocks > 1 and view.values is not None and not windowed and not chunk_masked
-    )
+    return query.shape[1] > 1 and self.causal_blocks > 1 and view.values is not None and not windowed and not chunk_masked
