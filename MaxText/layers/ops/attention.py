@@ -102,6 +102,29 @@ def causal_block_attention(
   return jnp.concatenate(parts, axis=1)
 
 
+def _scaled_logits(
+    grouped: jax.Array,
+    keys: jax.Array,
+    kv: str,
+    *,
+    scale: float,
+    attn_logits_soft_cap: float,
+    float32_qk_product: bool,
+    float32_logits: bool,
+) -> jax.Array:
+  """Logits [B,Hkv,G,S,T] of queries grouped onto their kv head [B,S,Hkv,G,D] against one key part (einsum layout
+  `kv`): q.k (in float32 with float32_qk_product), cast to float32 with float32_logits, scaled, then soft-capped."""
+  if float32_qk_product:
+    grouped, keys = grouped.astype(jnp.float32), keys.astype(jnp.float32)
+  logits = jnp.einsum(f"bskgd,{kv}->bkgst", grouped, keys)
+  if float32_logits:
+    logits = logits.astype(jnp.float32)
+  logits = logits * jnp.asarray(scale, logits.dtype)
+  if attn_logits_soft_cap > 0:
+    logits = attn_logits_soft_cap * jnp.tanh(logits / attn_logits_soft_cap)
+  return logits
+
+
 def filled_block_attention(
     query: jax.Array,
     cached: tuple[jax.Array, jax.Array],
@@ -129,17 +152,16 @@ def filled_block_attention(
     raise ValueError(f"{num_q} query heads are not a multiple of {num_kv} kv heads")
   block = min(block, length)
   grouped = query.reshape(b, s, num_kv, num_q // num_kv, d)
-  if float32_qk_product:
-    grouped = grouped.astype(jnp.float32)
   big_negative = jnp.asarray(0.7 * jnp.finfo(jnp.float32).min, jnp.float32)
+  core = dict(
+      scale=scale,
+      attn_logits_soft_cap=attn_logits_soft_cap,
+      float32_qk_product=float32_qk_product,
+      float32_logits=float32_logits,
+  )
 
-  def logits_of(keys):
-    keys = keys.astype(jnp.float32) if float32_qk_product else keys
-    logits = jnp.einsum("bskgd,bktd->bkgst", grouped, keys)
-    logits = (logits.astype(jnp.float32) if float32_logits else logits) * jnp.asarray(scale, logits.dtype)
-    if attn_logits_soft_cap > 0:
-      logits = attn_logits_soft_cap * jnp.tanh(logits / attn_logits_soft_cap)
-    return logits.astype(jnp.float32)
+  def logits_of(keys):  # the online softmax runs in float32 whatever float32_logits says
+    return _scaled_logits(grouped, keys, "bktd", **core).astype(jnp.float32)
 
   def weighted(probs, values):
     return jnp.einsum("bkgst,bktd->bkgsd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
@@ -192,15 +214,14 @@ def _attend(
   kv = "bktd" if kv_heads_first else "btkd"
   if num_q % num_kv:
     raise ValueError(f"{num_q} query heads are not a multiple of {num_kv} kv heads")
-  if float32_qk_product:
-    query, keys = query.astype(jnp.float32), tuple(k.astype(jnp.float32) for k in keys)
   grouped = query.reshape(b, s, num_kv, num_q // num_kv, d)
-  logits = jnp.concatenate([jnp.einsum(f"bskgd,{kv}->bkgst", grouped, k) for k in keys], axis=-1)
-  if float32_logits:
-    logits = logits.astype(jnp.float32)
-  logits = logits * jnp.asarray(scale, logits.dtype)
-  if attn_logits_soft_cap > 0:
-    logits = attn_logits_soft_cap * jnp.tanh(logits / attn_logits_soft_cap)
+  core = dict(
+      scale=scale,
+      attn_logits_soft_cap=attn_logits_soft_cap,
+      float32_qk_product=float32_qk_product,
+      float32_logits=float32_logits,
+  )
+  logits = jnp.concatenate([_scaled_logits(grouped, k, kv, **core) for k in keys], axis=-1)
   big_negative = jnp.asarray(0.7 * jnp.finfo(logits.dtype).min, logits.dtype)
   logits = jnp.where(mask[:, None, None, :, :], logits, big_negative)
   probs = jax.nn.softmax(logits, axis=-1)
