@@ -142,6 +142,20 @@ class SchedulerStats:
     return sum(n for _, n in recent) / window if recent else 0.0
 
 
+def cheapest_buckets(seconds: dict[int, float], slots: int, margin: float = 0.9) -> list[int]:
+  """For each highest occupied slot h < slots: the row bucket (of `seconds`, a step's time per bucket) to step, the
+  smallest above h unless a wider one takes under `margin` of its time (so timing noise keeps the smallest)."""
+  chosen = []
+  for highest in range(slots):
+    covering = sorted(b for b in seconds if b > highest)
+    choice = covering[0]
+    for wider in covering[1:]:
+      if seconds[wider] < margin * seconds[choice]:
+        choice = wider
+    chosen.append(choice)
+  return chosen
+
+
 class Scheduler:
   """Continuous batching of Requests on an engine (paged or contiguous cache); see the module doc.
 
@@ -175,9 +189,11 @@ class Scheduler:
     self._slots: list[Optional[Request]] = [None] * slots
     self._state = engine.init_decode_state()
     self._table_version = None  # (pages.version, slots still prefilling) of the table on the device
-    # Generate steps only slots [0, rows) for the smallest of these covering every occupied slot (slots are filled
-    # lowest first), so a few requests do not pay for a full batch; each size compiles once, in warmup.
+    # Generate steps only slots [0, rows) for one of these covering every occupied slot (slots are filled lowest
+    # first), so a few requests do not pay for a full batch; each size compiles once, in warmup. bucket_for[h]: the
+    # bucket that steps when h is the highest occupied slot (the smallest covering one until warmup times them).
     self.row_buckets = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
+    self.bucket_for = [next(b for b in self.row_buckets if b > h) for h in range(slots)]
     self._thread: Optional[threading.Thread] = None
 
   # ------------------------------------------------------------------ client side (any thread)
@@ -237,6 +253,7 @@ class Scheduler:
       self._step_rows(rows)
       if logprobs:
         self._step_rows(rows, logprobs=True)
+    self._rank_buckets()
     dims = self.engine.dims
     chunk = dims.max_prefill_length
     # The warm-up prompts repeat one token: with prefix caching on they would hit each other's pages and take the
@@ -517,7 +534,7 @@ class Scheduler:
       self._push_table()
     highest = max(active)
     with_logprobs = any(r.logprobs is not None for r in active.values())
-    host, stats = self._step_rows(next(b for b in self.row_buckets if b > highest), with_logprobs)
+    host, stats = self._step_rows(self.bucket_for[highest], with_logprobs)
     self.stats.generate_seconds += time.perf_counter() - start
     self.stats.generate_steps += 1
     self.stats.step_tokens += len(active)
@@ -527,6 +544,25 @@ class Scheduler:
         request._cached += 1  # pylint: disable=protected-access
         logprob = None if request.logprobs is None else _token_logprob(stats, (slot,), request.logprobs)
         self._accept(slot, request, int(host[slot]), logprob)
+
+  def _rank_buckets(self, repeats: int = 3):
+    """Times a step of each row bucket (compiled) and sets bucket_for to the cheapest covering ones: a narrower
+    step is not always cheaper. On CPU a narrow step copies its rows of the cache before attention reads them
+    (XLA:CPU's dots take no slices): a 16-of-32-row llama-small step measured 2.2x a full one."""
+    seconds = {}
+    for rows in self.row_buckets:
+      times = []
+      for _ in range(repeats):
+        start = time.perf_counter()
+        self._step_rows(rows)
+        times.append(time.perf_counter() - start)
+      seconds[rows] = min(times)
+    self.bucket_for = cheapest_buckets(seconds, len(self._slots))
+    logger.info(
+        "generate step by row bucket: %s ms; a highest occupied slot below each steps: %s",
+        ", ".join(f"{rows}: {1000 * t:.1f}" for rows, t in seconds.items()),
+        ", ".join(f"{rows}: {self.bucket_for[rows - 1]}" for rows in self.row_buckets),
+    )
 
   def _step_rows(self, rows: int, logprobs: bool = False) -> tuple[np.ndarray, Optional[dict]]:
     """One generate step of slots [0, rows), each sampled with its occupant's settings: their new tokens (and

@@ -286,3 +286,49 @@ def test_auto_kernel_is_mirror_on_cpu_and_pallas_without_window_on_gpu():
   windowed = mtu.config_of(model_name="tests/tiny-mistral", **PAGED)
   assert paged_attention.page_spec_from_config(windowed, 32, backend="gpu").kernel == "jax"
   assert jax.default_backend() == "cpu"
+
+
+@pytest.mark.parametrize(
+    "kernel, quantize_kvcache",
+    [("contiguous", False), ("contiguous", True), ("jax", False), ("mirror", False), ("mirror", True)],
+)
+def test_narrow_steps_equal_full_steps_and_leave_other_slots_alone(kernel, quantize_kvcache):
+  """generate(rows=2) of 3 slots (what the scheduler steps when only low slots are occupied): the stepped slots get
+  the tokens and cache entries a full step gives them, over several steps; slot 2's cache rows, length and token are
+  left exactly as they were. The narrowed cache keeps its token-axis arrays whole (reads see rows [0, 2), writes land
+  in them in place), so this covers both halves of that."""
+  contiguous, paged, params, _ = engines(
+      "tests/tiny-llama", "jax" if kernel == "contiguous" else kernel, quantize_kvcache
+  )
+  engine = contiguous if kernel == "contiguous" else paged
+  toks = np.random.default_rng(2).integers(0, engine.config.vocab_size, (3, SEQ))
+  state = engine.init_decode_state()
+  if engine.page_spec:
+    manager = page_manager.PageManager(PAGED["pagedattn_num_pages"], 4, engine.page_spec.max_pages_per_slot, 3)
+    for slot in range(3):
+      manager.ensure(slot, 16)
+    state = engine.set_page_table(state, manager.table)
+  for slot, n in enumerate((5, 9, 7)):
+    padded = np.zeros((engine.dims.max_prefill_length,), np.int32)
+    padded[:n] = toks[slot, :n]
+    state = engine.insert(engine.prefill(params, padded, n), state, slot)
+  before = jax.tree.map(np.asarray, state)
+  narrow, full = jax.tree.map(jnp.asarray, before), jax.tree.map(jnp.asarray, before)
+  for _ in range(4):
+    narrow, narrow_tokens = engine.generate(params, narrow, rows=2)
+    full, full_tokens = engine.generate(params, full)
+    np.testing.assert_array_equal(np.asarray(narrow_tokens)[:2], np.asarray(full_tokens)[:2])
+  after, stepped = jax.tree.map(np.asarray, narrow), jax.tree.map(np.asarray, full)
+  np.testing.assert_array_equal(after["tokens"][2], before["tokens"][2])
+  np.testing.assert_array_equal(after["positions"], np.append(stepped["positions"][:2], before["positions"][2]))
+  checked = 0
+  for (path, leaf), (_, was), (_, ref) in zip(
+      *(jax.tree_util.tree_flatten_with_path(s["cache"])[0] for s in (after, before, stepped))
+  ):
+    if "pages" in jax.tree_util.keystr(path):  # shared by all slots: compared through the tokens above
+      continue
+    assert leaf.shape[0] == 3, jax.tree_util.keystr(path)  # unstacked layers: the slot axis leads
+    np.testing.assert_array_equal(leaf[2], was[2])
+    np.testing.assert_allclose(leaf[:2], ref[:2], atol=1e-6, rtol=0)
+    checked += 1
+  assert checked

@@ -25,12 +25,6 @@ def dequantize_int8(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
   return (q.astype(jnp.float32) * scale).astype(dtype)
 
 
-def write_rows(cache: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
-  """cache [B, H, T, ...] with update [B, S, H, ...] written at tokens start[b] .. start[b] + S - 1 of row b."""
-  update = jnp.swapaxes(update, 1, 2)
-  return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=1))(cache, update, start)
-
-
 class KVCache(Cache):
   """Keys and values [batch, kv_heads, length, head_dim] and filled lengths [batch] of one attention layer.
 
@@ -68,8 +62,7 @@ class KVCache(Cache):
       for name in list(updates):
         updates[name], updates[f"{name}_scale"] = quantize_int8(updates[name])
     for name, update in updates.items():
-      cache = getattr(self, name)
-      cache[...] = write_rows(cache[...], update.astype(cache.dtype), start)
+      self.write_step_rows(getattr(self, name), update, start)
 
   def keys_values(self) -> tuple[jax.Array, jax.Array | None]:
     """The whole cache [batch, kv_heads, length, head_dim] in the compute dtype (values None when keys-only)."""
@@ -78,8 +71,10 @@ class KVCache(Cache):
       if not self.store_values and name == "value":
         return None
       if self.quantized:
-        return dequantize_int8(getattr(self, name)[...], getattr(self, f"{name}_scale")[...], self.dtype)
-      return getattr(self, name)[...]
+        return dequantize_int8(
+            self.step_rows(getattr(self, name)), self.step_rows(getattr(self, f"{name}_scale")), self.dtype
+        )
+      return self.step_rows(getattr(self, name))
 
     return read("key"), read("value")
 

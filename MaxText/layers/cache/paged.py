@@ -35,7 +35,7 @@ from MaxText import sharding
 from MaxText.config import choices
 from MaxText.config_schema import ConfigError
 from MaxText.layers.cache.base import KV_NAMES, LENGTH_NAMES, AttentionView, Cache, cache_var, put_slot_rows
-from MaxText.layers.cache.contiguous import dequantize_int8, quantize_int8, write_rows
+from MaxText.layers.cache.contiguous import dequantize_int8, quantize_int8
 
 KERNELS = choices("paged_attention_kernel")
 TPU_TOKENS_PER_BLOCK = 512  # tokens the TPU kernel reads per compute block (pages_per_compute_block x page size)
@@ -175,8 +175,7 @@ class PagedKVCache(Cache):
   def _write_rows(self, updates: dict[str, jax.Array], start: jax.Array):
     """Stored updates [B, S, H, D] written to the mirror's row copy at tokens start[b].. of row b."""
     for name, update in updates.items():
-      rows = getattr(self, f"{name}_rows")
-      rows[...] = write_rows(rows[...], update.astype(rows.dtype), start)
+      self.write_step_rows(getattr(self, f"{name}_rows"), update, start)
 
   def _store(self, key: jax.Array, value: jax.Array | None, start: jax.Array):
     """Decode tokens (append). With the mirror kernel they go to the row copy only: nothing reads them from the
@@ -199,7 +198,7 @@ class PagedKVCache(Cache):
     """Each row's pages gathered in token order (dequantized) as the cached part."""
     table = self.page_table[...]
     stored = (
-        (lambda name: getattr(self, f"{name}_rows")[...])
+        (lambda name: self.step_rows(getattr(self, f"{name}_rows")))
         if self.mirrored
         else (lambda name: gather_pages(getattr(self, f"{name}_pages")[...], table))
     )
