@@ -3,7 +3,7 @@
     python3 benchmarks/serving_benchmark.py [--model llama-small] [--requests 32] [--duration 60] [--prompt 24]
         [--max-tokens 32] [--slots 32]
     python3 benchmarks/serving_benchmark.py --system-prompt 256 [--requests 16]
-    python3 benchmarks/serving_benchmark.py --mixed [--rates 0.5,2] [--requests 32] [--clients 32] [--chunk 128]
+    python3 benchmarks/serving_benchmark.py --mixed [--rates 0.5,2] [--requests 32] [--clients 32] [--chunk 256]
 
 Starts MaxText.serve's app in-process (random weights, attention=paged, continuous batching) on a free port and runs
 closed-loop clients from a separate process (each sends its next streaming /v1/completions request when the previous
@@ -290,7 +290,7 @@ def main(argv):
   parser.add_argument("--mixed", action="store_true", help="the mixed workload with Poisson arrivals")
   parser.add_argument("--rates", default="0.5,2", help="--mixed: arrival rates, requests/s")
   parser.add_argument("--clients", type=int, default=32, help="--mixed: requests in flight at most")
-  parser.add_argument("--chunk", type=int, default=128, help="--mixed: the server's prefill chunk (tokens)")
+  parser.add_argument("--chunk", type=int, default=256, help="--mixed: the server's prefill chunk (tokens)")
   parser.add_argument("--rounds", type=int, default=1, help="--mixed: static and continuous runs, alternated")
   args = parser.parse_args(argv)
   levels = [int(c) for c in args.levels.split(",")]
