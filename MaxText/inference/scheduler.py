@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import page_manager
@@ -557,6 +558,8 @@ class Scheduler:
         self._step_rows(rows)
         times.append(time.perf_counter() - start)
       seconds[rows] = min(times)
+    if jax.process_count() > 1:  # every process must step the same programs: process 0's timings decide
+      seconds = dict(zip(seconds, multihost_utils.broadcast_one_to_all(np.asarray(list(seconds.values())))))
     self.bucket_for = cheapest_buckets(seconds, len(self._slots))
     logger.info(
         "generate step by row bucket: %s ms; a highest occupied slot below each steps: %s",
