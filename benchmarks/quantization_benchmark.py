@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from MaxText import pyconfig, sharding
+from MaxText import pyconfig, sharding, startup
 from MaxText.inference import engine as engine_lib
 from MaxText.layers import model_creation, quantization
 
@@ -125,6 +125,8 @@ def main(argv: list[str]):
   args = parser.parse_args(argv)
   rest = list(args.rest)
   config_path = rest.pop(0) if rest and "=" not in rest[0] else "MaxText/configs/base.yml"
+  # The process set up as the entry points' is (reuse_host_memory on CPU) before JAX starts.
+  startup.start(["", config_path, *BASE, *rest])
   run(
       args.preset,
       rest,
