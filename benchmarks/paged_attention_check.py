@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from MaxText import pyconfig
+from MaxText import pyconfig, startup
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import page_manager
 from MaxText.layers import model_creation
@@ -97,6 +97,8 @@ def main(argv):
   parser.add_argument("--slots", type=int, default=32)
   parser.add_argument("--steps", type=int, default=20)
   args = parser.parse_args(argv)
+  # The process set up as the entry points' is (reuse_host_memory on CPU) before anything starts JAX.
+  startup.start(["", str(pyconfig.CONFIGS_DIR / "base.yml"), "log_config=False"])
   gpu = jax.default_backend() == "gpu"
   dims = {"max_target_length": 48, "max_prefill_predict_length": 16, "dtype": "float32"}
   paged = {"attention": "paged", "pagedattn_num_pages": 3 * args.slots + 1}
