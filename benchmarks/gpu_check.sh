@@ -2,7 +2,7 @@
 # Every GPU-only check and benchmark in one call, for a single H100/H200, in under 8 minutes; installs nothing
 # (needs jax[cuda], flax, optax, orbax and this repo's other requirements already present).
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine, from the repo root
-#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh   # same script at tiny sizes on CPU (what CI can run)
+#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh   # same script at tiny sizes on CPU (CI: tests/test_gpu_check.py)
 # Sections: cuDNN attention vs dot_product (numerics, kernel actually used, speed); ~1.2B Llama training MFU at
 # seq 2048; decode tokens/s at batch 1 and 32 vs the HBM roofline; then the commands other engineers listed in
 # benchmarks/gpu_check_requests.md and /work/notes/gpu_check_requests.md (fenced ```sh blocks, one command per
