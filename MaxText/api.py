@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from MaxText import pyconfig, sharding, startup, storage, train
+from MaxText import pyconfig, sharding, startup, storage, training
 from MaxText.config_schema import ConfigError
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import loading, sampling
@@ -37,7 +37,7 @@ class Model:
     # Unrolled layers, as the engine runs them (the layout of `params` does not matter).
     self.config = engine_lib.unrolled_config(config)
     self.mesh = mesh if mesh is not None else sharding.create_mesh(config)
-    self._graphdef, self._rest, _, self._param_shardings = train.build_model_skeleton(self.config, self.mesh)
+    self._graphdef, self._rest, _, self._param_shardings = training.build_model_skeleton(self.config, self.mesh)
     self.params = jax.device_put(engine_lib.unrolled_params(params, self.config.param_scan_axis), self._param_shardings)
     self._schedulers: dict[engine_lib.EngineDims, scheduler_lib.Scheduler] = {}
 
@@ -139,6 +139,6 @@ def load(config_path: str, **config_keys) -> Model:
   config = engine_lib.unrolled_config(pyconfig.initialize(["", config_path], **config_keys))
   startup.use_compile_cache(config)
   mesh = sharding.create_mesh(config)
-  _, _, abstract_params, param_shardings = train.build_model_skeleton(config, mesh)
+  _, _, abstract_params, param_shardings = training.build_model_skeleton(config, mesh)
   params = loading.load_params(config, abstract_params, param_shardings)
   return Model(config, params, mesh)

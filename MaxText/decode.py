@@ -19,6 +19,7 @@ from MaxText import pyconfig, startup
 from MaxText.config_schema import ConfigError
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import loading
+from MaxText.inference import request as request_lib
 from MaxText.inference import scheduler as scheduler_lib
 from MaxText.input_pipeline.tokenizer import Tokenizer, build_tokenizer
 
@@ -58,7 +59,7 @@ def encode_prompts(config, tokenizer: Tokenizer, key: str, prompts: Sequence[str
   return encoded
 
 
-def run(config) -> scheduler_lib.SchedulerStats:
+def run(config) -> request_lib.SchedulerStats:
   """Decodes and prints every prompt (through the Scheduler, as the server does); returns its statistics."""
   tokenizer = build_tokenizer(config)
   key, prompts = read_prompts(config)

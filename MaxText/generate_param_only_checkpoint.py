@@ -14,7 +14,7 @@ from typing import Sequence
 
 import jax
 
-from MaxText import checkpointing, lora, pyconfig, sharding, startup, train
+from MaxText import checkpointing, lora, pyconfig, sharding, startup, training
 from MaxText.inference import loading
 from MaxText.config_schema import ConfigError
 
@@ -36,7 +36,7 @@ def source_path(config) -> str:
 def merged_lora_params(config):
   """A LoRA config's base + adapters folded into plain params (see inference/loading.py for the sources)."""
   mesh = sharding.create_mesh(config)
-  _, _, abstract, shardings = train.build_model_skeleton(config, mesh)
+  _, _, abstract, shardings = training.build_model_skeleton(config, mesh)
   params = loading.load_params(config, abstract, shardings)
   return lora.merge(params, lora.scale(config), config.param_scan_axis)
 
@@ -47,7 +47,7 @@ def export(config, out: str = "") -> str:
     params, src = merged_lora_params(config), "base + LoRA adapters"
   else:
     mesh = sharding.create_mesh(config)
-    setup = train.TrainSetup(config, mesh)
+    setup = training.TrainSetup(config, mesh)
     src = source_path(config)
     params = checkpointing.load_params(src, setup.abstract_state["params"], setup.param_shardings, config.param_scan_axis)
   checkpointing.save_params(out, params)

@@ -45,6 +45,7 @@ from MaxText.config.serve import API_KEY_ENV
 from MaxText.config_schema import ConfigError
 from MaxText.inference import loading, sampling
 from MaxText.inference import engine as engine_lib
+from MaxText.inference import request as request_lib
 from MaxText.inference import scheduler as scheduler_lib
 from MaxText.input_pipeline import chat
 from MaxText.input_pipeline.tokenizer import Tokenizer, build_tokenizer
@@ -115,7 +116,7 @@ class ChatRequest(_Sampling):
 class _Choice:
   """One scheduler request answered as one choice: what its response has shown so far."""
 
-  request: scheduler_lib.Request
+  request: request_lib.Request
   index: int
   top: Optional[int]  # logprobs shown with this many alternatives; None: no logprobs in the response
   echo: bool = False
@@ -185,7 +186,7 @@ class Server:
       sample: int = 0,
       logprobs: Optional[int] = None,
       echo: bool = False,
-  ) -> scheduler_lib.Request:
+  ) -> request_lib.Request:
     """Validates lengths against the engine and builds the scheduler request (`sample` j of n draws with seed + j)."""
     dims = self.scheduler.engine.dims
     if not prompt:
@@ -223,7 +224,7 @@ class Server:
     params = sampling.SamplingParams(
         body.temperature, body.top_k, body.top_p, seed + sample, body.presence_penalty, body.frequency_penalty
     )
-    return scheduler_lib.Request(
+    return request_lib.Request(
         prompt=prompt,
         max_tokens=max_tokens,
         sampling=params,
@@ -264,7 +265,7 @@ class Server:
 
   # ------------------------------------------------------------------ responses
 
-  def _top(self, entry: scheduler_lib.TokenLogprob, token: int, top: int) -> dict[str, float]:
+  def _top(self, entry: request_lib.TokenLogprob, token: int, top: int) -> dict[str, float]:
     """OpenAI's top_logprobs entry of /v1/completions: {token text: logprob}, the chosen token included."""
     shown = {self._token_text(t): _finite(lp) for t, lp in entry.top[:top]}
     shown.setdefault(self._token_text(token), _finite(entry.logprob))

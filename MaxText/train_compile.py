@@ -15,7 +15,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from MaxText import aot_report, metrics, sharding, startup, topology, train
+from MaxText import aot_report, metrics, sharding, startup, topology, training
 from MaxText.layers import decoders, pipeline
 
 logger = logging.getLogger("MaxText")
@@ -33,7 +33,7 @@ def target_devices(config):
 def compile_train_step(config):
   """(compiled step, TrainSetup) for abstract inputs on the config's mesh."""
   mesh = sharding.create_mesh(config, target_devices(config))
-  setup = train.TrainSetup(config, mesh)
+  setup = training.TrainSetup(config, mesh)
   shape = (config.global_batch_size_to_load, config.max_target_length)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in _BATCH_KEYS}
   state = jax.tree.map(
@@ -45,7 +45,7 @@ def compile_train_step(config):
   # LoRA's frozen base or DPO's reference model: an argument of the step, held like the params.
   frozen = (abstract(setup.abstract_frozen, setup.frozen_shardings),) if setup.has_frozen else ()
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    step, _, _ = train.compile_train_step(setup, batch)
+    step, _, _ = training.compile_train_step(setup, batch)
     return step.lower(state, batch, *frozen).compile(), setup
 
 
@@ -108,7 +108,7 @@ def main(argv: Sequence[str]):
   report(config, compiled, setup)
   print(f"compile time: {seconds:.1f} s")
   if config.compiled_trainstep_file:
-    train.save_compiled_step(compiled, config.compiled_trainstep_file)
+    training.save_compiled_step(compiled, config.compiled_trainstep_file)
     print(f"compiled train step written to {config.compiled_trainstep_file}")
 
 

@@ -46,6 +46,7 @@ from flax import nnx
 
 from MaxText import pyconfig, serve, startup
 from MaxText.inference import engine as engine_lib
+from MaxText.inference import request as request_lib
 from MaxText.inference import scheduler as scheduler_lib
 from MaxText.layers import model_creation
 
@@ -113,7 +114,7 @@ def run_static(scheduler, prompts, concurrency: int, max_tokens: int, requests: 
       break
     wave = [prompts[i % len(prompts)] for i in range(wave_start, min(wave_start + concurrency, requests))]
     t0 = time.perf_counter()
-    scheduler.stats = scheduler_lib.SchedulerStats()
+    scheduler.stats = request_lib.SchedulerStats()
     outputs = scheduler_lib.decode_prompts(scheduler, wave, max_new_tokens=max_tokens)
     stats = scheduler.stats
     # Static batching: all prompts are prefilled before the first decode step, so the wave's first tokens arrive
@@ -229,7 +230,7 @@ def run_mixed_static(scheduler, workload, clients: int, duration: float) -> dict
     time.sleep(max(0.0, start + wave[-1][0] - time.perf_counter()))  # the wave is complete when its last arrives
     if time.perf_counter() - start > duration:
       break
-    requests = [scheduler_lib.Request(p, m) for _, p, m in wave]
+    requests = [request_lib.Request(p, m) for _, p, m in wave]
     for r in requests:
       scheduler.submit(r)
     # Static batching: every prompt of the wave is prefilled before the first decode step.
@@ -269,7 +270,7 @@ def mixed_rows(args, params, config, paged) -> list[tuple[str, float, int, dict]
     for round_ in range(args.rounds):
       workload = _mixed_workload(args, rate, np.random.default_rng(3 + round_))
       for mode, scheduler, run in modes:
-        scheduler.stats = scheduler_lib.SchedulerStats()
+        scheduler.stats = request_lib.SchedulerStats()
         rows.append((mode, rate, round_, run(workload)))
         print(f"{mode} at {rate}/s, round {round_ + 1}: {scheduler.stats.summary()}", flush=True)
   http.should_exit = True

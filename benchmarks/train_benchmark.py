@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from MaxText import metrics, pyconfig, sharding, startup, train
+from MaxText import metrics, pyconfig, sharding, startup, training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,11 +53,11 @@ class MaxTextTrainRunner:
 
     self.config = config
     self.mesh = sharding.create_mesh(config)
-    setup = train.TrainSetup(config, self.mesh)
+    setup = training.TrainSetup(config, self.mesh)
     with sharding.use_mesh(self.mesh, config.logical_axis_rules):
       data, _ = input_pipeline.create_data_iterators(config, self.mesh)
       self.batch = next(data)
-      step_fn, _, _ = train.compile_train_step(setup, self.batch)
+      step_fn, _, _ = training.compile_train_step(setup, self.batch)
       self.state = setup.init_state()
       self.frozen = (setup.load_frozen(),) if setup.has_frozen else ()  # LoRA base or DPO reference
       start = time.perf_counter()

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from MaxText import checkpointing, pyconfig, sharding, train
+from MaxText import checkpointing, pyconfig, sharding, training
 from MaxText.inference import sampling
 from MaxText.layers import cache as cache_lib
 from MaxText.layers import scan_layout
@@ -162,7 +162,9 @@ class Engine:
     self.page_spec = None
     if config.attention == "paged":
       self.page_spec = cache_lib.page_spec_from_config(config, self.dims.max_cache_length)
-    self.graphdef, self.rest, self.abstract_params, self.param_shardings = train.build_model_skeleton(config, self.mesh)
+    self.graphdef, self.rest, self.abstract_params, self.param_shardings = training.build_model_skeleton(
+        config, self.mesh
+    )
     abstract_cache = jax.eval_shape(lambda p: self._cache_state(self._slots_model(p)), self.abstract_params)
     self.cache_shardings = _pure(sharding.state_shardings(abstract_cache, self.rules, self.mesh))
     slot_sharding = sharding.logical_to_sharding(

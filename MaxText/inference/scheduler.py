@@ -8,11 +8,11 @@ running request never runs out; one that does not fit waits in the queue (FIFO) 
 contiguous cache a slot holds a whole sequence, so a free slot is all a request needs. Shapes are fixed (slots, row
 buckets, prefill buckets), so after warm-up no request compiles anything.
 
-Each request has its own sampling settings, token budget, stop token ids and stop strings; its output arrives as
-`Event`s (text and token deltas, then a finish reason) through its callback, from the engine thread. A request that
-asks for logprobs gets each new token's logprob and top alternatives (the engine's logprob variants run only while
-such a request is in the batch); `echo` adds the prompt tokens' logprobs, and with max_tokens 0 the request is
-scored (prefilled) without taking a slot.
+Each request (MaxText.inference.request) has its own sampling settings, token budget, stop token ids and stop
+strings; its output arrives as `Event`s (text and token deltas, then a finish reason) through its callback, from
+the engine thread. A request that asks for logprobs gets each new token's logprob and top alternatives (the
+engine's logprob variants run only while such a request is in the batch); `echo` adds the prompt tokens' logprobs,
+and with max_tokens 0 the request is scored (prefilled) without taking a slot.
 
 Chunked prefill: a prompt longer than the prefill length (max_prefill_predict_length, C) takes its slot and books
 its pages at once, then is prefilled in pieces between generate steps (a few per round, see max_prefills_per_step),
@@ -27,8 +27,6 @@ into its prefix (Engine.gather) and computes only the rest (Engine.extend, in ch
 """
 
 import collections
-import dataclasses
-import itertools
 import logging
 import queue
 import threading
@@ -41,106 +39,13 @@ from jax.experimental import multihost_utils
 
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import page_manager
+from MaxText.inference import request as request_lib
 from MaxText.inference import sampling as sampling_lib
 
 logger = logging.getLogger("MaxText")
-_IDS = itertools.count()
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax's event for each XLA compile
 # ... and for an executable loaded from the persistent compilation cache instead (jax_compilation_cache_dir)
 CACHE_LOAD_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-  """A token's logprob and the `top` (token id, logprob) alternatives, most likely first."""
-
-  logprob: float
-  top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclasses.dataclass
-class Event:
-  """New output of a request: token ids and the text they completed (with their logprobs when the request asked);
-  `finish_reason` on the last event ("stop": stop token or string, "length": max_tokens or the context,
-  "cancelled", "error")."""
-
-  token_ids: list[int]
-  text: str
-  finish_reason: Optional[str] = None
-  error: str = ""
-  logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass(eq=False)
-class Request:
-  """A prompt (token ids) to continue by at most `max_tokens` tokens (0: echo only).
-
-  `logprobs`: None, or how many top alternatives (<= sampling.MAX_TOP_LOGPROBS) to report with each new token's
-  logprob. `echo`: also the prompt tokens' logprobs (`prompt_logprobs`, one per prompt token after the first).
-  """
-
-  prompt: Sequence[int]
-  max_tokens: int
-  sampling: sampling_lib.SamplingParams = dataclasses.field(default_factory=sampling_lib.SamplingParams)
-  stop: tuple[str, ...] = ()
-  stop_ids: tuple[int, ...] = ()
-  logprobs: Optional[int] = None
-  echo: bool = False
-  on_event: Optional[Callable[[Event], None]] = None  # called on the engine thread; default: the `events` queue
-  id: int = dataclasses.field(default_factory=lambda: next(_IDS))
-  # Filled in by the scheduler.
-  output_ids: list[int] = dataclasses.field(default_factory=list)
-  output_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
-  prompt_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
-  text: str = ""
-  finish_reason: Optional[str] = None
-  submitted_at: float = 0.0
-  first_token_at: Optional[float] = None
-  events: "queue.Queue[Event]" = dataclasses.field(default_factory=queue.Queue)
-  cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-  done: threading.Event = dataclasses.field(default_factory=threading.Event)
-  _emitted: int = 0
-  _cached: int = 0  # tokens in the KV cache
-  _prefix: Optional[engine_lib.Prefix] = None  # a chunked prefill in progress
-
-  def emit(self, event: Event):
-    (self.on_event or self.events.put)(event)
-
-
-@dataclasses.dataclass
-class SchedulerStats:
-  """Counters the server exports as metrics and the decode CLI prints (read from other threads; each field is
-  updated atomically). Times are wall seconds of prefill (with insert) and of generate steps."""
-
-  prompt_tokens: int = 0
-  generated_tokens: int = 0  # every new token, the ones prefill samples included
-  finished_requests: int = 0
-  prefill_calls: int = 0
-  prefill_seconds: float = 0.0
-  step_tokens: int = 0  # tokens of generate steps
-  generate_steps: int = 0
-  generate_seconds: float = 0.0
-  ttft_seconds: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=1000))
-  recent_tokens: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=4096))
-
-  def summary(self) -> str:
-    """The throughput line the decode CLI prints."""
-
-    def rate(tokens, seconds):
-      return tokens / seconds if seconds > 0 else 0.0
-
-    return (
-        f"prefill: {self.prompt_tokens} tokens in {self.prefill_calls} calls, {self.prefill_seconds:.3f} s"
-        f" ({rate(self.prompt_tokens, self.prefill_seconds):.1f} tokens/s); generate: {self.step_tokens} tokens in"
-        f" {self.generate_steps} steps, {self.generate_seconds:.3f} s"
-        f" ({rate(self.step_tokens, self.generate_seconds):.1f} tokens/s)"
-    )
-
-  def tokens_per_second(self, window: float = 10.0) -> float:
-    """Generated tokens per second over the last `window` seconds."""
-    now = time.monotonic()
-    recent = [(t, n) for t, n in list(self.recent_tokens) if now - t <= window]
-    return sum(n for _, n in recent) / window if recent else 0.0
 
 
 def cheapest_buckets(seconds: dict[int, float], slots: int, margin: float = 0.9) -> list[int]:
@@ -182,12 +87,12 @@ class Scheduler:
       self.pages = page_manager.PageManager(spec.num_pages, spec.tokens_per_page, spec.max_pages_per_slot, slots)
     self.max_prefills_per_step = max_prefills_per_step
     self.prefix_caching = prefix_caching and self.pages is not None
-    self.stats = SchedulerStats()
-    self._inbox: "queue.Queue[Request]" = queue.Queue()
+    self.stats = request_lib.SchedulerStats()
+    self._inbox: "queue.Queue[request_lib.Request]" = queue.Queue()
     self._wake = threading.Event()
     self._stop = threading.Event()
-    self._waiting: collections.deque[Request] = collections.deque()
-    self._slots: list[Optional[Request]] = [None] * slots
+    self._waiting: collections.deque[request_lib.Request] = collections.deque()
+    self._slots: list[Optional[request_lib.Request]] = [None] * slots
     self._state = engine.init_decode_state()
     self._table_version = None  # (pages.version, slots still prefilling) of the table on the device
     # Generate steps only slots [0, rows) for one of these covering every occupied slot (slots are filled lowest
@@ -199,7 +104,7 @@ class Scheduler:
 
   # ------------------------------------------------------------------ client side (any thread)
 
-  def submit(self, request: Request) -> Request:
+  def submit(self, request: request_lib.Request) -> request_lib.Request:
     """Queues a request; ValueError for an empty prompt or one the prefill or the context cannot hold."""
     dims = self.engine.dims
     if not request.prompt:
@@ -222,7 +127,7 @@ class Scheduler:
     self._wake.set()
     return request
 
-  def cancel(self, request: Request):
+  def cancel(self, request: request_lib.Request):
     """Stops a request (e.g. its client disconnected); its slot and pages are freed before the next step."""
     request.cancelled.set()
     self._wake.set()
@@ -261,16 +166,16 @@ class Scheduler:
     # cached path instead of the prefills being compiled; that path is compiled on its own below.
     caching, self.prefix_caching = self.prefix_caching, False
     if self.pages is not None:  # grows past a page: the page-table update
-      self.submit(Request([1], min(self.pages.tokens_per_page + 1, dims.max_cache_length - 1)))
+      self.submit(request_lib.Request([1], min(self.pages.tokens_per_page + 1, dims.max_cache_length - 1)))
     for bucket in sorted({engine_lib.bucket_length(n, chunk) for n in prompt_lengths if n <= chunk}):
-      self.submit(Request([1] * bucket, 1))
+      self.submit(request_lib.Request([1] * bucket, 1))
       if logprobs:
-        self.submit(Request([1] * bucket, 0, echo=True))
+        self.submit(request_lib.Request([1] * bucket, 0, echo=True))
     # Chunked prefill: the first piece (a prefill into a context-long cache) per bucket, then one chunk.
     room = dims.max_cache_length - 1 - chunk  # the longest first piece that leaves room for a chunk and a token
     long = [n for n in prompt_lengths if n > chunk] if room > 0 else []
     for bucket in sorted({engine_lib.bucket_length(min(n - (n - 1) // chunk * chunk, room), chunk) for n in long}):
-      self.submit(Request([1] * (min(bucket, room) + chunk), 1))
+      self.submit(request_lib.Request([1] * (min(bucket, room) + chunk), 1))
     self.run_until_idle()
     self.prefix_caching = caching
     if self.prefix_caching:  # a cache hit: gather, then a padded piece of every bucket
@@ -283,7 +188,7 @@ class Scheduler:
       if prefix is not None:  # insert from a prefix that long (slot 0 is empty: its writes go to the scratch page)
         self._state = self.engine.insert(prefix, self._state, 0)
       self.pages.hit_tokens = 0
-    self.stats = SchedulerStats()  # the warm-up's compile time is no one's throughput
+    self.stats = request_lib.SchedulerStats()  # the warm-up's compile time is no one's throughput
 
   # ------------------------------------------------------------------ engine thread
 
@@ -385,7 +290,7 @@ class Scheduler:
     need = pages.new_pages_for(total, shared)
     return pages.pages_for(total) <= pages.max_pages_per_slot and need <= pages.available
 
-  def _start_cached(self, slot: int, request: Request, total: int, shared: list[int]):
+  def _start_cached(self, slot: int, request: request_lib.Request, total: int, shared: list[int]):
     """Shares the cached pages of the prompt's leading blocks, gathers them into a prefix and computes the first
     piece of the rest (the rest of it, chunk by chunk, in the next rounds)."""
     start = time.perf_counter()
@@ -400,7 +305,7 @@ class Scheduler:
     self.stats.prefill_seconds += time.perf_counter() - start
     self._extend(slot, request)
 
-  def _start_chunked(self, slot: int, request: Request, total: int):
+  def _start_chunked(self, slot: int, request: request_lib.Request, total: int):
     """Takes the slot and books the pages of a long prompt, and prefills its first piece: the remainder that leaves
     whole chunks after it (pages are taken only at insert, so until then the slot steps into the scratch page)."""
     start = time.perf_counter()
@@ -438,7 +343,7 @@ class Scheduler:
       done += 1
     return done
 
-  def _extend(self, slot: int, request: Request):
+  def _extend(self, slot: int, request: request_lib.Request):
     """The next piece (at most a chunk, the last one padded to its bucket) of a prompt whose prefix is cached."""
     start = time.perf_counter()
     chunk, done = self.engine.dims.max_prefill_length, request._cached  # pylint: disable=protected-access
@@ -482,7 +387,7 @@ class Scheduler:
     tokens[: len(ids)] = ids
     return tokens
 
-  def _prefill(self, request: Request) -> engine_lib.Prefix:
+  def _prefill(self, request: request_lib.Request) -> engine_lib.Prefix:
     """The request's prompt prefilled (with the logprobs it asks for); prompt_logprobs recorded for echo."""
     n = len(request.prompt)
     prefix = self.engine.prefill(
@@ -490,18 +395,18 @@ class Scheduler:
     )
     if request.echo:
       host = jax.tree.map(np.asarray, prefix.prompt_logprobs)
-      request.prompt_logprobs = [_token_logprob(host, (0, i), request.logprobs or 0) for i in range(n - 1)]
+      request.prompt_logprobs = [request_lib.token_logprob(host, (0, i), request.logprobs or 0) for i in range(n - 1)]
     self.stats.prefill_calls += 1
     self.stats.prompt_tokens += n
     return prefix
 
-  def _score(self, request: Request):
+  def _score(self, request: request_lib.Request):
     start = time.perf_counter()
     self._prefill(request)
     self.stats.prefill_seconds += time.perf_counter() - start
     self._close(request, "length")
 
-  def _prefill_into(self, slot: int, request: Request, total: int):
+  def _prefill_into(self, slot: int, request: request_lib.Request, total: int):
     n = len(request.prompt)
     start = time.perf_counter()
     self._slots[slot] = request
@@ -517,11 +422,11 @@ class Scheduler:
     self.stats.prefill_seconds += time.perf_counter() - start
     self._accept_first(slot, request, prefix)
 
-  def _accept_first(self, slot: int, request: Request, prefix: engine_lib.Prefix):
+  def _accept_first(self, slot: int, request: request_lib.Request, prefix: engine_lib.Prefix):
     """The token the prefill sampled (with its logprob when the request asked)."""
     logprob = None
     if request.logprobs is not None:
-      logprob = _token_logprob(jax.tree.map(np.asarray, prefix.logprobs), (0,), request.logprobs)
+      logprob = request_lib.token_logprob(jax.tree.map(np.asarray, prefix.logprobs), (0,), request.logprobs)
     self._accept(slot, request, int(np.asarray(prefix["tokens"])[0]), logprob)
 
   def _generate(self):
@@ -543,7 +448,7 @@ class Scheduler:
     for slot, request in active.items():
       if self._slots[slot] is request:
         request._cached += 1  # pylint: disable=protected-access
-        logprob = None if request.logprobs is None else _token_logprob(stats, (slot,), request.logprobs)
+        logprob = None if request.logprobs is None else request_lib.token_logprob(stats, (slot,), request.logprobs)
         self._accept(slot, request, int(host[slot]), logprob)
 
   def _rank_buckets(self, repeats: int = 3):
@@ -576,7 +481,9 @@ class Scheduler:
     self._state, tokens, stats = self.engine.generate_with_logprobs(self.params, self._state, rows=rows)
     return np.asarray(tokens), jax.tree.map(np.asarray, stats)
 
-  def _accept(self, slot: int, request: Request, token: int, logprob: Optional[TokenLogprob] = None):
+  def _accept(
+      self, slot: int, request: request_lib.Request, token: int, logprob: Optional[request_lib.TokenLogprob] = None
+  ):
     """Records a new token (and its logprob when the request asked): text delta, stop checks, finish."""
     if request.first_token_at is None:
       request.first_token_at = time.monotonic()
@@ -591,7 +498,7 @@ class Scheduler:
     elif len(request.output_ids) >= request.max_tokens:
       reason = "length"
     if self.decode is None:
-      request.emit(Event([token], "", reason, logprobs=logprobs))
+      request.emit(request_lib.Event([token], "", reason, logprobs=logprobs))
       if reason is not None:
         self._release(slot, request, reason)
       return
@@ -608,16 +515,16 @@ class Scheduler:
       while safe > request._emitted and text[safe - 1] == "\ufffd":  # pylint: disable=protected-access
         safe -= 1
       if safe > request._emitted:  # pylint: disable=protected-access
-        request.emit(Event([token], text[request._emitted : safe], logprobs=logprobs))  # pylint: disable=protected-access
+        request.emit(request_lib.Event([token], text[request._emitted : safe], logprobs=logprobs))  # pylint: disable=protected-access
         request._emitted = safe  # pylint: disable=protected-access
       else:
-        request.emit(Event([token], "", logprobs=logprobs))
+        request.emit(request_lib.Event([token], "", logprobs=logprobs))
       return
-    request.emit(Event([token], text[request._emitted :], reason, logprobs=logprobs))  # pylint: disable=protected-access
+    request.emit(request_lib.Event([token], text[request._emitted :], reason, logprobs=logprobs))  # pylint: disable=protected-access
     request._emitted = len(text)  # pylint: disable=protected-access
     self._release(slot, request, reason)
 
-  def _release(self, slot: int, request: Request, reason: str):
+  def _release(self, slot: int, request: request_lib.Request, reason: str):
     request._prefix = None  # pylint: disable=protected-access
     self._slots[slot] = None
     if self.pages is not None:
@@ -626,21 +533,15 @@ class Scheduler:
     self.stats.finished_requests += 1
     request.done.set()
 
-  def _finish(self, slot: int, request: Request, reason: str, error: str = ""):
-    request.emit(Event([], "", reason, error))
+  def _finish(self, slot: int, request: request_lib.Request, reason: str, error: str = ""):
+    request.emit(request_lib.Event([], "", reason, error))
     self._release(slot, request, reason)
 
-  def _close(self, request: Request, reason: str, error: str = ""):
+  def _close(self, request: request_lib.Request, reason: str, error: str = ""):
     request.finish_reason = reason
     self.stats.finished_requests += 1
-    request.emit(Event([], "", reason, error))
+    request.emit(request_lib.Event([], "", reason, error))
     request.done.set()
-
-
-def _token_logprob(stats: dict, index: tuple, top: int) -> TokenLogprob:
-  """The TokenLogprob at `index` of host sampling.token_logprobs arrays, with `top` alternatives."""
-  ids, values = stats["top_ids"][index][:top], stats["top_logprobs"][index][:top]
-  return TokenLogprob(float(stats["logprob"][index]), tuple(zip(map(int, ids), map(float, values))))
 
 
 def decode_prompts(
@@ -665,7 +566,7 @@ def decode_prompts(
       raise ValueError(f"prompt {i} is empty")
     budget = dims.max_cache_length - len(ids)
     budget = budget if max_new_tokens is None else min(budget, max_new_tokens)
-    request = Request(list(ids), budget, sampling_params[i], stop_ids=tuple(stop_ids))
+    request = request_lib.Request(list(ids), budget, sampling_params[i], stop_ids=tuple(stop_ids))
     requests.append(request)
     if budget > 0:
       scheduler.submit(request)

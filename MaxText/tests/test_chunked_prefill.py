@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from MaxText.inference import engine as engine_lib
+from MaxText.inference import request as request_lib
 from MaxText.inference import scheduler as scheduler_lib
 from MaxText.tests import model_test_utils as mtu
 
@@ -78,10 +79,10 @@ def test_running_requests_keep_decoding_while_a_long_prompt_prefills(pieces, rou
   kw, _, params = _model_and_params("tests/tiny-llama")
   engine = engine_lib.Engine(mtu.config_of(**kw), num_slots=2, max_prefill_length=CHUNK, max_cache_length=CONTEXT)
   scheduler = scheduler_lib.Scheduler(engine, engine.place_params(params), max_prefills_per_step=pieces)
-  short = scheduler.submit(scheduler_lib.Request([3, 4, 5], 20))
+  short = scheduler.submit(request_lib.Request([3, 4, 5], 20))
   scheduler.step()
   before = len(short.output_ids)
-  long = scheduler.submit(scheduler_lib.Request(list(range(1, 33)), 4))  # 32 tokens: 8 + three more chunks
+  long = scheduler.submit(request_lib.Request(list(range(1, 33)), 4))  # 32 tokens: 8 + three more chunks
   produced = []
   while not long.output_ids:
     scheduler.step()
@@ -97,6 +98,6 @@ def test_echo_is_limited_to_one_prefill():
   engine = engine_lib.Engine(mtu.config_of(**kw), num_slots=2, max_prefill_length=CHUNK, max_cache_length=CONTEXT)
   scheduler = scheduler_lib.Scheduler(engine, engine.place_params(params))
   with pytest.raises(ValueError, match="echo: prompt logprobs cover prompts of up to 8 tokens"):
-    scheduler.submit(scheduler_lib.Request([1] * 9, 0, echo=True))
+    scheduler.submit(request_lib.Request([1] * 9, 0, echo=True))
   with pytest.raises(ValueError, match="does not fit the context of 48 tokens"):
-    scheduler.submit(scheduler_lib.Request([1] * 47, 2))
+    scheduler.submit(request_lib.Request([1] * 47, 2))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText import context_parallel, sharding, train
+from MaxText import context_parallel, sharding, training
 from MaxText.config_schema import ConfigError
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import scheduler as scheduler_lib
@@ -59,10 +59,10 @@ def run_losses(tmp_path, *args) -> np.ndarray:
       tmp_path, f"max_target_length={LENGTH}", "per_device_batch_size=1", "enable_checkpointing=false", *args
   )
   mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
+  setup = training.TrainSetup(config, mesh)
   losses = []
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    step, _, data_shardings = train.compile_train_step(setup, BATCHES[0])
+    step, _, data_shardings = training.compile_train_step(setup, BATCHES[0])
     state = setup.init_state()
     for batch in BATCHES:
       state, metrics = step(state, {k: jax.device_put(v, data_shardings[k]) for k, v in batch.items()})

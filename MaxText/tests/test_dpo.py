@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText import pyconfig, sharding, train
+from MaxText import pyconfig, sharding, train, training
 from MaxText.config_schema import ConfigError
 from MaxText.input_pipeline import tokenizer as tokenizers
 from MaxText.tests.test_sft import CHATML, WORDS, first_batch, write_jsonl, write_tokenizer
@@ -86,13 +86,13 @@ def _answer_logp(model, tokens, targets_mask):
 def test_loss_and_gradients_equal_the_dpo_formula(tok_dir, tmp_path):
   config = dpo_config(tok_dir, write_jsonl(tmp_path / "p.jsonl", make_pairs(8)), dpo_beta=0.5, dpo_label_smoothing=0.1)
   batch = first_batch(config)
-  setup = train.TrainSetup(config, sharding.create_mesh(config))
+  setup = training.TrainSetup(config, sharding.create_mesh(config))
   params = jax.device_get(setup.init_state()["params"])
   noise = jax.tree.map(lambda x: 0.05 * np.random.default_rng(1).standard_normal(x.shape).astype(x.dtype), params)
   reference = jax.tree.map(lambda x, n: x + n, params, noise)
 
   def ours(p, ref):
-    total, aux = train.loss_sums(setup, p, batch, None, True, aux_losses=False, reference=ref)
+    total, aux = training.loss_sums(setup, p, batch, None, True, aux_losses=False, reference=ref)
     return total, aux["total_weights"]
 
   (loss_sum, pairs), grads = jax.value_and_grad(ours, has_aux=True)(params, reference)

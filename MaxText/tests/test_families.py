@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from MaxText import api, checkpointing, lora, models, sharding, train
+from MaxText import api, checkpointing, lora, models, sharding, train, training
 from MaxText.tests import forward_pass_logit_checker as checker
 from MaxText.tests import model_test_utils as mtu
 from MaxText.utils.ckpt_conversion import peft_export, to_huggingface, to_maxtext
@@ -192,7 +192,7 @@ def test_peft_adapter_loaded_by_peft_matches_maxtext_lora(variant, converted, tm
   if variant.name in ATTENTION_ONLY:
     keys["lora_target_modules"] = _attention_targets(variant)
   config = c.config(True, **keys)
-  _, _, abstract, _ = train.build_model_skeleton(config, sharding.create_mesh(config))
+  _, _, abstract, _ = training.build_model_skeleton(config, sharding.create_mesh(config))
   rng = np.random.default_rng(0)
   adapters = jax.tree.map(lambda x: 0.2 * rng.standard_normal(x.shape).astype(np.float32), lora.split(abstract)[1])
   adapters_dir = str(tmp_path / "adapters")
@@ -222,7 +222,7 @@ def test_peft_export_refuses_dense_mlp_adapters_peft_would_move_onto_experts(con
   c = converted(next(v for v in VARIANTS if v.name == "qwen3-moe"))
   keys = dict(lora_rank=4, base_output_directory=str(tmp_path))
   config = c.config(True, **keys)
-  _, _, abstract, _ = train.build_model_skeleton(config, sharding.create_mesh(config))
+  _, _, abstract, _ = training.build_model_skeleton(config, sharding.create_mesh(config))
   checkpointing.save_params(
       str(tmp_path / "adapters"), jax.tree.map(lambda x: np.zeros(x.shape, np.float32), lora.split(abstract)[1])
   )

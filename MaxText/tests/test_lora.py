@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from MaxText import api, checkpointing, generate_param_only_checkpoint, lora, pyconfig, sharding, train
+from MaxText import api, checkpointing, generate_param_only_checkpoint, lora, pyconfig, sharding, train, training
 from MaxText.config_schema import ConfigError
 from MaxText.inference import loading
 from MaxText.layers import linears, model_creation, quantization
@@ -27,7 +27,7 @@ def make_config(tmp_path, *args, **kw):
 
 
 def params_of(model) -> dict:
-  return train._pure(nnx.state(model, nnx.Param).to_pure_dict())  # pylint: disable=protected-access
+  return training._pure(nnx.state(model, nnx.Param).to_pure_dict())  # pylint: disable=protected-access
 
 
 def logits_of(config, params):
@@ -69,7 +69,7 @@ def test_training_freezes_the_base_and_merged_weights_equal_base_plus_adapters(t
   base_path, base = save_base(tmp_path)
   args = [f"lora_rank={RANK}", f"load_parameters_path={base_path}", "run_name=lora", "steps=6", "checkpoint_period=6"]
   config = make_config(tmp_path, *args, "per_device_batch_size=1", "learning_rate=1e-2")
-  setup = train.TrainSetup(config, sharding.create_mesh(config))
+  setup = training.TrainSetup(config, sharding.create_mesh(config))
   # Optimizer moments exist for the adapters only.
   moments = [x for x in jax.tree.leaves(setup.abstract_state["opt_state"]) if x.ndim > 0]
   assert sum(int(np.prod(x.shape)) for x in moments) == 2 * expected_count(RANK)
@@ -83,7 +83,7 @@ def test_training_freezes_the_base_and_merged_weights_equal_base_plus_adapters(t
   # Decoding: the base from load_parameters_path, the adapters from the run's newest checkpoint.
   decode_args = [f"lora_rank={RANK}", f"load_parameters_path={base_path}", "run_name=lora"]
   decode_config = make_config(tmp_path, *decode_args)
-  _, _, abstract, shardings = train.build_model_skeleton(decode_config, sharding.create_mesh(decode_config))
+  _, _, abstract, shardings = training.build_model_skeleton(decode_config, sharding.create_mesh(decode_config))
   full = jax.device_get(loading.load_params(decode_config, abstract, shardings))
   loaded_base, adapters = lora.split(full)
   want_base = traverse_util.flatten_dict(base)
@@ -139,14 +139,14 @@ def test_qlora_trains_adapters_over_an_int8_base_and_merges_to_float(tmp_path):
   _, base = save_base(tmp_path)
   quant = ["quantization=int8w", "checkpoint_is_quantized=true"]
   int8_config = make_config(tmp_path, *quant)
-  _, _, int8_abstract, _ = train.build_model_skeleton(int8_config, sharding.create_mesh(int8_config))
+  _, _, int8_abstract, _ = training.build_model_skeleton(int8_config, sharding.create_mesh(int8_config))
   int8_base = jax.device_get(quantization.quantize_params(base, int8_abstract))
   int8_path = str(tmp_path / "int8_params")
   checkpointing.save_params(int8_path, int8_base)
 
   args = [f"lora_rank={RANK}", *quant, f"load_parameters_path={int8_path}", "run_name=qlora", "steps=6"]
   config = make_config(tmp_path, *args, "checkpoint_period=6", "per_device_batch_size=1", "learning_rate=1e-2")
-  setup = train.TrainSetup(config, sharding.create_mesh(config))
+  setup = training.TrainSetup(config, sharding.create_mesh(config))
   frozen = traverse_util.flatten_dict(setup.abstract_frozen)
   kernels = [x for k, x in frozen.items() if k[-1] == "kernel" and "layers" in k]  # the layers' projections
   assert kernels and all(x.dtype == jnp.int8 for x in kernels)
@@ -154,7 +154,7 @@ def test_qlora_trains_adapters_over_an_int8_base_and_merges_to_float(tmp_path):
   assert losses(history)[-1] < losses(history)[0]
 
   decode_config = make_config(tmp_path, *args)
-  _, _, abstract, shardings = train.build_model_skeleton(decode_config, sharding.create_mesh(decode_config))
+  _, _, abstract, shardings = training.build_model_skeleton(decode_config, sharding.create_mesh(decode_config))
   full = jax.device_get(loading.load_params(decode_config, abstract, shardings))
   merged = lora.merge(full, lora.scale(config), config.param_scan_axis)
   assert not any(k[-1] == "kernel_scale" for k in traverse_util.flatten_dict(merged))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText import metrics, optimizers, pyconfig, sharding, train
+from MaxText import metrics, optimizers, pyconfig, sharding, train, training
 from MaxText.config_schema import ConfigError
 from MaxText.layers import decoders, model_creation, moe, scan_layout
 from MaxText.layers.ops import grouped_matmul as grouped_matmul_ops
@@ -387,7 +387,7 @@ def test_lb_loss_joins_the_training_objective():
   """loss_sums adds load_balance_loss_weight * lb * tokens; eval (aux_losses=False) leaves it out."""
   config = make_config("tests/tiny-qwen3-moe", load_balance_loss_weight=0.5, max_target_length=16)
   mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
+  setup = training.TrainSetup(config, mesh)
   model = build(model_name="tests/tiny-qwen3-moe")
   params = nnx.state(model, nnx.Param).to_pure_dict()
   tokens, positions, _ = model_inputs()
@@ -401,7 +401,7 @@ def test_lb_loss_joins_the_training_objective():
 
   @jax.jit
   def both(params, batch):
-    return [train.loss_sums(setup, params, batch, None, True, aux_losses=a) for a in (True, False)]
+    return [training.loss_sums(setup, params, batch, None, True, aux_losses=a) for a in (True, False)]
 
   (with_lb, aux), (without_lb, _) = both(params, batch)
   lb_sum = aux["metric_sums"]["moe_lb_loss"]  # lb * tokens
@@ -418,10 +418,10 @@ def test_routing_bias_is_not_weight_decayed():
   """The selection bias gets no gradient; AdamW's decay must not erode it (kernels still decay)."""
   config = make_config("tests/tiny-mixtral", routed_bias=True, adam_weight_decay=0.1, warmup_steps_fraction=0.0)
   abstract = nnx.state(model_creation.abstract_model(config), nnx.Param)
-  mask = train._pure(model_creation.weight_decay_mask(abstract))  # pylint: disable=protected-access
+  mask = training._pure(model_creation.weight_decay_mask(abstract))  # pylint: disable=protected-access
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
   assert [m for p, m in flat if is_routing_bias(p)] == [False] and all(m for p, m in flat if not is_routing_bias(p))
-  params = jax.tree.map(lambda a: jnp.ones(a.shape, jnp.float32), train._pure(abstract.to_pure_dict()))
+  params = jax.tree.map(lambda a: jnp.ones(a.shape, jnp.float32), training._pure(abstract.to_pure_dict()))
   tx, _ = optimizers.create_optimizer(config, mask)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   layer = updates["decoder"]["layers"]["mlp"]
@@ -525,7 +525,7 @@ def _deepseek_run(rate: float, **kw):
       **kw,
   )
   mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
+  setup = training.TrainSetup(config, mesh)
   rng = np.random.default_rng(0)
   rows = config.global_batch_size_to_train_on
   tokens = rng.integers(0, 256, (rows, 16)).astype(np.int32)
@@ -547,7 +547,7 @@ def _deepseek_run(rate: float, **kw):
         state["params"],
     )
     state = jax.device_put(state, setup.state_shardings)
-    step, _, _ = train.compile_train_step(setup, batch)
+    step, _, _ = training.compile_train_step(setup, batch)
     states, history = [jax.device_get(state)], []
     for _ in range(_BIAS_STEPS):
       state, step_metrics = step(state, batch)

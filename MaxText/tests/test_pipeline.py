@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from MaxText import aot_report, pyconfig, sharding, topology, train
+from MaxText import aot_report, pyconfig, sharding, topology, train, training
 from MaxText.config_schema import ConfigError
 from MaxText.layers import decoders, pipeline
 from MaxText.tests.test_train import TINY, losses, make_config
@@ -45,11 +45,11 @@ def _batch(config, seed=0):
 def _loss_and_grads(config):
   """(loss, aux stats, grads) at the seed's init on _batch."""
   mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
+  setup = training.TrainSetup(config, mesh)
   batch = _batch(config)
 
   def loss(params):
-    total, aux = train.loss_sums(setup, params, batch, None, deterministic=True)
+    total, aux = training.loss_sums(setup, params, batch, None, deterministic=True)
     return total / aux["total_weights"], aux
 
   with sharding.use_mesh(mesh, config.logical_axis_rules):
@@ -116,7 +116,7 @@ def test_stage_weights_are_stage_local_and_stages_exchange_by_collective_permute
   plain = _config(tmp_path, "ici_data_parallelism=2", "ici_fsdp_parallelism=4")
 
   def layer_bytes(config):
-    setup = train.TrainSetup(config, sharding.create_mesh(config))
+    setup = training.TrainSetup(config, sharding.create_mesh(config))
     leaves = jax.tree_util.tree_flatten_with_path(setup.abstract_state["params"])[0]
     shard = dict(jax.tree_util.tree_flatten_with_path(setup.param_shardings)[0])
     total = 0
@@ -130,17 +130,17 @@ def test_stage_weights_are_stage_local_and_stages_exchange_by_collective_permute
   assert piped_bytes * 2 == plain_bytes
   batch = _batch(piped)
   with sharding.use_mesh(setup.mesh, piped.logical_axis_rules):
-    step, _, _ = train.compile_train_step(setup, batch)
+    step, _, _ = training.compile_train_step(setup, batch)
     hlo = step.lower(setup.abstract_state, batch).compile().as_text()
   assert "collective-permute" in hlo
 
 
 def _compiled_step(config):
   """The config's train step compiled for abstract inputs shaped like _batch."""
-  setup = train.TrainSetup(config, sharding.create_mesh(config))
+  setup = training.TrainSetup(config, sharding.create_mesh(config))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _batch(config).items()}
   with sharding.use_mesh(setup.mesh, config.logical_axis_rules):
-    step, _, _ = train.compile_train_step(setup, batch)
+    step, _, _ = training.compile_train_step(setup, batch)
     return step.lower(setup.abstract_state, batch).compile()
 
 
@@ -297,12 +297,12 @@ def test_load_parameters_path_reads_a_pipelined_checkpoint_for_decode(tmp_path):
       "num_pipeline_microbatches=2",
   )
   mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
+  setup = training.TrainSetup(config, mesh)
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     params = setup.init_state()["params"]
   checkpointing.save_params(str(tmp_path / "piped_params"), params)
   plain = _config(tmp_path, "ici_fsdp_parallelism=8")
-  plain_setup = train.TrainSetup(plain, sharding.create_mesh(plain))
+  plain_setup = training.TrainSetup(plain, sharding.create_mesh(plain))
   loaded = checkpointing.load_params(
       str(tmp_path / "piped_params"), plain_setup.abstract_state["params"], plain_setup.param_shardings
   )

@@ -8,6 +8,7 @@ from flax import nnx
 
 from MaxText.inference import engine as engine_lib
 from MaxText.inference import page_manager
+from MaxText.inference import request as request_lib
 from MaxText.inference import scheduler as scheduler_lib
 from MaxText.tests import model_test_utils as mtu
 
@@ -155,7 +156,7 @@ def test_a_slot_prefilling_over_shared_pages_never_writes_them():
     scheduler = scheduler_lib.Scheduler(engine, params, prefix_caching=caching)
     outputs = []
     for prompts in rounds:  # slot 0: the cache's first request, then one ending at token 4, then the long prompt
-      requests = [scheduler.submit(scheduler_lib.Request(p, 6, logprobs=0)) for p in prompts]
+      requests = [scheduler.submit(request_lib.Request(p, 6, logprobs=0)) for p in prompts]
       scheduler.run_until_idle()
       outputs += [(r.output_ids, [lp.logprob for lp in r.output_logprobs]) for r in requests]
     runs.append(outputs)

@@ -24,6 +24,7 @@ from flax import nnx
 from MaxText import api, pyconfig, serve
 from MaxText.inference import sampling
 from MaxText.inference import engine as engine_lib
+from MaxText.inference import request as request_lib
 from MaxText.inference import scheduler as scheduler_lib
 from MaxText.tests import model_test_utils as mtu
 
@@ -63,7 +64,7 @@ def test_32_concurrent_requests_equal_decoding_alone(warm, reference):
     prompt = rng.integers(0, 256, int(rng.integers(1, 17))).tolist()
     sampled = i % 4 == 3
     settings = sampling.SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=i) if sampled else None
-    return scheduler_lib.Request(prompt, int(rng.integers(1, 17)), settings or sampling.SamplingParams())
+    return request_lib.Request(prompt, int(rng.integers(1, 17)), settings or sampling.SamplingParams())
 
   requests = [request(i) for i in range(32)]
   with scheduler_lib.CompileCounter() as serving:
@@ -77,7 +78,7 @@ def test_32_concurrent_requests_equal_decoding_alone(warm, reference):
     if r.sampling.temperature == 0:
       assert r.output_ids == reference(r.prompt, r.max_tokens)
   sampled = [r for r in requests if r.sampling.temperature > 0]
-  again = [scheduler_lib.Request(r.prompt, r.max_tokens, r.sampling) for r in sampled]
+  again = [request_lib.Request(r.prompt, r.max_tokens, r.sampling) for r in sampled]
   for r in again:  # alone, one after another
     scheduler.submit(r)
     scheduler.run_until_idle()
@@ -100,7 +101,7 @@ def test_row_buckets_step_the_cheapest_covering_bucket(warm, reference):
   scheduler.bucket_for = [8] * 8
   scheduler._step_rows = lambda rows, logprobs=False: stepped.append(rows) or step_rows(rows, logprobs)  # pylint: disable=protected-access
   try:
-    request = scheduler.submit(scheduler_lib.Request([3, 1, 4], 6))
+    request = scheduler.submit(request_lib.Request([3, 1, 4], 6))
     scheduler.run_until_idle()
   finally:
     scheduler._step_rows, scheduler.bucket_for = step_rows, bucket_for  # pylint: disable=protected-access
@@ -112,7 +113,7 @@ def test_page_exhaustion_queues_instead_of_failing(warm, reference):
   get their tokens."""
   scheduler, _ = warm
   prompts = [np.random.default_rng(i).integers(0, 256, 10).tolist() for i in range(8)]
-  requests = [scheduler.submit(scheduler_lib.Request(p, 22)) for p in prompts]
+  requests = [scheduler.submit(request_lib.Request(p, 22)) for p in prompts]
   scheduler.step()  # admits 4 (max_prefills_per_step), then steps them
   assert scheduler.running == 4
   scheduler.step()
@@ -127,8 +128,8 @@ def test_stop_strings_and_stop_ids(warm, reference):
   scheduler, _ = warm
   prompt = [5, 6, 7]
   out = reference(prompt, 10)
-  by_id = scheduler.submit(scheduler_lib.Request(prompt, 10, stop_ids=(out[4],)))
-  by_text = scheduler.submit(scheduler_lib.Request(prompt, 10, stop=(f" {out[3]} ",)))
+  by_id = scheduler.submit(request_lib.Request(prompt, 10, stop_ids=(out[4],)))
+  by_text = scheduler.submit(request_lib.Request(prompt, 10, stop=(f" {out[3]} ",)))
   scheduler.run_until_idle()
   assert by_id.output_ids == out[: out.index(out[4]) + 1] and by_id.finish_reason == "stop"
   assert by_text.finish_reason == "stop" and by_text.text == " ".join(map(str, out[:3]))
@@ -448,7 +449,7 @@ def test_sampled_logprobs_are_those_of_the_filtered_tempered_distribution(live, 
   server, _ = live
   prompt = [21, 22, 23, 24]
   params = sampling.SamplingParams(temperature=0.7, top_k=3, seed=3)
-  request = run_alone(server.scheduler, scheduler_lib.Request(prompt, 5, params, logprobs=4))
+  request = run_alone(server.scheduler, request_lib.Request(prompt, 5, params, logprobs=4))
   ids = prompt + request.output_ids
   for i, entry in enumerate(request.output_logprobs):
     ref = reference_logprobs(ids[: len(prompt) + i])[-1] / 0.7
@@ -469,7 +470,7 @@ def test_frequency_and_presence_penalties_follow_openais_formula(live, reference
   outputs = []
   for presence, frequency in ((0.0, 2.0), (1.5, 0.0), (-0.5, 0.5)):
     params = sampling.SamplingParams(presence_penalty=presence, frequency_penalty=frequency)
-    request = run_alone(server.scheduler, scheduler_lib.Request(prompt, 10, params))
+    request = run_alone(server.scheduler, request_lib.Request(prompt, 10, params))
     ids, counts = list(prompt), np.zeros(512)
     for _ in range(10):
       logits = reference_logprobs(ids)[-1] - frequency * counts - presence * (counts > 0)
@@ -477,7 +478,7 @@ def test_frequency_and_presence_penalties_follow_openais_formula(live, reference
       counts[ids[-1]] += 1
     assert request.output_ids == ids[len(prompt) :], (presence, frequency)
     outputs.append(request.output_ids)
-  plain = run_alone(server.scheduler, scheduler_lib.Request(prompt, 10))
+  plain = run_alone(server.scheduler, request_lib.Request(prompt, 10))
   assert all(out != plain.output_ids for out in outputs)  # the penalties changed the greedy output
   body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "presence_penalty": -0.5, "frequency_penalty": 0.5}
   _, http = post(f"{url}/v1/completions", {**body, "stop_token_ids": []})

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText import pyconfig, sharding, train
+from MaxText import pyconfig, sharding, training
 from MaxText.config_schema import ConfigError
 from MaxText.input_pipeline import chat, create_data_iterators
 from MaxText.input_pipeline import tokenizer as tokenizers
@@ -174,9 +174,9 @@ def test_packed_loss_equals_assistant_tokens_of_each_conversation_alone(tok_dirs
   assert len(found) > batch["inputs"].shape[0]
 
   mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
+  setup = training.TrainSetup(config, mesh)
   params = setup.init_state()["params"]
-  loss_sum, aux = jax.jit(lambda p, b: train.loss_sums(setup, p, b, None, True, aux_losses=False))(params, batch)
+  loss_sum, aux = jax.jit(lambda p, b: training.loss_sums(setup, p, b, None, True, aux_losses=False))(params, batch)
 
   # Reference: each conversation alone in its own row; the loss of position i is -log p(token i+1) where
   # transformers marks token i+1 as assistant.

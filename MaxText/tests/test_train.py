@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from MaxText import checkpointing, metrics, pyconfig, sharding, train
+from MaxText import checkpointing, metrics, pyconfig, sharding, train, training
 from MaxText.tests import xla_test_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def test_resume_equals_straight_run(tmp_path):
 def test_fixed_batch_overfits(tmp_path):
   config = make_config(tmp_path, "per_device_batch_size=1", "steps=60", "learning_rate=1e-2", "lr_schedule_type=constant")
   mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
+  setup = training.TrainSetup(config, mesh)
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, config.vocab_size, size=(8, 33))
   ones = np.ones((8, 32), np.int32)
@@ -118,7 +118,7 @@ def test_fixed_batch_overfits(tmp_path):
       "targets_segmentation": ones,
   }
   with sharding.use_mesh(mesh, config.logical_axis_rules):
-    step, _, data_shardings = train.compile_train_step(setup, batch)
+    step, _, data_shardings = training.compile_train_step(setup, batch)
     batch = {k: jax.device_put(v, data_shardings[k]) for k, v in batch.items()}
     state = setup.init_state()
     losses_seen = []
@@ -135,7 +135,7 @@ def test_fixed_batch_overfits(tmp_path):
 def test_params_are_sharded_by_the_rules(tmp_path):
   config = make_config(tmp_path, "ici_fsdp_parallelism=4", "ici_tensor_parallelism=2", "per_device_batch_size=1")
   mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
+  setup = training.TrainSetup(config, mesh)
   state = setup.init_state()
   flat = {
       "/".join(str(getattr(k, "key", k)) for k in path): leaf
@@ -215,7 +215,7 @@ def test_nan_loss_stops_and_keeps_checkpoints(tmp_path):
   assert sorted(int(s) for s in os.listdir(tmp_path / "nan" / "checkpoints") if s.isdigit()) == [1, 2]
   # What was written is still a valid, finite checkpoint.
   config = make_config(tmp_path, *args)
-  setup = train.TrainSetup(config, sharding.create_mesh(config))
+  setup = training.TrainSetup(config, sharding.create_mesh(config))
   manager = checkpointing.create_manager(config)
   state, step = checkpointing.restore_latest(manager, setup.abstract_state, setup.state_shardings)
   manager.close()
@@ -306,7 +306,7 @@ def test_param_only_export_roundtrips_layouts_and_dtype(tmp_path):
   assert checkpointing.layers_are_unscanned(checkpointing.stored_params_tree(out))
   # The unscanned bf16 export loads into a scanned f32 model and matches the run's own params to bf16 precision.
   config = make_config(tmp_path, "run_name=exp", *common)
-  setup = train.TrainSetup(config, sharding.create_mesh(config))
+  setup = training.TrainSetup(config, sharding.create_mesh(config))
   exported = checkpointing.load_params(out, setup.abstract_state["params"], setup.param_shardings)
   original = checkpointing.load_params(
       f"{tmp_path}/exp/checkpoints/2", setup.abstract_state["params"], setup.param_shardings

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from MaxText import aot_report, metrics, pyconfig, topology, train, train_compile
+from MaxText import aot_report, metrics, pyconfig, topology, train, train_compile, training
 from MaxText.config.declare import ConfigError
 from MaxText.tests.test_train import REPO, losses, make_config
 
@@ -43,13 +43,13 @@ def test_serialized_step_trains_like_a_fresh_compile(tmp_path):
   common = ["steps=3", "per_device_batch_size=1", "enable_checkpointing=false"]
   path = str(tmp_path / "step.pkl")
   compiled, _ = train_compile.compile_train_step(make_config(tmp_path, *common))
-  train.save_compiled_step(compiled, path)
+  training.save_compiled_step(compiled, path)
   reference = losses(train.train(make_config(tmp_path, *common, "run_name=fresh")))
   loaded = losses(train.train(make_config(tmp_path, *common, "run_name=loaded", f"compiled_trainstep_file={path}")))
   np.testing.assert_array_equal(loaded, reference)
   # A step compiled for another model is refused by name, not run on the wrong arrays.
   other, _ = train_compile.compile_train_step(make_config(tmp_path, *common, "base_num_decoder_layers=3"))
-  train.save_compiled_step(other, path)
+  training.save_compiled_step(other, path)
   with pytest.raises(ConfigError, match="compiled_trainstep_file: .* another model"):
     train.train(make_config(tmp_path, *common, "run_name=wrong", f"compiled_trainstep_file={path}"))
 

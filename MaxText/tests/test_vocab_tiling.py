@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText import pyconfig, sharding, train
+from MaxText import pyconfig, sharding, training
 from MaxText.config.declare import ConfigError
 from MaxText.layers import ops
 from MaxText.layers.ops import head_loss
@@ -53,16 +53,16 @@ def test_tiled_loss_and_grads_equal_the_unchunked_path(model_name, head):
 
 def _train_loss_and_grads(config, params, batch):
   mesh = sharding.create_mesh(config)
-  setup = train.TrainSetup(config, mesh)
+  setup = training.TrainSetup(config, mesh)
   params = jax.device_put(params, setup.param_shardings)
-  loss = lambda p: train.loss_sums(setup, p, batch, jax.random.key(0), deterministic=True)[0]
+  loss = lambda p: training.loss_sums(setup, p, batch, jax.random.key(0), deterministic=True)[0]
   with sharding.use_mesh(mesh, config.logical_axis_rules):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
 @pytest.mark.parametrize("head", ops.HEAD_LOSSES)
 def test_train_loss_with_fsdp_over_8_devices_equals_unchunked(head):
-  """The training loss (train.loss_sums) with the batch and params sharded over fsdp=8."""
+  """The training loss (training.loss_sums) with the batch and params sharded over fsdp=8."""
   kw = dict(per_device_batch_size=1, max_target_length=32, ici_fsdp_parallelism=8, head_loss=head, z_loss_multiplier=1e-3)
   params = nnx.to_pure_dict(nnx.state(model_test_utils.build(**kw), nnx.Param))
   rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
-from MaxText import models, sharding, storage, train
+from MaxText import models, sharding, storage, training
 from MaxText.config.lora import EXPERT_TARGETS
 from MaxText.config_schema import ConfigError
 from MaxText.inference import loading
@@ -97,7 +97,7 @@ def export(config, out_path: str) -> str:
   if storage.is_remote(out_path):
     storage.check_writable("peft_output_path", out_path)
   mesh = sharding.create_mesh(config)
-  _, _, abstract, shardings = train.build_model_skeleton(config, mesh)
+  _, _, abstract, shardings = training.build_model_skeleton(config, mesh)
   adapters = jax.device_get(loading.load_adapters(config, abstract, shardings))
   flat = {tuple(str(k) for k in key): np.asarray(v) for key, v in traverse_util.flatten_dict(adapters).items()}
   kernels = {tuple(str(k) for k in key): v.shape for key, v in traverse_util.flatten_dict(abstract).items()}
