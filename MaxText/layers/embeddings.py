@@ -44,7 +44,9 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array, *, compute_dtype: jnp.dtype | None = None) -> jax.Array:
     dtype = compute_dtype or self.dtype
-    return jnp.einsum("...e,ve->...v", x.astype(dtype), self.embedding[...].astype(dtype))
+    # Accumulated in float32 (XLA:CPU's fast bf16 path, ops/matmul.py), rounded once to dtype.
+    table = self.embedding[...].astype(dtype)
+    return jnp.einsum("...e,ve->...v", x.astype(dtype), table, preferred_element_type=jnp.float32).astype(dtype)
 
 
 def rope_inv_frequencies(

@@ -1,13 +1,15 @@
 """The CPU-tuned ops (layers/ops: explicit matmul backward, fused head + cross-entropy, causal query blocks) against
 their plain forms, each op alone and in the model under both settings of its config key."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from MaxText.layers import attentions, linears, losses, ops
+from MaxText.layers import attentions, embeddings, linears, losses, ops
 from MaxText.layers.ops import attention as attention_ops
 from MaxText.layers.ops import head_loss, matmul
 from MaxText.tests import model_test_utils
@@ -45,6 +47,56 @@ def test_dense_matmul_value_and_gradients_equal_einsum(x_shape, k_shape, n_in, b
   got = jax.value_and_grad(loss(lambda x, k: matmul.dense_matmul(x, k, n_in, backward)), argnums=(0, 1))(x, kernel)
   want = jax.value_and_grad(loss(plain), argnums=(0, 1))(x, kernel)
   _assert_trees_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _dot_types(fn, *args) -> list[str]:
+  """`lhs,rhs->result` element types of every dot_general in fn's program, as JAX emits it."""
+  text = jax.jit(fn).lower(*args).as_text()
+  sig = r"tensor<(?:[\dx]*x)?(\w+)>"
+  return [f"{lhs},{rhs}->{out}" for lhs, rhs, out in re.findall(rf"dot_general.*: \({sig}, {sig}\) -> {sig}", text)]
+
+
+def test_bf16_dense_matmul_accumulates_in_f32_forward_and_backward():
+  """bf16 inputs: one rounding of the exact product, and all three dots of the CPU path with float32 results
+  (XLA:CPU runs a dot with bf16 results outside its matmul library: AMX then goes unused, 3x slower)."""
+  x = _normal(0, (2, 64, 32)).astype(jnp.bfloat16)
+  kernel = _normal(1, (32, 48)).astype(jnp.bfloat16)
+  cotangent = _normal(2, (2, 64, 48)).astype(jnp.bfloat16)
+  out, vjp = jax.vjp(lambda x, k: matmul.dense_matmul(x, k, 1, "explicit"), x, kernel)
+  dx, dk = vjp(cotangent)
+  x64, k64, g64 = (np.asarray(a, np.float64) for a in (x, kernel, cotangent))
+  for got, exact in [(out, x64 @ k64), (dx, g64 @ k64.T), (dk, np.einsum("bsi,bso->io", x64, g64))]:
+    assert got.dtype == jnp.bfloat16
+    rounded = np.asarray(jnp.asarray(exact, jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), rounded, rtol=2**-8, atol=1e-6)
+
+  def loss(x, k):
+    return jnp.sum(matmul.dense_matmul(x, k, 1, "explicit").astype(jnp.float32) * cotangent)
+
+  assert _dot_types(jax.value_and_grad(loss, argnums=(0, 1)), x, kernel) == ["bf16,bf16->f32"] * 3
+
+
+def test_bf16_attention_matmuls_accumulate_in_f32():
+  """q.k (float32_qk_product) and probs.v run as bf16 dots with float32 results, not as float32 dots of upcast
+  copies or dots with bf16 results; the output is bf16."""
+  q, k, v = (_normal(i, (1, 16, 2, 8)).astype(jnp.bfloat16) for i in range(3))
+  mask = jnp.tril(jnp.ones((1, 16, 16), bool))
+
+  def attend(q, k, v):
+    return attention_ops.dot_product_attention(q, k, v, mask, scale=0.35)
+
+  assert attend(q, k, v).dtype == jnp.bfloat16
+  assert _dot_types(attend, q, k, v) == ["bf16,bf16->f32"] * 2
+
+
+def test_bf16_tied_logits_accumulate_in_f32():
+  table = embeddings.Embed(64, 16, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  x = _normal(0, (2, 5, 16)).astype(jnp.bfloat16)
+  exact = np.asarray(x, np.float64) @ np.asarray(table.embedding[...].astype(jnp.bfloat16), np.float64).T
+  got = table.attend(x)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(jnp.asarray(exact, jnp.bfloat16)), rtol=2**-8)
+  assert _dot_types(table.attend, x) == ["bf16,bf16->f32"]
 
 
 def _unfused_loss(x, kernel, targets, z, vocab_major, weights, dtype=jnp.float32):

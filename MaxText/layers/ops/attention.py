@@ -114,9 +114,11 @@ def _scaled_logits(
 ) -> jax.Array:
   """Logits [B,Hkv,G,S,T] of queries grouped onto their kv head [B,S,Hkv,G,D] against one key part (einsum layout
   `kv`): q.k (in float32 with float32_qk_product), cast to float32 with float32_logits, scaled, then soft-capped."""
-  if float32_qk_product:
-    grouped, keys = grouped.astype(jnp.float32), keys.astype(jnp.float32)
-  logits = jnp.einsum(f"bskgd,{kv}->bkgst", grouped, keys)
+  # float32_qk_product: products of bfloat16 inputs are exact in float32, so accumulating in float32 is the
+  # upcast's math without the upcast copies, and XLA:CPU runs it in its matmul library (AMX) instead of as a
+  # float32 dot.
+  accumulate = jnp.float32 if float32_qk_product else None
+  logits = jnp.einsum(f"bskgd,{kv}->bkgst", grouped, keys, preferred_element_type=accumulate)
   if float32_logits:
     logits = logits.astype(jnp.float32)
   logits = logits * jnp.asarray(scale, logits.dtype)
@@ -229,12 +231,13 @@ def _attend(
   for v in values:
     p = probs[..., start : start + v.shape[t_axis]].astype(v.dtype)
     start += v.shape[t_axis]
+    # Accumulated in float32 over every part, rounded once (and XLA:CPU's fast path for bfloat16, as above).
     if kv_heads_first:
-      part = jnp.einsum("bkgst,bktd->bkgsd", p, v).transpose(0, 3, 1, 2, 4)
+      part = jnp.einsum("bkgst,bktd->bkgsd", p, v, preferred_element_type=jnp.float32).transpose(0, 3, 1, 2, 4)
     else:
-      part = jnp.einsum("bkgst,btkd->bskgd", p, v)
+      part = jnp.einsum("bkgst,btkd->bskgd", p, v, preferred_element_type=jnp.float32)
     out = part if out is None else out + part
-  return out.reshape(b, s, num_q, -1)  # values may be narrower than queries/keys (MLA)
+  return out.astype(jnp.result_type(*values)).reshape(b, s, num_q, -1)  # values may be narrower than queries/keys (MLA)
 
 
 def _compute_capability() -> tuple[int, ...] | None:

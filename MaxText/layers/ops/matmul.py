@@ -7,11 +7,15 @@
   transposed dot with freshly transposed [tokens, features] operands, outside its fast matmul library; spelled
   out, all three matmuls of a layer run there (a llama-small SwiGLU MLP's forward + backward went from 145 to
   196 GFLOP/s, benchmarks/RESULTS.md). The math is the same contraction, so values and gradients agree to rounding.
+  Its bfloat16/float16 matmuls accumulate in float32 and round once (as TPU and GPU matmuls do): XLA:CPU runs a
+  bfloat16 dot with bfloat16 results on a slow generic path and one with float32 results in its matmul library,
+  on AMX hosts at 3x float32's speed (benchmarks/RESULTS.md).
 """
 
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from MaxText.layers.ops import DENSE_MATMUL_BACKWARDS
 
@@ -21,22 +25,36 @@ def _contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
   return jax.lax.dot_general(x, kernel, (contract, ((), ())))
 
 
+def _accumulate_dtype(dtype) -> jnp.dtype | None:
+  """float32 for sub-32-bit floats (the dot accumulates in float32 and is rounded once), else the dot's own."""
+  return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32 else None
+
+
+def _contract_accumulating(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+  acc = _accumulate_dtype(x.dtype)
+  return jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=acc).astype(x.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def explicit_vjp_dot(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
   """The dense contraction over x's last `n_in` axes, with the backward pass written out (see the module doc)."""
-  return _contract(x, kernel, n_in)
+  return _contract_accumulating(x, kernel, n_in)
 
 
 def _explicit_fwd(x, kernel, n_in):
-  return _contract(x, kernel, n_in), (x, kernel)
+  return _contract_accumulating(x, kernel, n_in), (x, kernel)
 
 
 def _explicit_bwd(n_in, residuals, g):
   x, kernel = residuals
   n_lead = x.ndim - n_in
   # dx: g's out axes against the kernel's out axes; dkernel: x and g contracted over their leading (token) axes.
-  dx = jax.lax.dot_general(g, kernel, ((tuple(range(n_lead, g.ndim)), tuple(range(n_in, kernel.ndim))), ((), ())))
-  dk = jax.lax.dot_general(x, g, ((tuple(range(n_lead)), tuple(range(n_lead))), ((), ())))
+  acc = _accumulate_dtype(g.dtype)
+  dx = jax.lax.dot_general(
+      g, kernel, ((tuple(range(n_lead, g.ndim)), tuple(range(n_in, kernel.ndim))), ((), ())), preferred_element_type=acc
+  )
+  dk = jax.lax.dot_general(x, g, ((tuple(range(n_lead)), tuple(range(n_lead))), ((), ())), preferred_element_type=acc)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
