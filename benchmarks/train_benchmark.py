@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from MaxText import metrics, pyconfig, sharding, startup, training
+from MaxText.layers.ops import matmul
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,8 +37,7 @@ def matmul_ceiling_tflops(dtype, n: int = 2048, repeats: int = 10) -> float:
   inputs accumulate in float32, as the model's matmuls do (on XLA:CPU a bf16 dot with bf16 results is 3-7x slower)."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  accumulate = jnp.float32 if jnp.finfo(dtype).bits < 32 else None
-  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=accumulate))
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=matmul.accumulate_dtype(dtype)))
   f(a, b).block_until_ready()
   times = []
   for _ in range(repeats):

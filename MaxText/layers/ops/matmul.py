@@ -20,37 +20,35 @@ import jax.numpy as jnp
 from MaxText.layers.ops import DENSE_MATMUL_BACKWARDS
 
 
-def _contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+def _contract(x: jax.Array, kernel: jax.Array, n_in: int, result_dtype=None) -> jax.Array:
   contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-  return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+  return jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=result_dtype)
 
 
-def _accumulate_dtype(dtype) -> jnp.dtype | None:
+def accumulate_dtype(dtype) -> jnp.dtype | None:
   """float32 for sub-32-bit floats (the dot accumulates in float32 and is rounded once), else the dot's own."""
   return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32 else None
 
 
-def _contract_accumulating(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-  contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-  acc = _accumulate_dtype(x.dtype)
-  return jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=acc).astype(x.dtype)
+def _accumulated_contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  return _contract(x, kernel, n_in, accumulate_dtype(x.dtype)).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def explicit_vjp_dot(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
   """The dense contraction over x's last `n_in` axes, with the backward pass written out (see the module doc)."""
-  return _contract_accumulating(x, kernel, n_in)
+  return _accumulated_contract(x, kernel, n_in)
 
 
 def _explicit_fwd(x, kernel, n_in):
-  return _contract_accumulating(x, kernel, n_in), (x, kernel)
+  return _accumulated_contract(x, kernel, n_in), (x, kernel)
 
 
 def _explicit_bwd(n_in, residuals, g):
   x, kernel = residuals
   n_lead = x.ndim - n_in
   # dx: g's out axes against the kernel's out axes; dkernel: x and g contracted over their leading (token) axes.
-  acc = _accumulate_dtype(g.dtype)
+  acc = accumulate_dtype(g.dtype)
   dx = jax.lax.dot_general(
       g, kernel, ((tuple(range(n_lead, g.ndim)), tuple(range(n_in, kernel.ndim))), ((), ())), preferred_element_type=acc
   )
